@@ -1,0 +1,71 @@
+"""The ``dptrain`` command line: one sub-command per module in this package.
+
+Each sub-command module exposes ``add_parser(subparsers)`` (registers its parser and sets
+``func``) and is listed in ``_COMMANDS``. Bad input raises ``ValueError``/``TypeError`` (or
+``CLIError``); ``main`` turns it into a one-line message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any, Sequence
+
+__all__ = ["main", "CLIError", "emit"]
+
+# sub-command name -> module under dptrain.cli that defines add_parser(subparsers)
+_COMMANDS = {
+    "budget": "budget",
+    "finetune": "finetune",
+    "attack": "attack",
+    "audit": "audit",
+}
+
+
+class CLIError(Exception):
+    """Bad command-line input; printed as one line, exit status 2."""
+
+
+def emit(result: dict[str, Any], human: str, as_json: bool) -> None:
+    """Print ``result`` as one JSON object (``--json``) or the human-readable text."""
+    if as_json:
+        print(json.dumps(result, sort_keys=True, default=float))
+    else:
+        print(human)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dptrain",
+        description="Differentially private training toolkit for PyTorch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'dptrain <command> --help' for the options and examples of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, module_name in _COMMANDS.items():
+        try:
+            module = importlib.import_module(f"dptrain.cli.{module_name}")
+        except ModuleNotFoundError as err:  # a command whose module is not written yet
+            if err.name != f"dptrain.cli.{module_name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+        print(f"dptrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dptrain {args.command}: interrupted", file=sys.stderr)
+        return 130
