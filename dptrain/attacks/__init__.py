@@ -1,0 +1,1 @@
+"""Membership inference, canary exposure and privacy auditing."""

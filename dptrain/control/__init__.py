@@ -1,0 +1,1 @@
+"""Adaptive clip/noise controllers."""

@@ -1,0 +1,1 @@
+"""Private fine-tuning of Hugging Face causal language models."""

@@ -1,0 +1,1 @@
+"""Per-sample gradient rules, one module type per file."""

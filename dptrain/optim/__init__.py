@@ -1,0 +1,1 @@
+"""Low-memory optimizers that run on the privatised gradient (post-processing)."""
