@@ -1,0 +1,207 @@
+"""``PrivacyEngine``: turns a model, optimizer and data loader into their DP-SGD counterparts.
+
+The gradient convention (a promise): the user's loss is the MEAN of per-sample losses (``loss_reduction=
+"mean"``; or their SUM with ``"sum"``), ``loss.backward()`` then ``optimizer.step()``. The update uses
+``(sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected`` with g_i the gradient of sample i's own loss and
+``B_expected = sample_rate * len(dataset)`` (Poisson) or the loader's batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dptrain.accountants import calibrate_noise, make_accountant
+from dptrain.grad_sample.tracker import GradSampleTracker
+from dptrain.optimizer import DPOptimizer
+from dptrain.sampling import DPDataLoader
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PrivacyEngine"]
+
+
+class PrivacyEngine:
+    """Makes training private and keeps the privacy ledger of the run."""
+
+    def __init__(self, accountant: str = "rdp", secure_mode: bool = False):
+        self.accountant_name = accountant
+        self.accountant = make_accountant(accountant)
+        self.secure_mode = bool(secure_mode)
+        self.tracker: Optional[GradSampleTracker] = None
+        self.optimizer: Optional[DPOptimizer] = None
+        self.data_loader: Optional[DPDataLoader] = None
+        self.sample_rate: Optional[float] = None
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        max_grad_norm: Union[float, Sequence[float], Mapping[str, float]],
+        noise_multiplier: Optional[float] = None,
+        target_epsilon: Optional[float] = None,
+        target_delta: Optional[float] = None,
+        epochs: Optional[int] = None,
+        clipping: str = "flat",
+        poisson_sampling: bool = True,
+        max_physical_batch_size: Optional[int] = None,
+        loss_reduction: str = "mean",
+        automatic_gamma: float = 0.01,
+        noise_seed: Optional[int] = None,
+        sampler_seed: Optional[int] = None,
+        error_feedback: bool = False,
+        error_max_grad_norm: Optional[float] = None,
+        controller=None,
+    ):
+        """Returns ``(module, optimizer, data_loader)``; the module is changed in place.
+
+        ``max_grad_norm``: the clipping threshold C (flat), or for ``clipping="per_layer"`` the total C (each
+        of the L layers gets C/sqrt(L)) or one threshold per layer (list in module order, or dict by layer name).
+        Give ``noise_multiplier``, or ``target_epsilon`` + ``target_delta`` + ``epochs`` to calibrate it.
+        """
+        if self.tracker is not None:
+            raise ValueError("this PrivacyEngine already made a model private; create one engine per training run")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, found {type(module).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, found {type(optimizer).__name__}")
+        if not isinstance(data_loader, DataLoader):
+            raise TypeError(f"data_loader must be a torch.utils.data.DataLoader, found {type(data_loader).__name__}")
+        if self.secure_mode and (noise_seed is not None or sampler_seed is not None):
+            raise ValueError("secure_mode draws seeds from OS entropy: do not pass noise_seed or sampler_seed")
+        if error_feedback or error_max_grad_norm is not None:
+            raise ValueError("error_feedback is not available in this version of dptrain")
+        if controller is not None:
+            raise ValueError("controller is not available in this version of dptrain")
+        _check_optimizer_params(module, optimizer)
+
+        dataset_size, batch_size = _dataset_and_batch_size(data_loader)
+        sample_rate = batch_size / dataset_size
+        steps_per_epoch = math.ceil(1 / sample_rate) if poisson_sampling else len(data_loader)
+        noise_multiplier = self._resolve_noise(
+            noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch
+        )
+
+        tracker = GradSampleTracker(
+            module, clipping=clipping, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+            automatic_gamma=automatic_gamma,
+        )
+        if self.secure_mode:
+            noise_seed = int.from_bytes(os.urandom(8), "little") >> 1
+            sampler_seed = int.from_bytes(os.urandom(8), "little") >> 1
+        generator = torch.Generator()
+        generator.manual_seed(sampler_seed) if sampler_seed is not None else generator.seed()
+        dp_optimizer = DPOptimizer(
+            optimizer, tracker, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
+            noise_seed=noise_seed,
+        )
+        dp_loader = DPDataLoader(
+            data_loader, poisson_sampling=poisson_sampling, sample_rate=sample_rate, generator=generator,
+            max_physical_batch_size=max_physical_batch_size,
+        )
+        dp_loader.optimizer = dp_optimizer
+        dp_optimizer.step_callbacks.append(self._account_step)
+        self.tracker, self.optimizer, self.data_loader, self.sample_rate = tracker, dp_optimizer, dp_loader, sample_rate
+        self.poisson_sampling = poisson_sampling
+        logger.info(
+            "private training: sigma=%.4g, C=%.4g (%s), q=%.4g, expected batch %.1f",
+            noise_multiplier, tracker.total_max_norm, clipping, sample_rate, batch_size,
+        )
+        return module, dp_optimizer, dp_loader
+
+    def _resolve_noise(self, noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch):
+        if noise_multiplier is not None:
+            if target_epsilon is not None:
+                raise ValueError("give either noise_multiplier or target_epsilon, not both")
+            if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) or not (
+                math.isfinite(noise_multiplier) and noise_multiplier >= 0
+            ):
+                raise ValueError(f"noise_multiplier must be a finite number >= 0, found {noise_multiplier!r}")
+            if noise_multiplier == 0:
+                logger.warning("noise_multiplier=0: training is NOT private (epsilon = inf)")
+            return float(noise_multiplier)
+        if target_epsilon is None:
+            raise ValueError("give noise_multiplier, or target_epsilon with target_delta and epochs")
+        if target_delta is None or epochs is None:
+            raise ValueError(
+                f"target_epsilon needs target_delta and epochs to calibrate the noise, found "
+                f"target_delta={target_delta!r}, epochs={epochs!r}"
+            )
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0:
+            raise ValueError(f"epochs must be > 0, found {epochs!r}")
+        steps = math.ceil(epochs * steps_per_epoch)
+        return calibrate_noise(
+            target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps, delta=target_delta,
+            accountant=self.accountant_name,
+        )
+
+    def _account_step(self, optimizer: DPOptimizer) -> None:
+        self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
+
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta``."""
+        return self.accountant.get_epsilon(delta)
+
+    def state_dict(self) -> dict:
+        """Accountant ledger, sampler RNG, noise RNG and step counters (the model and optimizer are the user's)."""
+        if self.optimizer is None:
+            raise ValueError("state_dict() before make_private(): nothing to save")
+        return {
+            "accountant_name": self.accountant_name,
+            "accountant": self.accountant.state_dict(),
+            "sampler": self.data_loader.state_dict(),
+            "noise": self.optimizer.noise_state_dict(),
+            "max_grad_norms": [g.max_norm for g in self.tracker.groups],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.optimizer is None:
+            raise ValueError("load_state_dict() needs make_private() first, with the same model and settings")
+        if state.get("accountant_name") != self.accountant_name:
+            raise ValueError(
+                f"checkpoint uses accountant {state.get('accountant_name')!r}, this engine {self.accountant_name!r}"
+            )
+        if len(state["max_grad_norms"]) != len(self.tracker.groups):
+            raise ValueError(
+                f"checkpoint has {len(state['max_grad_norms'])} clipping groups, this model {len(self.tracker.groups)}"
+            )
+        self.accountant.load_state_dict(state["accountant"])
+        self.data_loader.load_state_dict(state["sampler"])
+        self.optimizer.load_noise_state_dict(state["noise"])
+        self.tracker.set_max_norms(state["max_grad_norms"])
+
+
+def _check_optimizer_params(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model_params = {id(p) for p in module.parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    foreign = [tuple(p.shape) for p in params if id(p) not in model_params]
+    if foreign:
+        raise ValueError(
+            f"the optimizer holds {len(foreign)} parameter(s) that are not in the model (shapes {foreign[:5]}); "
+            "build the optimizer from model.parameters()"
+        )
+    if not any(p.requires_grad for p in params):
+        raise ValueError("the optimizer has no trainable parameter (requires_grad=True)")
+
+
+def _dataset_and_batch_size(data_loader: DataLoader) -> tuple:
+    try:
+        dataset_size = len(data_loader.dataset)
+    except TypeError:
+        raise TypeError("the data loader's dataset needs __len__ (map-style dataset) for DP sampling") from None
+    if dataset_size == 0:
+        raise ValueError("the data loader's dataset is empty")
+    batch_size = data_loader.batch_size
+    if batch_size is None:
+        raise ValueError("the data loader needs a batch_size (the expected logical batch size), found None")
+    if batch_size > dataset_size:
+        raise ValueError(f"batch_size {batch_size} is larger than the dataset ({dataset_size} samples)")
+    return dataset_size, batch_size

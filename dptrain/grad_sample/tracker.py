@@ -1,0 +1,335 @@
+"""Per-sample clipping inside ONE backward pass.
+
+The tracker attaches a rule to every module that owns trainable parameters, groups the parameters into
+clipping groups (one group for flat/automatic clipping, one per module for per-layer clipping; modules
+that share a parameter are merged), and collects per-sample gradient contributions as backward reaches
+each module. A group is processed as soon as every recorded call of its modules has reported back (for
+per-layer clipping that is during backward, so the saved tensors are freed early; for flat clipping it is
+the end of backward) or, at the latest, at ``flush()`` (called by the optimizer's step). Processing
+computes per-sample norms, clip factors and the clipped sums (fused for single-use linear layers), and
+adds them to ``clipped_sum``. Nothing non-private leaves the tracker except through the DP optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from dptrain import kernels
+from dptrain.grad_sample.contributions import (
+    Contribution,
+    Factored,
+    Instantiated,
+    batch_size_of,
+    per_sample_sq_norms,
+    weighted_sum,
+)
+from dptrain.grad_sample.functorch_rule import FunctorchRule
+from dptrain.grad_sample.registry import UnsupportedModuleError, find_rule
+
+# importing the rule modules registers them
+from dptrain.grad_sample import conv, embedding, linear, norms  # noqa: F401  isort: skip
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GradSampleTracker", "ClipGroup", "NonFiniteGradientError", "CLIPPING_MODES"]
+
+CLIPPING_MODES = ("flat", "per_layer", "automatic")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A per-sample gradient norm was NaN or inf; the logical batch is dropped, nothing is accounted."""
+
+
+@dataclass
+class ClipGroup:
+    """Parameters clipped together with one threshold."""
+
+    name: str
+    modules: List[nn.Module]
+    params: List[nn.Parameter]
+    max_norm: float
+    pending: Dict[nn.Parameter, List[Contribution]] = field(default_factory=dict)
+
+
+class GradSampleTracker:
+    """Attaches per-sample rules to ``model`` and accumulates clipped per-sample gradient sums."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        clipping: str,
+        max_grad_norm: Union[float, Sequence[float], Mapping[str, float]],
+        loss_reduction: str = "mean",
+        automatic_gamma: float = 0.01,
+        track_unclipped: bool = False,
+    ):
+        if clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {CLIPPING_MODES}, found {clipping!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', found {loss_reduction!r}")
+        if not automatic_gamma > 0:
+            raise ValueError(f"automatic_gamma must be > 0, found {automatic_gamma}")
+        self.model = model
+        self.clipping = clipping
+        self.loss_reduction = loss_reduction
+        self.automatic_gamma = automatic_gamma
+        self.track_unclipped = track_unclipped
+        self.batch_size: Optional[int] = None  # of the current forward pass
+        self.step_index = 0  # set by the optimizer, for error messages
+        self._enabled = True
+        self._outstanding: Dict[nn.Module, int] = {}
+        self._undo: list = []
+        self._module_names: Dict[nn.Module, str] = {}
+        self._rules: Dict[nn.Module, object] = {}
+        self._attach_rules()
+        self.groups = self._build_groups(max_grad_norm)
+        self._group_of = {m: g for g in self.groups for m in g.modules}
+        self.params = [p for g in self.groups for p in g.params]
+        self.clipped_sum: Dict[nn.Parameter, torch.Tensor] = {}
+        self.unclipped_sum: Dict[nn.Parameter, torch.Tensor] = {}
+        self._arrived_batch = 0
+        self.num_samples = 0  # samples processed since the last reset (private: never released as is)
+        self.clipped_count: Dict[str, int] = {g.name: 0 for g in self.groups}  # per group, ditto
+
+    # ------------------------------------------------------------------ set-up
+    def _attach_rules(self) -> None:
+        owners: Dict[nn.Parameter, List[str]] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    owners.setdefault(p, []).append(f"{name}.{pname}" if name else pname)
+        for name, module in self.model.named_modules():
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                continue
+            try:
+                rule = find_rule(module)
+            except UnsupportedModuleError as err:
+                raise UnsupportedModuleError(f"module '{name}': {err}") from None
+            if rule is None:
+                rule = FunctorchRule(self, name)
+                logger.info("module '%s' (%s) uses the torch.func fallback", name, type(module).__name__)
+            self._module_names[module] = name or type(module).__name__
+            self._rules[module] = rule
+            self._undo += rule.attach(module, self)
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    self._undo.append(p.register_post_accumulate_grad_hook(self._autograd_grad_hook(rule, owners[p])))
+        self._undo.append(self.model.register_forward_pre_hook(self._read_batch_size, with_kwargs=True))
+
+    @staticmethod
+    def _autograd_grad_hook(rule, names: List[str]):
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is None:  # autograd calls the hook even when the Function returned no gradient
+                return
+            if rule.replaces_param_grad:
+                raise UnsupportedModuleError(
+                    f"parameter {names[0]} received an ordinary gradient: it is used outside the module that "
+                    "owns it (e.g. through its .weight in a functional call), where dptrain cannot see its "
+                    "per-sample gradients. Use the module itself, or freeze the parameter."
+                )
+            p.grad = None  # autograd's non-private sum is never kept
+
+        return hook
+
+    def _build_groups(self, max_grad_norm) -> List[ClipGroup]:
+        modules = list(self._rules)
+        params_of = {m: [p for p in m.parameters(recurse=False) if p.requires_grad] for m in modules}
+        if self.clipping in ("flat", "automatic"):
+            norm = _positive(max_grad_norm, "max_grad_norm")
+            params = list(dict.fromkeys(p for m in modules for p in params_of[m]))
+            return [ClipGroup("all", modules, params, norm)]
+        # per_layer: one group per module, merging modules that share a parameter (tied weights)
+        ids_of = {m: {id(p) for p in params_of[m]} for m in modules}
+        merged: List[List[nn.Module]] = []
+        for m in modules:
+            hits = [grp for grp in merged if any(ids_of[m] & ids_of[o] for o in grp)]
+            merged = [grp for grp in merged if all(grp is not h for h in hits)] + [[o for h in hits for o in h] + [m]]
+        merged.sort(key=lambda grp: modules.index(grp[0]))
+        names = ["+".join(self._module_names[o] for o in grp) for grp in merged]
+        thresholds = _per_layer_thresholds(max_grad_norm, names)
+        return [
+            ClipGroup(name, grp, list(dict.fromkeys(p for o in grp for p in params_of[o])), c)
+            for name, grp, c in zip(names, merged, thresholds)
+        ]
+
+    @property
+    def total_max_norm(self) -> float:
+        """Sensitivity of the clipped sum to one sample: sqrt(sum_g C_g^2)."""
+        return math.sqrt(sum(g.max_norm**2 for g in self.groups))
+
+    def set_max_norms(self, norms: Sequence[float]) -> None:
+        """New per-group thresholds (the controller's action)."""
+        if len(norms) != len(self.groups):
+            raise ValueError(f"expected {len(self.groups)} thresholds, found {len(norms)}")
+        for g, c in zip(self.groups, norms):
+            g.max_norm = _positive(c, f"max_grad_norm of group '{g.name}'")
+
+    def detach(self) -> None:
+        """Remove every hook and restore the modules' own forward."""
+        for undo in reversed(self._undo):
+            undo() if callable(undo) else undo.remove()
+        self._undo = []
+
+    # ------------------------------------------------------------------ capture
+    def _read_batch_size(self, module, args, kwargs):
+        first = next((v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        self.batch_size = None if first is None else first.shape[0]
+
+    def should_capture(self) -> bool:
+        return self._enabled and torch.is_grad_enabled()
+
+    @contextlib.contextmanager
+    def capture_disabled(self):
+        previous, self._enabled = self._enabled, False
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    def record_call(self, module: nn.Module) -> int:
+        self._outstanding[module] = self._outstanding.get(module, 0) + 1
+        return self._outstanding[module]
+
+    def arrive(self, module: nn.Module, call: int, saved, grad_output: torch.Tensor) -> None:
+        """Backward reached ``module``: turn (saved, grad_output) into contributions and file them."""
+        batch = grad_output.shape[0]
+        if self.batch_size is not None and batch != self.batch_size:
+            raise UnsupportedModuleError(
+                f"module '{self._module_names[module]}': gradient batch dimension {batch} differs from the "
+                f"batch size {self.batch_size}; dptrain needs batch-first tensors in every layer"
+            )
+        if self.loss_reduction == "mean":  # the loss is the mean over samples: undo the 1/B
+            grad_output = grad_output * batch
+        self._arrived_batch = batch
+        contributions = self._rules[module].contributions(module, saved, grad_output)
+        group = self._group_of[module]
+        for p, c in contributions.items():
+            group.pending.setdefault(p, []).append(c)
+        self._outstanding[module] -= 1
+        if self.clipping == "per_layer" and all(self._outstanding.get(m, 0) == 0 for m in group.modules):
+            self._process([group])
+        elif self.clipping != "per_layer" and not any(self._outstanding.values()):
+            self._process(self.groups)
+        return None
+
+    def flush(self) -> None:
+        """Process whatever contributions are still pending (end of a micro-batch)."""
+        self._process(self.groups)
+        self._outstanding.clear()
+        self.num_samples += self._arrived_batch
+        self._arrived_batch = 0
+
+    # ------------------------------------------------------------------ clipping
+    def _process(self, groups: Sequence[ClipGroup]) -> None:
+        groups = [g for g in groups if g.pending]
+        if not groups:
+            return
+        try:
+            if self.clipping == "per_layer":
+                for g in groups:
+                    self._clip_group(g)
+            else:
+                self._clip_flat(groups)
+        except NonFiniteGradientError:
+            self.reset()
+            raise
+        finally:
+            for g in groups:
+                g.pending = {}
+
+    def _check_finite(self, norms: torch.Tensor, groups: Sequence[ClipGroup]) -> None:
+        if not torch.isfinite(norms).all():
+            names = ", ".join(g.name for g in groups)
+            raise NonFiniteGradientError(
+                f"non-finite per-sample gradient norm in layer(s) {names} at step {self.step_index}; "
+                "the logical batch was dropped, no parameter changed and nothing was accounted"
+            )
+
+    def _clip_flat(self, groups: Sequence[ClipGroup]) -> None:
+        sq = sum(per_sample_sq_norms(uses) for g in groups for uses in g.pending.values())
+        norms = sq.sqrt()  # (B,)
+        self._check_finite(norms, groups)
+        c = groups[0].max_norm
+        if self.clipping == "automatic":
+            factors = c / (norms + self.automatic_gamma)
+        else:
+            factors = kernels.clip_factors(norms, c)
+            self.clipped_count[groups[0].name] += int((norms > c).sum())
+        for g in groups:
+            for p, uses in g.pending.items():
+                self._add(p, weighted_sum(uses, factors, p.shape), uses)
+
+    def _clip_group(self, g: ClipGroup) -> None:
+        single_dense = [
+            p for p, u in g.pending.items() if len(u) == 1 and isinstance(u[0], Factored) and not u[0].is_index
+        ]
+        others = {p: u for p, u in g.pending.items() if not (single_dense and p is single_dense[0])}
+        extra = sum(per_sample_sq_norms(u) for u in others.values()) if others else None
+        if single_dense:  # fused: norm, clip factor and clipped sum of the big matrix in one pass
+            p = single_dense[0]
+            (c,) = g.pending[p]
+            grad, norms = kernels.fused_clip_linear_grad(c.right, c.left, g.max_norm, extra_sq_norms=extra)
+            self._check_finite(norms, [g])
+            factors = kernels.clip_factors(norms, g.max_norm)
+            self._add(p, grad.reshape(p.shape), g.pending[p])
+        else:
+            norms = extra.sqrt()
+            self._check_finite(norms, [g])
+            factors = kernels.clip_factors(norms, g.max_norm)
+        for p, uses in others.items():
+            self._add(p, weighted_sum(uses, factors, p.shape), uses)
+        self.clipped_count[g.name] += int((norms > g.max_norm).sum())
+
+    def _add(self, p: nn.Parameter, clipped: torch.Tensor, uses: Sequence[Contribution]) -> None:
+        clipped = clipped.float()
+        self.clipped_sum[p] = clipped if p not in self.clipped_sum else self.clipped_sum[p] + clipped
+        if self.track_unclipped:
+            batch = batch_size_of(uses[0])
+            ones = torch.ones(batch, dtype=torch.float32, device=clipped.device)
+            full = weighted_sum(uses, ones, p.shape)
+            self.unclipped_sum[p] = full if p not in self.unclipped_sum else self.unclipped_sum[p] + full
+
+    def reset(self) -> None:
+        """Forget everything accumulated (after the optimizer consumed it, or after an error)."""
+        self.clipped_sum, self.unclipped_sum = {}, {}
+        self._outstanding.clear()
+        for g in self.groups:
+            g.pending = {}
+
+    def reset_statistics(self) -> None:
+        self.num_samples = 0
+        self.clipped_count = {g.name: 0 for g in self.groups}
+
+
+def _positive(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, found {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite number > 0, found {value}")
+    return float(value)
+
+
+def _per_layer_thresholds(max_grad_norm, names: List[str]) -> List[float]:
+    """Per-group thresholds: C / sqrt(L) for a scalar C (so the total sensitivity is C), or the user's list/dict."""
+    if isinstance(max_grad_norm, Mapping):
+        unknown = sorted(set(max_grad_norm) - set(names))
+        missing = [n for n in names if n not in max_grad_norm]
+        if unknown or missing:
+            raise ValueError(
+                f"per-layer max_grad_norm must have exactly the keys {names}; unknown {unknown}, missing {missing}"
+            )
+        return [_positive(max_grad_norm[n], f"max_grad_norm['{n}']") for n in names]
+    if isinstance(max_grad_norm, (list, tuple)):
+        if len(max_grad_norm) != len(names):
+            raise ValueError(f"per-layer max_grad_norm needs {len(names)} values (layers {names}), found {len(max_grad_norm)}")
+        return [_positive(c, f"max_grad_norm[{i}]") for i, c in enumerate(max_grad_norm)]
+    total = _positive(max_grad_norm, "max_grad_norm")
+    return [total / math.sqrt(len(names))] * len(names)

@@ -1,0 +1,154 @@
+"""The DP optimizer: privatises the clipped gradient sum once per logical batch, then runs the inner optimizer.
+
+    grad = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected
+
+Virtual steps: call ``step()`` after every micro-batch. Whether a micro-batch ends its logical batch is
+told by the DP data loader (``signal_skip_step``), or explicitly by the user with ``accumulate()`` (clip
+and accumulate, never step). Noise is drawn and the accountant stepped only at the logical-batch end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from dptrain.grad_sample.tracker import GradSampleTracker
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DPOptimizer"]
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    """Wraps ``optimizer`` so that it only ever sees the privatised gradient."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        tracker: GradSampleTracker,
+        *,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        noise_seed: Optional[int] = None,
+    ):
+        # no super().__init__: state and param groups are the inner optimizer's
+        self.original_optimizer = optimizer
+        self.tracker = tracker
+        self.noise_multiplier = noise_multiplier
+        self.expected_batch_size = float(expected_batch_size)
+        self.params: List[torch.nn.Parameter] = [p for g in optimizer.param_groups for p in g["params"]]
+        self._noise_seed = noise_seed
+        self._generators: Dict[str, torch.Generator] = {}
+        self._skip_next = False
+        self.steps_taken = 0  # logical steps
+        self.step_callbacks: List[Callable[["DPOptimizer"], None]] = []  # run after noise, before the inner step
+        self.gradient_transforms: List[Callable] = []  # (optimizer) -> None; may rewrite clipped sums (error feedback)
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+
+    # the torch.optim.Optimizer surface, forwarded to the inner optimizer
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        self.original_optimizer.param_groups = groups
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    def add_param_group(self, param_group):
+        raise ValueError("add_param_group after make_private is not supported: create the optimizer with all parameters")
+
+    def state_dict(self):
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears ``.grad`` (the privatised gradient of the last step); accumulated clipped sums stay."""
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return f"DPOptimizer(sigma={self.noise_multiplier}, C={self.tracker.total_max_norm:.4g}, inner={self.original_optimizer!r})"
+
+    # ------------------------------------------------------------------ virtual steps
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """The next ``step()`` only accumulates (its micro-batch does not end the logical batch)."""
+        self._skip_next = do_skip
+
+    def accumulate(self) -> None:
+        """Clip this micro-batch's per-sample gradients and add them to the logical batch's sum."""
+        self.tracker.step_index = self.steps_taken
+        self.tracker.flush()
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.accumulate()
+        if self._skip_next:
+            self._skip_next = False
+            return loss
+        self._privatise()
+        for callback in self.step_callbacks:
+            callback(self)
+        self.original_optimizer.step()
+        self.tracker.reset()
+        self.steps_taken += 1
+        return loss
+
+    # ------------------------------------------------------------------ noise
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            if self._noise_seed is None:
+                gen.seed()  # fresh OS entropy
+            else:
+                gen.manual_seed(self._noise_seed + 7919 * len(self._generators))
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def noise_std(self) -> float:
+        """Std of the noise added to the clipped SUM (before dividing by the expected batch size)."""
+        return self.noise_multiplier * self.tracker.total_max_norm
+
+    def _privatise(self) -> None:
+        for transform in self.gradient_transforms:
+            transform(self)
+        std = self.noise_std()
+        for p in self.params:
+            if not p.requires_grad:
+                continue
+            summed = self.tracker.clipped_sum.get(p)
+            if summed is None:
+                summed = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            if std > 0:
+                noise = torch.normal(0.0, std, size=p.shape, generator=self._generator(p.device), device=p.device)
+                summed = summed + noise
+            p.grad = (summed / self.expected_batch_size).to(p.dtype)
+
+    def noise_state_dict(self) -> dict:
+        return {"generators": {k: g.get_state() for k, g in self._generators.items()}, "steps_taken": self.steps_taken,
+                "noise_multiplier": self.noise_multiplier}
+
+    def load_noise_state_dict(self, state: dict) -> None:
+        for key, gen_state in state["generators"].items():
+            self._generator(torch.device(key)).set_state(gen_state)
+        self.steps_taken = int(state["steps_taken"])
+        self.noise_multiplier = float(state["noise_multiplier"])
+        if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
+            raise ValueError(f"checkpoint noise_multiplier must be >= 0, found {self.noise_multiplier}")

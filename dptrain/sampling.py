@@ -1,0 +1,145 @@
+"""Poisson sampling and micro-batching for DP-SGD.
+
+Poisson sampling includes every example independently with probability q in each logical batch, which is
+what the subsampled-Gaussian accounting assumes; batches are therefore uneven and may be empty. One epoch is
+``ceil(1/q)`` logical batches. Micro-batching splits a logical batch into pieces of at most
+``max_physical_batch_size`` rows and tells the DP optimizer which piece ends the logical batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, List, Mapping, Optional
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.dataloader import default_collate
+
+__all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length"]
+
+
+class PoissonBatchSampler(Sampler[List[int]]):
+    """Yields index lists; each index is in a batch independently with probability ``sample_rate``."""
+
+    def __init__(self, num_samples: int, sample_rate: float, *, steps: Optional[int] = None, generator=None):
+        if num_samples <= 0:
+            raise ValueError(f"the dataset must not be empty, found {num_samples} samples")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], found {sample_rate}")
+        self.num_samples, self.sample_rate = num_samples, sample_rate
+        self.steps = steps if steps is not None else math.ceil(1 / sample_rate)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(
+            int(torch.empty((), dtype=torch.int64).random_().item())
+        )
+        self.drawn = 0  # batches drawn in the current epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[List[int]]:
+        while self.drawn < self.steps:
+            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate  # (N,)
+            self.drawn += 1
+            yield mask.nonzero().flatten().tolist()
+        self.drawn = 0
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.drawn = int(state["drawn"])
+
+
+def batch_length(batch: Any) -> Optional[int]:
+    """Rows in a collated batch: dim 0 of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for v in values:
+        n = batch_length(v)
+        if n is not None:
+            return n
+    return None
+
+
+def split_batch(batch: Any, start: int, stop: int, rows: int) -> Any:
+    """Rows [start, stop) of a collated batch (tensors, dicts, tuples/lists; lists of ``rows`` items are sliced)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() and batch.shape[0] == rows else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: split_batch(v, start, stop, rows) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == rows and not any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) for v in batch):
+            return batch[start:stop]
+        parts = [split_batch(v, start, stop, rows) for v in batch]
+        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
+    return batch
+
+
+class _EmptySafeCollate:
+    """Collates an empty index list into a batch with 0 rows shaped like a real one."""
+
+    def __init__(self, collate_fn, dataset):
+        self.collate_fn, self.dataset = collate_fn, dataset
+
+    def __call__(self, samples):
+        if samples:
+            return self.collate_fn(samples)
+        one = self.collate_fn([self.dataset[0]])
+        return split_batch(one, 0, 0, 1)
+
+
+class DPDataLoader:
+    """Iterates (micro-)batches for DP training; ``len()`` is the number of logical batches per epoch."""
+
+    def __init__(
+        self,
+        data_loader: DataLoader,
+        *,
+        poisson_sampling: bool,
+        sample_rate: float,
+        generator: Optional[torch.Generator] = None,
+        max_physical_batch_size: Optional[int] = None,
+    ):
+        if max_physical_batch_size is not None and (
+            isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
+            or max_physical_batch_size <= 0
+        ):
+            raise ValueError(f"max_physical_batch_size must be a positive integer, found {max_physical_batch_size!r}")
+        self.dataset = data_loader.dataset
+        self.sampler: Optional[PoissonBatchSampler] = None
+        if poisson_sampling:
+            self.sampler = PoissonBatchSampler(len(self.dataset), sample_rate, generator=generator)
+            collate = data_loader.collate_fn or default_collate
+            self.loader = DataLoader(
+                self.dataset,
+                batch_sampler=self.sampler,
+                collate_fn=_EmptySafeCollate(collate, self.dataset),
+                num_workers=data_loader.num_workers,
+                pin_memory=data_loader.pin_memory,
+            )
+        else:
+            self.loader = data_loader
+        self.max_physical_batch_size = max_physical_batch_size
+        self.optimizer = None  # set by the engine: told which micro-batch ends a logical batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            rows = batch_length(batch) or 0
+            size = self.max_physical_batch_size or max(rows, 1)
+            starts = list(range(0, rows, size)) or [0]
+            for k, start in enumerate(starts):
+                if self.optimizer is not None:
+                    self.optimizer.signal_skip_step(k < len(starts) - 1)
+                yield batch if len(starts) == 1 else split_batch(batch, start, min(start + size, rows), rows)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict() if self.sampler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.sampler is not None and state:
+            self.sampler.load_state_dict(state)

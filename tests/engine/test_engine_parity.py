@@ -1,0 +1,50 @@
+"""Clipped per-sample gradient sums from ONE backward equal the batch-size-1 oracle's, on every rule."""
+
+import pytest
+import torch
+
+from dptrain.grad_sample.tracker import GradSampleTracker
+from tests.helpers.models import CASES
+from tests.helpers.oracle import clipped_sum, per_sample_grads, relative_error
+
+
+def _median_norm(grads):
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in g_i.values())) for g_i in grads])
+    return float(norms.median())
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_clipped_sum_matches_batch_size_one_oracle(case_name, clipping, reduction):
+    case = CASES[case_name]()
+    oracle = per_sample_grads(case.model, lambda m, i: case.per_sample_loss(m, case.sample(i)).sum(), case.batch_size)
+    c = 0.7 * _median_norm(oracle)  # some samples clipped, some not
+    tracker = GradSampleTracker(case.model, clipping=clipping, max_grad_norm=c, loss_reduction=reduction)
+    losses = case.per_sample_loss(case.model, case.inputs)  # (B,)
+    (losses.mean() if reduction == "mean" else losses.sum()).backward()
+    tracker.flush()
+
+    names = {p: n for n, p in case.model.named_parameters()}
+    groups = [[names[p] for p in g.params] for g in tracker.groups]
+    expected = clipped_sum(oracle, groups, [g.max_norm for g in tracker.groups])
+    assert set(names[p] for p in tracker.clipped_sum) == set(expected), "every trainable parameter is handled"
+    for p, actual in tracker.clipped_sum.items():
+        assert relative_error(actual, expected[names[p]]) < 1e-4, names[p]
+    assert all(p.grad is None for p in case.model.parameters()), "no non-private gradient is left in .grad"
+    assert 0 < sum(tracker.clipped_count.values()), "the threshold was chosen so that clipping is active"
+
+
+def test_tied_embedding_is_one_group_with_both_uses():
+    case = CASES["gpt2_tied"]()
+    tracker = GradSampleTracker(case.model, clipping="per_layer", max_grad_norm=1.0)
+    tied = [g for g in tracker.groups if any(p is case.model.lm_head.weight for p in g.params)]
+    assert len(tied) == 1 and "wte" in tied[0].name and "lm_head" in tied[0].name
+
+
+def test_default_per_layer_thresholds_keep_total_sensitivity():
+    case = CASES["tiny_lm"]()
+    tracker = GradSampleTracker(case.model, clipping="per_layer", max_grad_norm=2.0)
+    assert len(tracker.groups) == 5
+    assert tracker.total_max_norm == pytest.approx(2.0)
+    assert all(g.max_norm == pytest.approx(2.0 / 5**0.5) for g in tracker.groups)
