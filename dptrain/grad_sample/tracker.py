@@ -123,6 +123,7 @@ class GradSampleTracker:
                 if p.requires_grad:
                     self._undo.append(p.register_post_accumulate_grad_hook(self._autograd_grad_hook(rule, owners[p])))
         self._undo.append(self.model.register_forward_pre_hook(self._read_batch_size, with_kwargs=True))
+        self._param_names = {p: names[0] for p, names in owners.items()}
 
     @staticmethod
     def _autograd_grad_hook(rule, names: List[str]):
@@ -245,18 +246,18 @@ class GradSampleTracker:
             for g in groups:
                 g.pending = {}
 
-    def _check_finite(self, norms: torch.Tensor, groups: Sequence[ClipGroup]) -> None:
+    def _check_finite(self, norms: torch.Tensor, where: str) -> None:
         if not torch.isfinite(norms).all():
-            names = ", ".join(g.name for g in groups)
             raise NonFiniteGradientError(
-                f"non-finite per-sample gradient norm in layer(s) {names} at step {self.step_index}; "
+                f"non-finite per-sample gradient norm in layer(s) {where} at step {self.step_index}; "
                 "the logical batch was dropped, no parameter changed and nothing was accounted"
             )
 
     def _clip_flat(self, groups: Sequence[ClipGroup]) -> None:
-        sq = sum(per_sample_sq_norms(uses) for g in groups for uses in g.pending.values())
-        norms = sq.sqrt()  # (B,)
-        self._check_finite(norms, groups)
+        sq = {p: per_sample_sq_norms(uses) for g in groups for p, uses in g.pending.items()}
+        for p, s in sq.items():
+            self._check_finite(s, self._param_names[p])
+        norms = sum(sq.values()).sqrt()  # (B,)
         c = groups[0].max_norm
         if self.clipping == "automatic":
             factors = c / (norms + self.automatic_gamma)
@@ -277,12 +278,12 @@ class GradSampleTracker:
             p = single_dense[0]
             (c,) = g.pending[p]
             grad, norms = kernels.fused_clip_linear_grad(c.right, c.left, g.max_norm, extra_sq_norms=extra)
-            self._check_finite(norms, [g])
+            self._check_finite(norms, g.name)
             factors = kernels.clip_factors(norms, g.max_norm)
             self._add(p, grad.reshape(p.shape), g.pending[p])
         else:
             norms = extra.sqrt()
-            self._check_finite(norms, [g])
+            self._check_finite(norms, g.name)
             factors = kernels.clip_factors(norms, g.max_norm)
         for p, uses in others.items():
             self._add(p, weighted_sum(uses, factors, p.shape), uses)
