@@ -134,7 +134,10 @@ def derive_seed(*parts: int) -> int:
     return x & ((1 << 63) - 1)
 
 
-def _generator(seed: int, device: torch.device) -> torch.Generator:
+def _generator(seed: int, device: torch.device) -> torch.Generator | None:
+    """A generator seeded with ``seed``; None on the meta device (shape-only dry runs draw nothing)."""
+    if torch.device(device).type == "meta":
+        return None
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen

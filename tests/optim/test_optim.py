@@ -377,3 +377,17 @@ def test_per_group_options():
     a.grad, b.grad = torch.randn(6, 10), torch.randn(8, 12)
     opt.step()
     assert opt.state[a]["exp_avg"].shape == (1, 10) and opt.state[b]["exp_avg"].shape == (4, 12)
+
+
+@pytest.mark.parametrize("cls", ALL + [torch.optim.AdamW])
+def test_meta_dry_run_counts_the_same_state_as_a_real_step(cls):
+    """Benchmarks count state on meta parameters; the count must equal a real step's."""
+    counts = []
+    for device in ("meta", "cpu"):
+        params = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in ((12, 40), (40, 12), (2, 3, 4), (7,))]
+        opt = cls(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        counts.append(optimizer_state_bytes(opt))
+    assert counts[0] == counts[1] > 0
