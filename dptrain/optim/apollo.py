@@ -98,10 +98,14 @@ class Apollo(LowMemoryOptimizer):
 
     @staticmethod
     def _limit_norm_growth(update: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
-        """Cap ``||update_t|| <= gamma ||update_{t-1}||`` (the previous, limited norm is kept in state)."""
+        """Cap ``||update_t|| <= gamma ||update_{t-1}||`` (the previous, limited norm is kept in state).
+
+        A previous norm of 0 (an all-zero gradient) sets no cap, so one empty step cannot freeze the updates.
+        """
         norm = update.norm()
         if "prev_norm" in state and math.isfinite(gamma):
-            cap = gamma * state["prev_norm"]
+            prev = state["prev_norm"]
+            cap = torch.where(prev > 0, gamma * prev, torch.full_like(prev, math.inf))
             shrink = torch.clamp(cap / (norm + _TINY), max=1.0)  # 1 unless the norm grew too fast
             update = update * shrink
             norm = torch.minimum(norm, cap)

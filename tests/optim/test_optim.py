@@ -391,3 +391,15 @@ def test_meta_dry_run_counts_the_same_state_as_a_real_step(cls):
         opt.step()
         counts.append(optimizer_state_bytes(opt))
     assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("cls", [Apollo, ApolloMini])
+def test_apollo_limiter_is_not_frozen_by_a_zero_gradient(cls):
+    w = torch.nn.Parameter(torch.zeros(6, 10))
+    opt = cls([w], lr=1e-2)
+    w.grad = torch.zeros(6, 10)
+    opt.step()
+    assert w.abs().sum() == 0
+    w.grad = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    opt.step()
+    assert w.abs().sum() > 0 and torch.isfinite(w).all()
