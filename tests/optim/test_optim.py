@@ -299,7 +299,7 @@ def test_state_dict_round_trip_reproduces_next_step(cls):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Linear(9, 4))
     opt = cls(model.parameters(), lr=1e-2, weight_decay=0.01, **kwargs)
-    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(4)]
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(5)]
     for gs in grads[:3]:
         for p, g in zip(model.parameters(), gs):
             p.grad = g.clone()
@@ -309,9 +309,10 @@ def test_state_dict_round_trip_reproduces_next_step(cls):
     opt_clone = cls(clone.parameters(), lr=1e-2, weight_decay=0.01, **kwargs)
     opt_clone.load_state_dict(saved)
     for m, o in ((model, opt), (clone, opt_clone)):
-        for p, g in zip(m.parameters(), grads[3]):  # step 4 crosses a projection refresh
-            p.grad = g.clone()
-        o.step()
+        for gs in grads[3:]:  # steps 4 and 5; step 5 refreshes projections / seeds (gap 2)
+            for p, g in zip(m.parameters(), gs):
+                p.grad = g.clone()
+            o.step()
     for p, q in zip(model.parameters(), clone.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
