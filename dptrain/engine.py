@@ -77,10 +77,10 @@ class PrivacyEngine:
             raise TypeError(f"data_loader must be a torch.utils.data.DataLoader, found {type(data_loader).__name__}")
         if self.secure_mode and (noise_seed is not None or sampler_seed is not None):
             raise ValueError("secure_mode draws seeds from OS entropy: do not pass noise_seed or sampler_seed")
-        if error_feedback or error_max_grad_norm is not None:
-            raise ValueError("error_feedback is not available in this version of dptrain")
-        if controller is not None:
-            raise ValueError("controller is not available in this version of dptrain")
+        if error_max_grad_norm is not None and not error_feedback:
+            raise ValueError("error_max_grad_norm is only used with error_feedback=True")
+        if controller is not None and target_epsilon is None:
+            raise ValueError("a controller needs target_epsilon (and target_delta, epochs): it plans within that budget")
         _check_optimizer_params(module, optimizer)
 
         dataset_size, batch_size = _dataset_and_batch_size(data_loader)
@@ -92,7 +92,7 @@ class PrivacyEngine:
 
         tracker = GradSampleTracker(
             module, clipping=clipping, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-            automatic_gamma=automatic_gamma,
+            automatic_gamma=automatic_gamma, track_unclipped=error_feedback,
         )
         if self.secure_mode:
             noise_seed = int.from_bytes(os.urandom(8), "little") >> 1
@@ -111,6 +111,16 @@ class PrivacyEngine:
         dp_optimizer.step_callbacks.append(self._account_step)
         self.tracker, self.optimizer, self.data_loader, self.sample_rate = tracker, dp_optimizer, dp_loader, sample_rate
         self.poisson_sampling = poisson_sampling
+        self.error_feedback = None
+        if error_feedback:
+            from dptrain.error_feedback import ErrorFeedback
+
+            self.error_feedback = ErrorFeedback(dp_optimizer, error_max_grad_norm=error_max_grad_norm)
+            dp_optimizer.gradient_transforms.append(self.error_feedback)
+        self.controller = controller
+        if controller is not None:
+            controller.attach(self, target_epsilon=target_epsilon, target_delta=target_delta,
+                              total_steps=math.ceil(epochs * steps_per_epoch))
         logger.info(
             "private training: sigma=%.4g, C=%.4g (%s), q=%.4g, expected batch %.1f",
             noise_multiplier, tracker.total_max_norm, clipping, sample_rate, batch_size,
@@ -160,6 +170,8 @@ class PrivacyEngine:
             "sampler": self.data_loader.state_dict(),
             "noise": self.optimizer.noise_state_dict(),
             "max_grad_norms": [g.max_norm for g in self.tracker.groups],
+            "error_feedback": None if self.error_feedback is None else self.error_feedback.state_dict(),
+            "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -177,6 +189,12 @@ class PrivacyEngine:
         self.data_loader.load_state_dict(state["sampler"])
         self.optimizer.load_noise_state_dict(state["noise"])
         self.tracker.set_max_norms(state["max_grad_norms"])
+        for name, part in (("error_feedback", self.error_feedback), ("controller", self.controller)):
+            if (state.get(name) is None) != (part is None):
+                raise ValueError(f"checkpoint and this run disagree on {name}: saved {state.get(name) is not None}, "
+                                 f"now {part is not None}")
+            if part is not None:
+                part.load_state_dict(state[name])
 
 
 def _check_optimizer_params(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -46,7 +46,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self._skip_next = False
         self.steps_taken = 0  # logical steps
         self.step_callbacks: List[Callable[["DPOptimizer"], None]] = []  # run after noise, before the inner step
-        self.gradient_transforms: List[Callable] = []  # (optimizer) -> None; may rewrite clipped sums (error feedback)
+        # (optimizer) -> None, run before the noise; may rewrite tracker.clipped_sum (error feedback)
+        self.gradient_transforms: List[Callable[["DPOptimizer"], None]] = []
+        self.noise_scale = 1.0  # extra factor on the noise std required by a transform's privacy analysis
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
 
@@ -124,7 +126,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def noise_std(self) -> float:
         """Std of the noise added to the clipped SUM (before dividing by the expected batch size)."""
-        return self.noise_multiplier * self.tracker.total_max_norm
+        return self.noise_multiplier * self.tracker.total_max_norm * self.noise_scale
 
     def _privatise(self) -> None:
         for transform in self.gradient_transforms:
