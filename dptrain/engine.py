@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dptrain import distributed
 from dptrain.accountants import calibrate_noise, make_accountant
 from dptrain.grad_sample.tracker import GradSampleTracker
 from dptrain.optimizer import DPOptimizer
@@ -81,9 +82,17 @@ class PrivacyEngine:
             raise ValueError("error_max_grad_norm is only used with error_feedback=True")
         if controller is not None and target_epsilon is None:
             raise ValueError("a controller needs target_epsilon (and target_delta, epochs): it plans within that budget")
+        wrapped = module
+        module = distributed.unwrap_ddp(module)
         _check_optimizer_params(module, optimizer)
+        rank, world = distributed.rank_and_world()
 
         dataset_size, batch_size = _dataset_and_batch_size(data_loader)
+        batch_size *= world  # the loader's batch size is per rank; the logical batch spans all ranks
+        if batch_size > dataset_size:
+            raise ValueError(
+                f"batch size {batch_size} (per rank x {world} rank(s)) is larger than the dataset ({dataset_size} samples)"
+            )
         sample_rate = batch_size / dataset_size
         steps_per_epoch = math.ceil(1 / sample_rate) if poisson_sampling else len(data_loader)
         noise_multiplier = self._resolve_noise(
@@ -94,18 +103,30 @@ class PrivacyEngine:
             module, clipping=clipping, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
             automatic_gamma=automatic_gamma, track_unclipped=error_feedback,
         )
+        distributed.check_consistent({
+            "world_size": world, "dataset_size": dataset_size, "batch_size": batch_size, "epochs": epochs or 0,
+            "noise_multiplier": noise_multiplier, "max_grad_norm": tracker.total_max_norm,
+            "poisson_sampling": poisson_sampling, "ddp_wrapped": wrapped is not module,
+            "trainable_parameters": sum(p.numel() for p in tracker.params),
+        })
+        if world > 1 and wrapped is module:
+            raise ValueError("torch.distributed is initialised with several ranks but the model is not wrapped in "
+                             "DistributedDataParallel; wrap it (same on every rank) before make_private")
         if self.secure_mode:
             noise_seed = int.from_bytes(os.urandom(8), "little") >> 1
             sampler_seed = int.from_bytes(os.urandom(8), "little") >> 1
         generator = torch.Generator()
-        generator.manual_seed(sampler_seed) if sampler_seed is not None else generator.seed()
+        if sampler_seed is not None:  # ranks sample their shards independently
+            generator.manual_seed(sampler_seed + 1_000_003 * rank)
+        else:
+            generator.seed()
         dp_optimizer = DPOptimizer(
             optimizer, tracker, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
             noise_seed=noise_seed,
         )
         dp_loader = DPDataLoader(
             data_loader, poisson_sampling=poisson_sampling, sample_rate=sample_rate, generator=generator,
-            max_physical_batch_size=max_physical_batch_size,
+            max_physical_batch_size=max_physical_batch_size, shard=(rank, world),
         )
         dp_loader.optimizer = dp_optimizer
         dp_optimizer.step_callbacks.append(self._account_step)
@@ -125,7 +146,7 @@ class PrivacyEngine:
             "private training: sigma=%.4g, C=%.4g (%s), q=%.4g, expected batch %.1f",
             noise_multiplier, tracker.total_max_norm, clipping, sample_rate, batch_size,
         )
-        return module, dp_optimizer, dp_loader
+        return wrapped, dp_optimizer, dp_loader
 
     def _resolve_noise(self, noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch):
         if noise_multiplier is not None:
@@ -220,6 +241,4 @@ def _dataset_and_batch_size(data_loader: DataLoader) -> tuple:
     batch_size = data_loader.batch_size
     if batch_size is None:
         raise ValueError("the data loader needs a batch_size (the expected logical batch size), found None")
-    if batch_size > dataset_size:
-        raise ValueError(f"batch_size {batch_size} is larger than the dataset ({dataset_size} samples)")
     return dataset_size, batch_size

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from dptrain import distributed
 from dptrain.grad_sample.tracker import GradSampleTracker
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,8 @@ class DPOptimizer(torch.optim.Optimizer):
             if self._noise_seed is None:
                 gen.seed()  # fresh OS entropy
             else:
-                gen.manual_seed(self._noise_seed + 7919 * len(self._generators))
+                rank = distributed.rank_and_world()[0]  # ranks must never share noise
+                gen.manual_seed(self._noise_seed + 7919 * len(self._generators) + 1_000_003 * rank)
             self._generators[key] = gen
         return self._generators[key]
 
@@ -131,17 +133,18 @@ class DPOptimizer(torch.optim.Optimizer):
     def _privatise(self) -> None:
         for transform in self.gradient_transforms:
             transform(self)
-        std = self.noise_std()
-        for p in self.params:
-            if not p.requires_grad:
-                continue
-            summed = self.tracker.clipped_sum.get(p)
-            if summed is None:
-                summed = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            if std > 0:
-                noise = torch.normal(0.0, std, size=p.shape, generator=self._generator(p.device), device=p.device)
-                summed = summed + noise
-            p.grad = (summed / self.expected_batch_size).to(p.dtype)
+        params = [p for p in self.params if p.requires_grad]
+        sums = [self.tracker.clipped_sum.get(p) for p in params]
+        sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if s is None else s for p, s in zip(params, sums)]
+        rank, world = distributed.rank_and_world()
+        std = self.noise_std() / world**0.5  # each rank's share; the all-reduced sum has std sigma * C
+        if std > 0:
+            sums = [s + torch.normal(0.0, std, size=s.shape, generator=self._generator(s.device), device=s.device)
+                    for s in sums]
+        if world > 1:
+            sums = distributed.all_reduce_sum(sums)
+        for p, s in zip(params, sums):
+            p.grad = (s / self.expected_batch_size).to(p.dtype)
 
     def noise_state_dict(self) -> dict:
         return {"generators": {k: g.get_state() for k, g in self._generators.items()}, "steps_taken": self.steps_taken,

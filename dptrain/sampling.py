@@ -21,7 +21,11 @@ __all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length"]
 class PoissonBatchSampler(Sampler[List[int]]):
     """Yields index lists; each index is in a batch independently with probability ``sample_rate``."""
 
-    def __init__(self, num_samples: int, sample_rate: float, *, steps: Optional[int] = None, generator=None):
+    def __init__(self, num_samples: int, sample_rate: float, *, steps: Optional[int] = None, generator=None,
+                 indices: Optional[List[int]] = None):
+        """``indices``: sample only from these dataset indices (this rank's shard); default all."""
+        self.indices = torch.as_tensor(indices if indices is not None else range(num_samples), dtype=torch.long)
+        num_samples = len(self.indices)
         if num_samples <= 0:
             raise ValueError(f"the dataset must not be empty, found {num_samples} samples")
         if not 0 < sample_rate <= 1:
@@ -40,7 +44,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         while self.drawn < self.steps:
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate  # (N,)
             self.drawn += 1
-            yield mask.nonzero().flatten().tolist()
+            yield self.indices[mask].tolist()
         self.drawn = 0
 
     def state_dict(self) -> dict:
@@ -101,7 +105,9 @@ class DPDataLoader:
         sample_rate: float,
         generator: Optional[torch.Generator] = None,
         max_physical_batch_size: Optional[int] = None,
+        shard: Optional[tuple] = None,
     ):
+        """``shard=(rank, world)``: Poisson-sample only this rank's indices rank, rank + world, ..."""
         if max_physical_batch_size is not None and (
             isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
             or max_physical_batch_size <= 0
@@ -110,7 +116,10 @@ class DPDataLoader:
         self.dataset = data_loader.dataset
         self.sampler: Optional[PoissonBatchSampler] = None
         if poisson_sampling:
-            self.sampler = PoissonBatchSampler(len(self.dataset), sample_rate, generator=generator)
+            rank, world = shard or (0, 1)
+            self.sampler = PoissonBatchSampler(
+                len(self.dataset), sample_rate, generator=generator, indices=list(range(rank, len(self.dataset), world))
+            )
             collate = data_loader.collate_fn or default_collate
             self.loader = DataLoader(
                 self.dataset,
