@@ -1,3 +1,27 @@
-"""Per-sample gradient kernels: Triton GPU kernels, each beside its pure-torch reference."""
+"""Per-sample gradient kernels: Triton GPU kernels, each beside its pure-torch reference.
 
-__all__: list[str] = []
+Every op takes ``backend``: "auto" (Triton for CUDA tensors when triton is installed, the torch reference
+otherwise), "torch", or "triton" (on CPU tensors only under TRITON_INTERPRET=1, set before this import).
+Norm ops of linear layers and embeddings also take ``strategy``: "auto", "ghost" or "instantiate".
+"""
+
+from .clip import clip_factors
+from .embedding_norms import per_sample_embedding_grad_norms, per_sample_embedding_grad_sq_norms
+from .fused_clip import fused_clip_linear_grad
+from .linear_norms import choose_linear_strategy, per_sample_linear_grad_norms, per_sample_linear_grad_sq_norms
+from .norm_layers import per_sample_norm_layer_bias_grads, per_sample_norm_layer_grad_norms, per_sample_norm_layer_grads
+from .scaled_grad import scaled_linear_grad
+
+__all__ = [
+    "clip_factors",
+    "choose_linear_strategy",
+    "per_sample_linear_grad_norms",
+    "per_sample_linear_grad_sq_norms",
+    "scaled_linear_grad",
+    "fused_clip_linear_grad",
+    "per_sample_embedding_grad_norms",
+    "per_sample_embedding_grad_sq_norms",
+    "per_sample_norm_layer_grads",
+    "per_sample_norm_layer_bias_grads",
+    "per_sample_norm_layer_grad_norms",
+]

@@ -1,0 +1,231 @@
+"""Per-sample gradient norms of a linear layer: ||G_i||_F with G_i = g_i^T x_i.
+
+x: (B, T, d_in) layer inputs, g: (B, T, d_out) output gradients ((B, d) means T = 1). Two exact strategies:
+
+- ghost (Gram): ||G_i||^2 = <x_i x_i^T, g_i g_i^T>, cost ~ 2 T^2 (d_in + d_out) per sample, (T, T) temporaries;
+- instantiate: build G_i = g_i^T x_i, cost T d_in d_out per sample, (d_out, d_in) temporaries.
+
+``strategy="auto"`` picks ghost when 2 T^2 < d_in d_out (the mixed rule of fastDP). The Triton kernels do both
+tiled in on-chip memory, never writing (B, T, T) or (B, d_out, d_in) to global memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import (
+    HAS_TRITON,
+    INTERPRETED,
+    batch_chunks,
+    check_linear_inputs,
+    check_strategy,
+    tl,
+    triton,
+    use_triton,
+)
+
+__all__ = ["per_sample_linear_grad_norms", "per_sample_linear_grad_sq_norms", "choose_linear_strategy"]
+
+
+def choose_linear_strategy(seq_len: int, d_in: int, d_out: int) -> str:
+    """'ghost' when 2 T^2 < d_in d_out, else 'instantiate'."""
+    return "ghost" if 2 * seq_len * seq_len < d_in * d_out else "instantiate"
+
+
+# ----------------------------------------------------------------------------------------------- torch reference
+def _sq_norms_ghost_torch(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum_{t,s} (x x^T)[t,s] (g g^T)[t,s] per sample, batch-chunked bmm, fp32."""
+    B, T, d_in = x.shape
+    d_out = g.shape[2]
+    if T == 1:  # rank one: ||g_i x_i^T|| = ||g_i|| ||x_i||
+        return x[:, 0].float().square().sum(1) * g[:, 0].float().square().sum(1)  # (B,)
+    out = torch.empty(B, dtype=torch.float32, device=x.device)
+    per_sample = 8 * T * T + (4 * T * (d_in + d_out) if x.dtype != torch.float32 else 0)
+    for sl in batch_chunks(B, per_sample):
+        xs, gs = x[sl].float(), g[sl].float()  # (b, T, d_in), (b, T, d_out)
+        gram = torch.bmm(xs, xs.transpose(1, 2))  # (b, T, T)
+        gram.mul_(torch.bmm(gs, gs.transpose(1, 2)))
+        out[sl] = gram.sum((1, 2))
+    return out
+
+
+def _sq_norms_instantiate_torch(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """||g_i^T x_i||^2 per sample from the instantiated per-sample gradients, batch-chunked bmm, fp32."""
+    B, T, d_in = x.shape
+    d_out = g.shape[2]
+    out = torch.empty(B, dtype=torch.float32, device=x.device)
+    per_sample = 4 * d_in * d_out + (4 * T * (d_in + d_out) if x.dtype != torch.float32 else 0)
+    for sl in batch_chunks(B, per_sample):
+        grads = torch.bmm(g[sl].float().transpose(1, 2), x[sl].float())  # (b, d_out, d_in)
+        out[sl] = torch.linalg.vector_norm(grads, dim=(1, 2)).square()
+    return out
+
+
+def linear_grad_sq_norms_torch(x: torch.Tensor, g: torch.Tensor, strategy: str) -> torch.Tensor:
+    """Reference squared norms for (B, T, d_in), (B, T, d_out) inputs and a resolved strategy."""
+    if strategy == "ghost":
+        return _sq_norms_ghost_torch(x, g)
+    return _sq_norms_instantiate_torch(x, g)
+
+
+# ----------------------------------------------------------------------------------------------- Triton kernels
+if HAS_TRITON:
+    if INTERPRETED:  # one small config keeps interpreter runs (CI) fast
+        _INST_CONFIGS = [triton.Config({"BLOCK_O": 16, "BLOCK_I": 16, "BLOCK_T": 16})]
+        _GHOST_CONFIGS = [triton.Config({"BLOCK_T": 16, "BLOCK_K": 16})]
+    else:
+        _INST_CONFIGS = [
+            triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=s)
+            for bo, bi, bt, w, s in [
+                (128, 128, 32, 8, 3),
+                (128, 128, 64, 8, 3),
+                (64, 128, 64, 4, 4),
+                (128, 64, 64, 4, 4),
+                (64, 64, 64, 4, 4),
+                (128, 256, 32, 8, 3),
+            ]
+        ]
+        _GHOST_CONFIGS = [
+            triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bt, bk, w, s in [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 8, 4)]
+        ]
+
+    @triton.autotune(configs=_INST_CONFIGS, key=["T", "D_IN", "D_OUT"])
+    @triton.jit
+    def _linear_norms_instantiate_kernel(
+        x_ptr, g_ptr, out_ptr,  # out: (B, n_tiles) fp32 partial squared norms
+        T, D_IN, D_OUT,
+        stride_xb, stride_xt, stride_xd,
+        stride_gb, stride_gt, stride_gd,
+        n_tiles,
+        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        """One program: tile (BLOCK_O, BLOCK_I) of G_b = g_b^T x_b accumulated over T on chip, squared, summed."""
+        b = tl.program_id(0)
+        tile = tl.program_id(1)
+        n_i = tl.cdiv(D_IN, BLOCK_I)
+        offs_o = (tile // n_i) * BLOCK_O + tl.arange(0, BLOCK_O)
+        offs_i = (tile % n_i) * BLOCK_I + tl.arange(0, BLOCK_I)
+        offs_t = tl.arange(0, BLOCK_T)
+        x_base = x_ptr + b.to(tl.int64) * stride_xb
+        g_base = g_ptr + b.to(tl.int64) * stride_gb
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + offs_t
+            g_tile = tl.load(  # (BLOCK_O, BLOCK_T) = g_b[t, o]^T
+                g_base + t[None, :] * stride_gt + offs_o[:, None] * stride_gd,
+                mask=(t[None, :] < T) & (offs_o[:, None] < D_OUT), other=0.0,
+            )
+            x_tile = tl.load(  # (BLOCK_T, BLOCK_I)
+                x_base + t[:, None] * stride_xt + offs_i[None, :] * stride_xd,
+                mask=(t[:, None] < T) & (offs_i[None, :] < D_IN), other=0.0,
+            )
+            acc = tl.dot(g_tile, x_tile, acc)
+        tl.store(out_ptr + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+    @triton.autotune(configs=_GHOST_CONFIGS, key=["T", "D_IN", "D_OUT"])
+    @triton.jit
+    def _linear_norms_ghost_kernel(
+        x_ptr, g_ptr, out_ptr,  # out: (B, out_stride) fp32 partial squared norms
+        T, D_IN, D_OUT,
+        stride_xb, stride_xt, stride_xd,
+        stride_gb, stride_gt, stride_gd,
+        out_stride,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One program: Gram tiles (x x^T)[r, c] and (g g^T)[r, c] of sample b on chip, their inner product.
+
+        Both Grams are symmetric: tiles below the diagonal skip their work, tiles above it count twice.
+        """
+        b = tl.program_id(0)
+        p = tl.program_id(1)
+        n_t = tl.cdiv(T, BLOCK_T)
+        tr = p // n_t
+        tc = p % n_t
+        offs_r = tr * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_c = tc * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_base = x_ptr + b.to(tl.int64) * stride_xb
+        g_base = g_ptr + b.to(tl.int64) * stride_gb
+        upper = tc >= tr
+        end_in = tl.where(upper, D_IN, 0)
+        end_out = tl.where(upper, D_OUT, 0)
+        gram_x = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        for k0 in range(0, end_in, BLOCK_K):
+            k = k0 + offs_k
+            a = tl.load(x_base + offs_r[:, None] * stride_xt + k[None, :] * stride_xd,
+                        mask=(offs_r[:, None] < T) & (k[None, :] < D_IN), other=0.0)  # (BLOCK_T, BLOCK_K)
+            bt = tl.load(x_base + offs_c[None, :] * stride_xt + k[:, None] * stride_xd,
+                         mask=(offs_c[None, :] < T) & (k[:, None] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_T)
+            gram_x = tl.dot(a, bt, gram_x)
+        gram_g = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        for k0 in range(0, end_out, BLOCK_K):
+            k = k0 + offs_k
+            a = tl.load(g_base + offs_r[:, None] * stride_gt + k[None, :] * stride_gd,
+                        mask=(offs_r[:, None] < T) & (k[None, :] < D_OUT), other=0.0)  # (BLOCK_T, BLOCK_K)
+            bt = tl.load(g_base + offs_c[None, :] * stride_gt + k[:, None] * stride_gd,
+                         mask=(offs_c[None, :] < T) & (k[:, None] < D_OUT), other=0.0)  # (BLOCK_K, BLOCK_T)
+            gram_g = tl.dot(a, bt, gram_g)
+        weight = tl.where(tc > tr, 2.0, tl.where(upper, 1.0, 0.0))
+        tl.store(out_ptr + b * out_stride + p, weight * tl.sum(tl.sum(gram_x * gram_g, axis=1), axis=0))
+
+
+def _min_block(configs, name: str) -> int:
+    return min(c.kwargs[name] for c in configs)
+
+
+def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str) -> torch.Tensor:
+    """Launch the ghost or instantiate kernel on (B, T, d_in), (B, T, d_out); (B,) fp32 squared norms.
+
+    Each program writes one partial sum into a zeroed (B, n_tiles_max) buffer (sized for the smallest
+    autotuned tile, so any config fits) and the partials are summed: deterministic, no atomics.
+    """
+    B, T, d_in = x.shape
+    d_out = g.shape[2]
+    strides = (*x.stride(), *g.stride())
+    if strategy == "ghost":
+        n_t = triton.cdiv(T, _min_block(_GHOST_CONFIGS, "BLOCK_T"))
+        partial = torch.zeros(B, n_t * n_t, dtype=torch.float32, device=x.device)
+
+        def grid(meta):
+            return (B, triton.cdiv(T, meta["BLOCK_T"]) ** 2)
+
+        _linear_norms_ghost_kernel[grid](x, g, partial, T, d_in, d_out, *strides, partial.shape[1])
+        return partial.sum(1)
+    n_tiles = triton.cdiv(d_out, _min_block(_INST_CONFIGS, "BLOCK_O")) * triton.cdiv(
+        d_in, _min_block(_INST_CONFIGS, "BLOCK_I")
+    )
+    partial = torch.zeros(B, n_tiles, dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        return (B, triton.cdiv(d_out, meta["BLOCK_O"]) * triton.cdiv(d_in, meta["BLOCK_I"]))
+
+    _linear_norms_instantiate_kernel[grid](x, g, partial, T, d_in, d_out, *strides, n_tiles)
+    return partial.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------- public op
+def per_sample_linear_grad_sq_norms(
+    x: torch.Tensor, g: torch.Tensor, *, strategy: str = "auto", backend: str = "auto"
+) -> torch.Tensor:
+    """Squared Frobenius norms ||g_i^T x_i||^2, (B,) fp32 (see ``per_sample_linear_grad_norms``)."""
+    check_strategy(strategy)
+    x3, g3 = check_linear_inputs(x, g)  # (B, T, d_in), (B, T, d_out)
+    if strategy == "auto":
+        strategy = choose_linear_strategy(x3.shape[1], x3.shape[2], g3.shape[2])
+    if x3.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float32, device=x.device)
+    if use_triton(backend, x3, g3):
+        return linear_grad_sq_norms_triton(x3, g3, strategy)
+    return linear_grad_sq_norms_torch(x3, g3, strategy)
+
+
+def per_sample_linear_grad_norms(
+    x: torch.Tensor, g: torch.Tensor, *, strategy: str = "auto", backend: str = "auto"
+) -> torch.Tensor:
+    """Per-sample gradient norms of a linear layer's weight, (B,) fp32.
+
+    x: (B, T, d_in) or (B, d_in) inputs; g: (B, T, d_out) or (B, d_out) output gradients. ``strategy``:
+    "ghost", "instantiate" or "auto" (cost rule); ``backend``: "auto" (Triton on CUDA), "torch", "triton".
+    """
+    return per_sample_linear_grad_sq_norms(x, g, strategy=strategy, backend=backend).sqrt()

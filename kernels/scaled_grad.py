@@ -1,0 +1,131 @@
+"""Scaled sum of per-sample linear-layer gradients: sum_i scale_i g_i^T x_i, one GEMM over B*T rows.
+
+This is the clipped (or weighted, for flat clipping) weight gradient: with scale_i = 1 it is the ordinary
+batch weight gradient. Output (d_out, d_in) in the dtype of x, accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import HAS_TRITON, INTERPRETED, check_linear_inputs, check_per_sample, is_half, tl, triton, use_triton
+
+__all__ = ["scaled_linear_grad"]
+
+
+# ----------------------------------------------------------------------------------------------- torch reference
+def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Reference for (B, T, d_in), (B, T, d_out), (B,) fp32: ((scale * g) reshaped)^T @ x reshaped."""
+    B, T, d_in = x.shape
+    d_out = g.shape[2]
+    half_on_gpu = x.is_cuda and is_half(x.dtype)  # cuBLAS accumulates half GEMMs in fp32 already
+    work = x.dtype if half_on_gpu else torch.float32
+    s = scale.to(x.device)[:, None, None]  # (B, 1, 1)
+    if d_out <= d_in:  # fold the scale into the smaller operand
+        gs = (g.float() * s).to(work).reshape(B * T, d_out)  # (B*T, d_out)
+        xs = x.to(work).reshape(B * T, d_in)  # (B*T, d_in)
+    else:
+        gs = g.to(work).reshape(B * T, d_out)
+        xs = (x.float() * s).to(work).reshape(B * T, d_in)
+    return (gs.T @ xs).to(x.dtype)  # (d_out, d_in)
+
+
+# ----------------------------------------------------------------------------------------------- Triton kernel
+if HAS_TRITON:
+    if INTERPRETED:
+        _CONFIGS = [triton.Config({"BLOCK_O": 16, "BLOCK_I": 16, "BLOCK_K": 16})]
+    else:
+        _CONFIGS = [
+            triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bo, bi, bk, w, s in [
+                (128, 128, 32, 8, 3),
+                (128, 128, 64, 8, 3),
+                (128, 256, 32, 8, 3),
+                (256, 128, 32, 8, 3),
+                (64, 128, 64, 4, 4),
+                (128, 64, 64, 4, 4),
+            ]
+        ]
+
+    @triton.jit
+    def _scaled_tile(
+        x_ptr, g_ptr, scale_ptr,
+        max_norm, eps,
+        N, T, D_IN, D_OUT,
+        stride_xr, stride_xd, stride_gr, stride_gd,
+        offs_o, offs_i,
+        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, CLIP: tl.constexpr,
+    ):
+        """Tile (BLOCK_O, BLOCK_I) of sum_r s[r // T] g[r, o] x[r, i] over the N = B*T rows, fp32.
+
+        CLIP=False: s = scale_ptr[b]. CLIP=True: scale_ptr holds squared norms and s = min(1, C / (norm + eps)),
+        the clip factor computed in registers (the formula of ``clip.clip_factors``).
+        """
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        for k0 in range(0, N, BLOCK_K):
+            r = k0 + offs_k
+            row_ok = r < N
+            s = tl.load(scale_ptr + r // T, mask=row_ok, other=0.0)  # (BLOCK_K,) per-row sample scale
+            if CLIP:
+                s = tl.minimum(max_norm / (tl.sqrt(s) + eps), 1.0)
+            g_tile = tl.load(g_ptr + r[None, :].to(tl.int64) * stride_gr + offs_o[:, None] * stride_gd,
+                             mask=row_ok[None, :] & (offs_o[:, None] < D_OUT), other=0.0)  # (BLOCK_O, BLOCK_K)
+            x_tile = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_xr + offs_i[None, :] * stride_xd,
+                             mask=row_ok[:, None] & (offs_i[None, :] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_I)
+            g_tile = (g_tile.to(tl.float32) * s[None, :]).to(x_tile.dtype)
+            acc = tl.dot(g_tile, x_tile, acc)
+        return acc
+
+    @triton.autotune(configs=_CONFIGS, key=["N", "D_IN", "D_OUT"])
+    @triton.jit
+    def _scaled_linear_grad_kernel(
+        x_ptr, g_ptr, scale_ptr, out_ptr,
+        N, T, D_IN, D_OUT,
+        stride_xr, stride_xd, stride_gr, stride_gd, stride_oo, stride_oi,
+        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One program: one (BLOCK_O, BLOCK_I) tile of the (d_out, d_in) output, written in x's dtype."""
+        pid_o = tl.program_id(0)
+        pid_i = tl.program_id(1)
+        offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+        acc = _scaled_tile(x_ptr, g_ptr, scale_ptr, 1.0, 0.0, N, T, D_IN, D_OUT,
+                           stride_xr, stride_xd, stride_gr, stride_gd, offs_o, offs_i, BLOCK_O, BLOCK_I, BLOCK_K, False)
+        tl.store(out_ptr + offs_o[:, None] * stride_oo + offs_i[None, :] * stride_oi,
+                 acc.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < D_OUT) & (offs_i[None, :] < D_IN))
+
+
+def rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) as a (B*T, d) tensor with a row stride (copies only if the (B, T) dims cannot merge)."""
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
+
+
+def scaled_linear_grad_triton(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    B, T, d_in = x.shape
+    d_out = g.shape[2]
+    x2, g2 = rows_2d(x), rows_2d(g)  # (B*T, d_in), (B*T, d_out)
+    out = torch.empty(d_out, d_in, dtype=x.dtype, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(d_out, meta["BLOCK_O"]), triton.cdiv(d_in, meta["BLOCK_I"]))
+
+    _scaled_linear_grad_kernel[grid](
+        x2, g2, scale.contiguous(), out, B * T, T, d_in, d_out, *x2.stride(), *g2.stride(), *out.stride()
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- public op
+def scaled_linear_grad(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """sum_i scale_i g_i^T x_i, (d_out, d_in) in x's dtype (fp32 accumulation).
+
+    x: (B, T, d_in) or (B, d_in); g: (B, T, d_out) or (B, d_out); scale: (B,).
+    """
+    x3, g3 = check_linear_inputs(x, g)  # (B, T, d_in), (B, T, d_out)
+    scale = check_per_sample(scale, x3.shape[0], "scale").to(x.device)  # (B,)
+    if g3.dtype != x3.dtype:
+        g3 = g3.to(x3.dtype)
+    if use_triton(backend, x3, g3):
+        return scaled_linear_grad_triton(x3, g3, scale)
+    return scaled_linear_grad_torch(x3, g3, scale)

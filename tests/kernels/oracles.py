@@ -1,0 +1,40 @@
+"""Independent einsum / dense oracles for the kernel ops (obviously correct, not fast)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def per_sample_linear_grads(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(B, d_out, d_in) per-sample gradients g_i^T x_i in float64."""
+    if x.dim() == 2:
+        x, g = x[:, None], g[:, None]
+    return torch.einsum("bto,bti->boi", g.double(), x.double())
+
+
+def linear_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return per_sample_linear_grads(x, g).flatten(1).norm(dim=1)
+
+
+def scaled_sum(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("b,boi->oi", scale.double(), per_sample_linear_grads(x, g))
+
+
+def embedding_grads(ids: torch.Tensor, g: torch.Tensor, vocab: int, padding_idx=None) -> torch.Tensor:
+    """(B, V, d) dense per-sample embedding gradients via one-hot, padding rows zeroed, float64."""
+    onehot = torch.nn.functional.one_hot(ids, vocab).double()  # (B, T, V)
+    grads = torch.einsum("btv,btd->bvd", onehot, g.double())
+    if padding_idx is not None:
+        grads[:, padding_idx] = 0
+    return grads
+
+
+def embedding_norms_by_autograd(ids: torch.Tensor, g: torch.Tensor, vocab: int, padding_idx=None) -> torch.Tensor:
+    """Norms of the gradient torch's own nn.functional.embedding gives each sample (batch-size-1 loop)."""
+    out = []
+    for i in range(ids.shape[0]):
+        w = torch.zeros(vocab, g.shape[-1], dtype=torch.float64, requires_grad=True)
+        y = torch.nn.functional.embedding(ids[i], w, padding_idx=padding_idx)
+        (y * g[i].double()).sum().backward()
+        out.append(w.grad.norm())
+    return torch.stack(out)
