@@ -60,8 +60,8 @@ def _self_sq_norm(c: Contribution) -> torch.Tensor:
     if isinstance(c, Instantiated):
         return c.grad.flatten(1).float().pow(2).sum(1)  # (B,)
     if c.is_index:
-        return kernels.per_sample_embedding_grad_norms(c.left, c.right).pow(2)
-    return kernels.per_sample_linear_grad_norms(c.right, c.left).pow(2)
+        return kernels.per_sample_embedding_grad_sq_norms(c.left, c.right)
+    return kernels.per_sample_linear_grad_sq_norms(c.right, c.left)
 
 
 def _left_gram(a: Factored, b: Factored) -> torch.Tensor:

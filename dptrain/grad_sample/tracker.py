@@ -3,9 +3,9 @@
 The tracker attaches a rule to every module that owns trainable parameters, groups the parameters into
 clipping groups (one group for flat/automatic clipping, one per module for per-layer clipping; modules
 that share a parameter are merged), and collects per-sample gradient contributions as backward reaches
-each module. A group is processed as soon as every recorded call of its modules has reported back (for
-per-layer clipping that is during backward, so the saved tensors are freed early; for flat clipping it is
-the end of backward) or, at the latest, at ``flush()`` (called by the optimizer's step). Processing
+each module. With per-layer clipping a group is processed as soon as every recorded call of its modules has
+reported back, during backward, so the saved tensors are freed early; everything else at ``flush()``
+(called by the optimizer's step). Processing
 computes per-sample norms, clip factors and the clipped sums (fused for single-use linear layers), and
 adds them to ``clipped_sum``. Nothing non-private leaves the tracker except through the DP optimizer.
 """
@@ -120,25 +120,14 @@ class GradSampleTracker:
             self._rules[module] = rule
             self._undo += rule.attach(module, self)
             for p in module.parameters(recurse=False):
-                if p.requires_grad:
-                    self._undo.append(p.register_post_accumulate_grad_hook(self._autograd_grad_hook(rule, owners[p])))
+                if not p.requires_grad:
+                    continue
+                if rule.replaces_param_grad:  # its module never makes an ordinary gradient: any is a foreign use
+                    self._undo.append(p.register_hook(_refuse_foreign_use(owners[p][0])))
+                else:  # autograd's non-private sum is never kept
+                    self._undo.append(p.register_post_accumulate_grad_hook(_drop_grad))
         self._undo.append(self.model.register_forward_pre_hook(self._read_batch_size, with_kwargs=True))
         self._param_names = {p: names[0] for p, names in owners.items()}
-
-    @staticmethod
-    def _autograd_grad_hook(rule, names: List[str]):
-        def hook(p: torch.Tensor) -> None:
-            if p.grad is None:  # autograd calls the hook even when the Function returned no gradient
-                return
-            if rule.replaces_param_grad:
-                raise UnsupportedModuleError(
-                    f"parameter {names[0]} received an ordinary gradient: it is used outside the module that "
-                    "owns it (e.g. through its .weight in a functional call), where dptrain cannot see its "
-                    "per-sample gradients. Use the module itself, or freeze the parameter."
-                )
-            p.grad = None  # autograd's non-private sum is never kept
-
-        return hook
 
     def _build_groups(self, max_grad_norm) -> List[ClipGroup]:
         modules = list(self._rules)
@@ -215,10 +204,10 @@ class GradSampleTracker:
         for p, c in contributions.items():
             group.pending.setdefault(p, []).append(c)
         self._outstanding[module] -= 1
+        # per-layer: a group is final once all its recorded calls reported back (frees its tensors early).
+        # Flat clipping waits for flush(): with activation checkpointing, later segments are not recorded yet.
         if self.clipping == "per_layer" and all(self._outstanding.get(m, 0) == 0 for m in group.modules):
             self._process([group])
-        elif self.clipping != "per_layer" and not any(self._outstanding.values()):
-            self._process(self.groups)
         return None
 
     def flush(self) -> None:
@@ -308,6 +297,23 @@ class GradSampleTracker:
     def reset_statistics(self) -> None:
         self.num_samples = 0
         self.clipped_count = {g.name: 0 for g in self.groups}
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
+
+
+def _refuse_foreign_use(name: str):
+    def hook(grad: torch.Tensor) -> None:
+        if grad is None:  # autograd runs leaf hooks even when the Function returned no gradient
+            return
+        raise UnsupportedModuleError(
+            f"parameter {name} received an ordinary gradient: it is used outside the module that owns it (e.g. "
+            "through its .weight in a functional call), where dptrain cannot see its per-sample gradients. "
+            "Use the module itself, or freeze the parameter."
+        )
+
+    return hook
 
 
 def _positive(value, what: str) -> float:
