@@ -12,6 +12,8 @@ __all__ = [
     "STRATEGIES",
     "HAS_TRITON",
     "INTERPRETED",
+    "DOT_FP32",
+    "dot_acc",
     "MEMORY_CAP_BYTES",
     "triton",
     "tl",
@@ -44,6 +46,23 @@ except ImportError:  # pragma: no cover - depends on the environment
 # Triton decides at decoration time whether a kernel is compiled or interpreted, so the mode is fixed when
 # this package is imported: TRITON_INTERPRET=1 must be set before that to run kernels on CPU tensors.
 INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The interpreter's tl.dot mis-multiplies bfloat16 operands (numpy has no bfloat16), so under the interpreter
+# the kernels upcast dot operands to fp32; compiled kernels keep half operands for tensor cores.
+DOT_FP32 = INTERPRETED
+
+if HAS_TRITON:
+
+    @triton.jit
+    def dot_acc(a, b, acc, DOT_FP32: tl.constexpr):
+        """acc + a @ b with fp32 accumulation (operands upcast first when DOT_FP32)."""
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc)
+
+else:  # pragma: no cover - depends on the environment
+    dot_acc = None
 
 
 def is_half(dtype: torch.dtype) -> bool:

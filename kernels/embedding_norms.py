@@ -13,7 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, INTERPRETED, as_3d, batch_chunks, check_strategy, tl, triton, use_triton
+from ._common import (
+    DOT_FP32,
+    HAS_TRITON,
+    INTERPRETED,
+    as_3d,
+    batch_chunks,
+    check_strategy,
+    dot_acc,
+    tl,
+    triton,
+    use_triton,
+)
 
 __all__ = ["per_sample_embedding_grad_norms", "per_sample_embedding_grad_sq_norms"]
 
@@ -83,7 +94,7 @@ if HAS_TRITON:
         T, D, pad,
         stride_ib, stride_it, stride_gb, stride_gt, stride_gd,
         out_stride,
-        HAS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """One program: Gram tile (g g^T)[r, c] of sample b masked by token equality, summed (upper tiles only)."""
         b = tl.program_id(0)
@@ -110,7 +121,7 @@ if HAS_TRITON:
                         mask=(offs_r[:, None] < T) & (k[None, :] < D), other=0.0)  # (BLOCK_T, BLOCK_K)
             bt = tl.load(g_base + offs_c[None, :] * stride_gt + k[:, None] * stride_gd,
                          mask=(offs_c[None, :] < T) & (k[:, None] < D), other=0.0)  # (BLOCK_K, BLOCK_T)
-            gram = tl.dot(a, bt, gram)
+            gram = dot_acc(a, bt, gram, DOT_FP32)
         weight = tl.where(tc > tr, 2.0, tl.where(upper, 1.0, 0.0))
         total = tl.sum(tl.sum(tl.where(same, gram, 0.0), axis=1), axis=0)
         tl.store(out_ptr + b * out_stride + p, weight * total)
@@ -126,7 +137,7 @@ def embedding_grad_sq_norms_triton(ids: torch.Tensor, g: torch.Tensor, padding_i
 
     _embedding_norms_kernel[grid](
         ids, g, partial, T, d, -1 if padding_idx is None else int(padding_idx),
-        *ids.stride(), *g.stride(), partial.shape[1], HAS_PAD=padding_idx is not None,
+        *ids.stride(), *g.stride(), partial.shape[1], HAS_PAD=padding_idx is not None, DOT_FP32=DOT_FP32,
     )
     return partial.sum(1)
 

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, check_linear_inputs, check_per_sample, check_strategy, tl, triton, use_triton
+from ._common import (
+    DOT_FP32,
+    HAS_TRITON,
+    check_linear_inputs,
+    check_per_sample,
+    check_strategy,
+    dot_acc,
+    tl,
+    triton,
+    use_triton,
+)
 from .clip import CLIP_EPS, clip_factors
 from .linear_norms import choose_linear_strategy, linear_grad_sq_norms_torch, linear_grad_sq_norms_triton
 from .scaled_grad import scaled_linear_grad_torch
@@ -39,7 +49,7 @@ if HAS_TRITON:
         max_norm, eps,
         N, T, D_IN, D_OUT,
         stride_xr, stride_xd, stride_gr, stride_gd, stride_oo, stride_oi,
-        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """One tile of sum_i min(1, C / (sqrt(sq_i) + eps)) g_i^T x_i: the clip factor never leaves registers."""
         pid_o = tl.program_id(0)
@@ -47,7 +57,7 @@ if HAS_TRITON:
         offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
         acc = _scaled_tile(x_ptr, g_ptr, sq_ptr, max_norm, eps, N, T, D_IN, D_OUT,
-                           stride_xr, stride_xd, stride_gr, stride_gd, offs_o, offs_i, BLOCK_O, BLOCK_I, BLOCK_K, True)
+                           stride_xr, stride_xd, stride_gr, stride_gd, offs_o, offs_i, BLOCK_O, BLOCK_I, BLOCK_K, True, DOT_FP32)
         tl.store(out_ptr + offs_o[:, None] * stride_oo + offs_i[None, :] * stride_oi,
                  acc.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < D_OUT) & (offs_i[None, :] < D_IN))
 
@@ -66,7 +76,8 @@ def fused_clip_linear_grad_triton(x, g, max_norm, extra_sq_norms, strategy):
         return (triton.cdiv(d_out, meta["BLOCK_O"]), triton.cdiv(d_in, meta["BLOCK_I"]))
 
     _fused_clip_linear_grad_kernel[grid](
-        x2, g2, sq, out, float(max_norm), CLIP_EPS, B * T, T, d_in, d_out, *x2.stride(), *g2.stride(), *out.stride()
+        x2, g2, sq, out, float(max_norm), CLIP_EPS, B * T, T, d_in, d_out, *x2.stride(), *g2.stride(), *out.stride(),
+        DOT_FP32=DOT_FP32,
     )
     return out, sq.sqrt()
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import torch
 
 from ._common import (
+    DOT_FP32,
     HAS_TRITON,
     INTERPRETED,
     batch_chunks,
     check_linear_inputs,
     check_strategy,
+    dot_acc,
     tl,
     triton,
     use_triton,
@@ -98,7 +100,7 @@ if HAS_TRITON:
         stride_xb, stride_xt, stride_xd,
         stride_gb, stride_gt, stride_gd,
         n_tiles,
-        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """One program: tile (BLOCK_O, BLOCK_I) of G_b = g_b^T x_b accumulated over T on chip, squared, summed."""
         b = tl.program_id(0)
@@ -120,7 +122,7 @@ if HAS_TRITON:
                 x_base + t[:, None] * stride_xt + offs_i[None, :] * stride_xd,
                 mask=(t[:, None] < T) & (offs_i[None, :] < D_IN), other=0.0,
             )
-            acc = tl.dot(g_tile, x_tile, acc)
+            acc = dot_acc(g_tile, x_tile, acc, DOT_FP32)
         tl.store(out_ptr + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
     @triton.autotune(configs=_GHOST_CONFIGS, key=["T", "D_IN", "D_OUT"])
@@ -131,7 +133,7 @@ if HAS_TRITON:
         stride_xb, stride_xt, stride_xd,
         stride_gb, stride_gt, stride_gd,
         out_stride,
-        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """One program: Gram tiles (x x^T)[r, c] and (g g^T)[r, c] of sample b on chip, their inner product.
 
@@ -157,7 +159,7 @@ if HAS_TRITON:
                         mask=(offs_r[:, None] < T) & (k[None, :] < D_IN), other=0.0)  # (BLOCK_T, BLOCK_K)
             bt = tl.load(x_base + offs_c[None, :] * stride_xt + k[:, None] * stride_xd,
                          mask=(offs_c[None, :] < T) & (k[:, None] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_T)
-            gram_x = tl.dot(a, bt, gram_x)
+            gram_x = dot_acc(a, bt, gram_x, DOT_FP32)
         gram_g = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
         for k0 in range(0, end_out, BLOCK_K):
             k = k0 + offs_k
@@ -165,7 +167,7 @@ if HAS_TRITON:
                         mask=(offs_r[:, None] < T) & (k[None, :] < D_OUT), other=0.0)  # (BLOCK_T, BLOCK_K)
             bt = tl.load(g_base + offs_c[None, :] * stride_gt + k[:, None] * stride_gd,
                          mask=(offs_c[None, :] < T) & (k[:, None] < D_OUT), other=0.0)  # (BLOCK_K, BLOCK_T)
-            gram_g = tl.dot(a, bt, gram_g)
+            gram_g = dot_acc(a, bt, gram_g, DOT_FP32)
         weight = tl.where(tc > tr, 2.0, tl.where(upper, 1.0, 0.0))
         tl.store(out_ptr + b * out_stride + p, weight * tl.sum(tl.sum(gram_x * gram_g, axis=1), axis=0))
 
@@ -190,7 +192,7 @@ def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str)
         def grid(meta):
             return (B, triton.cdiv(T, meta["BLOCK_T"]) ** 2)
 
-        _linear_norms_ghost_kernel[grid](x, g, partial, T, d_in, d_out, *strides, partial.shape[1])
+        _linear_norms_ghost_kernel[grid](x, g, partial, T, d_in, d_out, *strides, partial.shape[1], DOT_FP32=DOT_FP32)
         return partial.sum(1)
     n_tiles = triton.cdiv(d_out, _min_block(_INST_CONFIGS, "BLOCK_O")) * triton.cdiv(
         d_in, _min_block(_INST_CONFIGS, "BLOCK_I")
@@ -200,7 +202,7 @@ def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str)
     def grid(meta):
         return (B, triton.cdiv(d_out, meta["BLOCK_O"]) * triton.cdiv(d_in, meta["BLOCK_I"]))
 
-    _linear_norms_instantiate_kernel[grid](x, g, partial, T, d_in, d_out, *strides, n_tiles)
+    _linear_norms_instantiate_kernel[grid](x, g, partial, T, d_in, d_out, *strides, n_tiles, DOT_FP32=DOT_FP32)
     return partial.sum(1)
 
 

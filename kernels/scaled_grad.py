@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, INTERPRETED, check_linear_inputs, check_per_sample, is_half, tl, triton, use_triton
+from ._common import (
+    DOT_FP32,
+    HAS_TRITON,
+    INTERPRETED,
+    check_linear_inputs,
+    check_per_sample,
+    dot_acc,
+    is_half,
+    tl,
+    triton,
+    use_triton,
+)
 
 __all__ = ["scaled_linear_grad"]
 
@@ -55,6 +66,7 @@ if HAS_TRITON:
         stride_xr, stride_xd, stride_gr, stride_gd,
         offs_o, offs_i,
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, CLIP: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         """Tile (BLOCK_O, BLOCK_I) of sum_r s[r // T] g[r, o] x[r, i] over the N = B*T rows, fp32.
 
@@ -74,7 +86,7 @@ if HAS_TRITON:
             x_tile = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_xr + offs_i[None, :] * stride_xd,
                              mask=row_ok[:, None] & (offs_i[None, :] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_I)
             g_tile = (g_tile.to(tl.float32) * s[None, :]).to(x_tile.dtype)
-            acc = tl.dot(g_tile, x_tile, acc)
+            acc = dot_acc(g_tile, x_tile, acc, DOT_FP32)
         return acc
 
     @triton.autotune(configs=_CONFIGS, key=["N", "D_IN", "D_OUT"])
@@ -83,7 +95,7 @@ if HAS_TRITON:
         x_ptr, g_ptr, scale_ptr, out_ptr,
         N, T, D_IN, D_OUT,
         stride_xr, stride_xd, stride_gr, stride_gd, stride_oo, stride_oi,
-        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """One program: one (BLOCK_O, BLOCK_I) tile of the (d_out, d_in) output, written in x's dtype."""
         pid_o = tl.program_id(0)
@@ -91,7 +103,7 @@ if HAS_TRITON:
         offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
         acc = _scaled_tile(x_ptr, g_ptr, scale_ptr, 1.0, 0.0, N, T, D_IN, D_OUT,
-                           stride_xr, stride_xd, stride_gr, stride_gd, offs_o, offs_i, BLOCK_O, BLOCK_I, BLOCK_K, False)
+                           stride_xr, stride_xd, stride_gr, stride_gd, offs_o, offs_i, BLOCK_O, BLOCK_I, BLOCK_K, False, DOT_FP32)
         tl.store(out_ptr + offs_o[:, None] * stride_oo + offs_i[None, :] * stride_oi,
                  acc.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < D_OUT) & (offs_i[None, :] < D_IN))
 
@@ -111,7 +123,8 @@ def scaled_linear_grad_triton(x: torch.Tensor, g: torch.Tensor, scale: torch.Ten
         return (triton.cdiv(d_out, meta["BLOCK_O"]), triton.cdiv(d_in, meta["BLOCK_I"]))
 
     _scaled_linear_grad_kernel[grid](
-        x2, g2, scale.contiguous(), out, B * T, T, d_in, d_out, *x2.stride(), *g2.stride(), *out.stride()
+        x2, g2, scale.contiguous(), out, B * T, T, d_in, d_out, *x2.stride(), *g2.stride(), *out.stride(),
+        DOT_FP32=DOT_FP32,
     )
     return out
 
