@@ -34,6 +34,7 @@ __all__ = [
     "one_run_audit_p_value",
     "OneRunAuditResult",
     "one_run_audit",
+    "sample_inclusion_mask",
     "scan_one_run_audit",
     "MultiRunAuditResult",
     "multi_run_audit",
@@ -50,9 +51,15 @@ _EPS_TOL = 1e-9
 
 # ----------------------------------------------------------------------------------------------- one-run audit
 def one_run_audit_p_value(eps: float, *, num_canaries: int, num_guesses: int, num_correct: int, delta: float = 0.0) -> float:
-    """p(eps) of Steinke et al. 2023 (Thm 3.1 / Prop. 5.7 form): the chance that an (eps, delta)-DP run gives
-    ``num_correct`` or more correct guesses out of ``num_guesses``. Small p rejects (eps, delta)-DP."""
-    m, r, v = num_canaries, num_guesses, num_correct
+    """p(eps) of Steinke et al. 2023: a bound on the chance that an (eps, delta)-DP run gives ``num_correct``
+    or more correct guesses out of ``num_guesses``. A small p rejects (eps, delta)-DP."""
+    m, r, v = _check_counts(num_canaries, num_guesses, num_correct)
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, found {eps}")
+    return _p_value(float(eps), m, r, v, check_delta(delta))
+
+
+def _p_value(eps: float, m: int, r: int, v: int, delta: float) -> float:
     q = 1.0 / (1.0 + math.exp(-eps))  # e^eps / (1 + e^eps), stable for large eps
     beta = float(stats.binom.sf(v - 1, r, q))  # P[Bin(r, q) >= v]
     if delta == 0.0 or v == 0:
@@ -88,7 +95,7 @@ def one_run_audit_epsilon(
     threshold = 1.0 - check_confidence(confidence)
 
     def rejected(eps: float) -> bool:
-        return one_run_audit_p_value(eps, num_canaries=m, num_guesses=r, num_correct=v, delta=delta) < threshold
+        return _p_value(eps, m, r, v, delta) < threshold
 
     if not rejected(0.0):
         return 0.0
@@ -133,6 +140,13 @@ def _guess_outcome(scores: np.ndarray, members: np.ndarray, k_pos: int, k_neg: i
     correct = int(members[order[scores.size - k_pos :]].sum()) if k_pos else 0
     correct += int((~members[order[:k_neg]]).sum())
     return correct
+
+
+def sample_inclusion_mask(num_canaries: int, *, seed: int | None = 0) -> np.ndarray:
+    """Which of ``num_canaries`` canaries go into training: independent fair coins, as the one-run audit's
+    analysis assumes (draw this BEFORE training; train on the canaries marked True, score all of them)."""
+    m = check_count(num_canaries, "num_canaries", minimum=1)
+    return np.random.default_rng(seed).random(m) < 0.5
 
 
 def _check_audit_inputs(scores, inclusion_mask) -> tuple[np.ndarray, np.ndarray]:

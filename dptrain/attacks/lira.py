@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 def _check(target_stats, shadow_stats, in_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     shadow = as_scores(shadow_stats, "shadow_stats", ndim=2)  # (S, N)
     mask = as_bool_mask(in_mask, "in_mask", shape=shadow.shape)  # (S, N)
-    target = np.asarray(target_stats)
-    target = as_scores(target, "target_stats", ndim=target.ndim if target.ndim in (1, 2) else 1)
+    ndim = np.ndim(target_stats)
+    if ndim not in (1, 2):
+        raise ValueError(f"target_stats must be (N,) or (Q, N), found shape {np.shape(target_stats)}")
+    target = as_scores(target_stats, "target_stats", ndim=ndim)  # (N,) or (Q, N)
     if target.shape[-1] != shadow.shape[1]:
         raise ValueError(
             f"target_stats must end with the number of examples ({shadow.shape[1]}), found shape {target.shape}"

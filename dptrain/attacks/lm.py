@@ -82,9 +82,9 @@ def token_log_probs(model, input_ids, attention_mask=None, *, batch_size: int = 
                 b_ids = ids[start : start + batch_size].to(device)  # (B, T)
                 b_att = att[start : start + batch_size].to(device)  # (B, T)
                 logits = _logits(model, b_ids, b_att)[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
-                logp = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
                 target = b_ids[:, 1:]  # (B, T-1)
-                lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+                # log p = z_target - logsumexp(z): no second (B, T-1, V) tensor for a full log_softmax
+                lp = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, T-1)
                 mask = (b_att[:, 1:] > 0) & (b_att[:, :-1] > 0)  # (B, T-1) real target with a real context
                 lps.append(torch.where(mask, lp, torch.zeros_like(lp)).double().cpu())
                 masks.append(mask.cpu())
