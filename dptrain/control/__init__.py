@@ -1,1 +1,23 @@
-"""Adaptive clip/noise controllers."""
+"""Adaptive clip/noise control: a Soft Actor-Critic hyper-policy that stays inside the privacy budget.
+
+- ``SAC``: the agent on its own (``sac.py``).
+- ``SACController``: attached with ``make_private(..., controller=ctrl)`` (``controller.py``).
+- ``sigma_floor`` / ``planned_epsilon``: the budget guard (privacy filter) over an accountant's ledger.
+- ``release_event``: the privacy event of one noisy statistic release.
+"""
+
+from dptrain.control.budget import BudgetExhaustedError, planned_epsilon, sigma_floor
+from dptrain.control.controller import SACController
+from dptrain.control.release import release_event, release_noise_multiplier
+from dptrain.control.sac import SAC, ReplayBuffer
+
+__all__ = [
+    "SAC",
+    "ReplayBuffer",
+    "SACController",
+    "BudgetExhaustedError",
+    "planned_epsilon",
+    "sigma_floor",
+    "release_event",
+    "release_noise_multiplier",
+]
