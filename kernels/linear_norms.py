@@ -218,7 +218,7 @@ def per_sample_linear_grad_sq_norms(
     if x3.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float32, device=x.device)
     if use_triton(backend, x3, g3):
-        return linear_grad_sq_norms_triton(x3, g3, strategy)
+        return linear_grad_sq_norms_triton(x3, g3.to(x3.dtype), strategy)
     return linear_grad_sq_norms_torch(x3, g3, strategy)
 
 
