@@ -25,6 +25,7 @@ from .audit import (
     one_run_audit,
     one_run_audit_epsilon,
     one_run_audit_p_value,
+    run_one_run_audit,
     sample_inclusion_mask,
     scan_one_run_audit,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "one_run_audit_p_value",
     "one_run_audit",
     "sample_inclusion_mask",
+    "run_one_run_audit",
     "scan_one_run_audit",
     "OneRunAuditResult",
     "multi_run_audit",

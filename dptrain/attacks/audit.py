@@ -35,6 +35,7 @@ __all__ = [
     "OneRunAuditResult",
     "one_run_audit",
     "sample_inclusion_mask",
+    "run_one_run_audit",
     "scan_one_run_audit",
     "MultiRunAuditResult",
     "multi_run_audit",
@@ -183,6 +184,32 @@ def one_run_audit(
         num_canaries=s.size, num_guesses=k_pos + k_neg, num_correct=correct, delta=delta, confidence=confidence
     )
     return OneRunAuditResult(eps, s.size, k_pos, k_neg, correct, float(confidence), float(delta))
+
+
+def run_one_run_audit(
+    train_and_score,
+    *,
+    num_canaries: int,
+    num_guesses_pos: int,
+    num_guesses_neg: int = 0,
+    delta: float = 0.0,
+    confidence: float = 0.95,
+    seed: int | None = 0,
+) -> OneRunAuditResult:
+    """The whole one-run audit: draw each canary's inclusion by a fair coin, call
+    ``train_and_score(inclusion_mask) -> scores`` (train with the included canaries only, then score ALL
+    ``num_canaries``; higher = more likely included), and audit with guess counts fixed here, in advance."""
+    mask = sample_inclusion_mask(num_canaries, seed=seed)
+    k_pos = check_count(num_guesses_pos, "num_guesses_pos")
+    k_neg = check_count(num_guesses_neg, "num_guesses_neg")
+    if k_pos + k_neg > mask.size:
+        raise ValueError(f"num_guesses_pos + num_guesses_neg must be <= num_canaries ({mask.size}), found {k_pos + k_neg}")
+    scores = as_scores(train_and_score(mask.copy()), "scores returned by train_and_score")
+    if scores.shape != mask.shape:
+        raise ValueError(f"train_and_score must return one score per canary ({mask.size}), found shape {scores.shape}")
+    return one_run_audit(
+        scores, mask, num_guesses_pos=k_pos, num_guesses_neg=k_neg, delta=delta, confidence=confidence, seed=seed
+    )
 
 
 def scan_one_run_audit(

@@ -14,6 +14,7 @@ from dptrain.attacks import (
     one_run_audit,
     one_run_audit_epsilon,
     one_run_audit_p_value,
+    run_one_run_audit,
     scan_one_run_audit,
 )
 
@@ -195,3 +196,20 @@ def test_one_run_bad_types_and_scores():
         multi_run_audit_epsilon([], [0.1])
     with pytest.raises(TypeError, match="real numbers"):
         multi_run_audit_epsilon(["a", "b"], [0.1, 0.2])
+
+
+def test_run_one_run_audit_end_to_end_with_a_perfect_and_a_blind_model():
+    seen = {}
+
+    def memorise(mask):  # a model that fully memorises: included canaries score 1, others 0
+        seen["mask"] = mask
+        return mask.astype(float)
+
+    res = run_one_run_audit(memorise, num_canaries=200, num_guesses_pos=50, num_guesses_neg=50, seed=1)
+    assert res.num_correct == 100
+    assert res.epsilon == pytest.approx(one_run_audit_epsilon(num_canaries=200, num_guesses=100, num_correct=100))
+    assert abs(seen["mask"].mean() - 0.5) < 0.1
+    blind = run_one_run_audit(lambda mask: np.zeros(mask.size), num_canaries=200, num_guesses_pos=50, seed=1)
+    assert blind.epsilon == 0.0
+    with pytest.raises(ValueError, match="one score per canary"):
+        run_one_run_audit(lambda mask: np.zeros(3), num_canaries=200, num_guesses_pos=50)
