@@ -69,15 +69,25 @@ def is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    """Resolve ``backend`` for these tensors: True to launch the Triton kernel, False for the torch reference."""
+    """Resolve ``backend`` for these tensors: True to launch the Triton kernel, False for the torch reference.
+
+    "auto" picks Triton for CUDA tensors of a kernel dtype (fp32/bf16/fp16), the reference otherwise.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, found {backend!r}")
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "torch":
         return False
+    kernel_dtypes = all(t.dtype in _KERNEL_DTYPES for t in tensors if t.is_floating_point())
     if backend == "auto":
-        return HAS_TRITON and on_cuda
+        return HAS_TRITON and on_cuda and kernel_dtypes
+    if not kernel_dtypes:
+        found = sorted({str(t.dtype) for t in tensors if t.is_floating_point()})
+        raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, found {', '.join(found)}")
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")
     if not on_cuda:

@@ -162,6 +162,12 @@ def test_triton_backend_on_cpu_without_interpreter_raises_clearly():
         K.per_sample_linear_grad_norms(x, g, backend="triton")
 
 
+def test_auto_backend_runs_the_reference_for_cpu_and_float64_tensors():
+    x, g = _inputs(2, 3, 4, 5, torch.float64)
+    got = K.per_sample_linear_grad_norms(x, g)  # auto: CPU -> reference, float64 kept exact
+    torch.testing.assert_close(got.double(), oracles.linear_norms(x, g), rtol=1e-6, atol=1e-6)
+
+
 def test_import_works_without_triton():
     import subprocess
     import sys

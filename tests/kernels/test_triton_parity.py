@@ -124,3 +124,9 @@ def test_auto_backend_uses_triton_on_cuda(monkeypatch):
     x, g = _inputs(2, 5, 7, 9, torch.float32)
     K.per_sample_linear_grad_norms(x, g)
     assert calls == [1]
+
+
+def test_triton_backend_rejects_float64_by_name():
+    x, g = _inputs(2, 3, 4, 5, torch.float64)
+    with pytest.raises(TypeError, match="found torch.float64"):
+        K.per_sample_linear_grad_norms(x, g, backend="triton")
