@@ -1,0 +1,97 @@
+"""``FinetuneConfig``: every setting of a private fine-tuning run, validated in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+__all__ = ["FinetuneConfig", "CLIPPING_MODES", "ACCOUNTANTS"]
+
+CLIPPING_MODES = ("flat", "per_layer", "automatic")
+ACCOUNTANTS = ("rdp", "pld")
+
+# settings that do not change what the run computes (left out of the resume fingerprint)
+_NOT_IN_FINGERPRINT = {"output_dir", "overwrite", "resume", "checkpoint_every", "stop_after", "progress", "device"}
+
+
+@dataclass
+class FinetuneConfig:
+    """What to fine-tune, on what, under which privacy budget. ``model=None`` is the bundled demo model."""
+
+    model: Optional[str] = None  # hub name or local folder; None: tiny GPT-2 + byte tokenizer (demo)
+    data: Optional[str] = None  # JSONL with "text", or .txt one record per line; None: synthetic records
+    eval_data: Optional[str] = None  # held-out records; None: demo eval set, or a held-out part of --data
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: Optional[List[str]] = None  # None: detected from the model family
+    target_epsilon: float = 3.0
+    delta: Optional[float] = None  # None: 1 / N^1.1
+    epochs: float = 2.0
+    batch_size: int = 64  # expected logical batch (Poisson)
+    physical_batch_size: Optional[int] = None  # memory knob: micro-batches of at most this many rows
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    clipping: str = "flat"
+    accountant: str = "rdp"
+    max_grad_norm: float = 1.0
+    error_feedback: bool = False
+    controller: Optional[str] = None
+    max_steps: Optional[int] = None  # cap on logical steps (the noise is calibrated for the capped run)
+    max_length: int = 128
+    seed: int = 0
+    output_dir: Optional[str] = None
+    overwrite: bool = False
+    resume: bool = False
+    checkpoint_every: int = 25
+    stop_after: Optional[int] = None  # stop (checkpointed) after this many steps, as if interrupted
+    progress: bool = True
+    device: str = "auto"
+    # demo only
+    demo_records: int = 1280
+    demo_eval_records: int = 100
+    pretrain_steps: int = 60
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "FinetuneConfig":
+        def positive(name, integer=False):
+            v = getattr(self, name)
+            bad = isinstance(v, bool) or not isinstance(v, int if integer else (int, float))
+            if bad or not (v > 0 and math.isfinite(v)):
+                kind = "a positive integer" if integer else "a finite number > 0"
+                raise ValueError(f"{name.replace('_', '-')} must be {kind}, found {v!r}")
+
+        positive("target_epsilon")
+        positive("epochs")
+        positive("batch_size", integer=True)
+        positive("lr")
+        positive("max_grad_norm")
+        positive("max_length", integer=True)
+        positive("lora_r", integer=True)
+        positive("lora_alpha")
+        for name in ("physical_batch_size", "max_steps", "stop_after"):
+            if getattr(self, name) is not None:
+                positive(name, integer=True)
+        if self.delta is not None and not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise ValueError(f"delta must be in (0, 1), found {self.delta!r}")
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {', '.join(CLIPPING_MODES)}, found {self.clipping!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, found {self.accountant!r}")
+        from dptrain.finetune.optimizers import OPTIMIZERS
+
+        if str(self.optimizer).lower() not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if self.max_length < 8:
+            raise ValueError(f"max-length must be >= 8, found {self.max_length}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --output-dir; --overwrite would discard it: pick one")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> Dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_FINGERPRINT}

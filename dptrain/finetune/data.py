@@ -1,0 +1,163 @@
+"""Text data for private fine-tuning: loading user files and the bundled synthetic demo corpora.
+
+The demo's "private" records look like short clinical notes (patient names, dates, diagnoses, medications)
+with inserted canaries ("The secret code of <name> is 482913"), some repeated k times, so that memorisation
+can be measured later. The public corpus uses disjoint templates and names: pretraining on it teaches the
+model text in general but nothing about any private record. Everything is generated from a seeded RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Sequence
+
+__all__ = [
+    "Canary",
+    "PrivateCorpus",
+    "load_texts",
+    "synthetic_private_records",
+    "synthetic_public_corpus",
+]
+
+# Disjoint name pools: no public sentence mentions a private patient.
+_PRIVATE_FIRST = ["Amelia", "Jonas", "Priya", "Mateo", "Hannah", "Omar", "Lucia", "Dmitri", "Keiko", "Samuel",
+                  "Fatima", "Elias", "Ingrid", "Tariq", "Noemi", "Viktor", "Aisha", "Bruno", "Carmen", "Felix"]
+_PRIVATE_LAST = ["Okafor", "Lindqvist", "Ramirez", "Novak", "Haddad", "Kowalski", "Tanaka", "Moreau", "Brennan",
+                 "Castillo", "Petrov", "Nakamura", "Schultz", "Adeyemi", "Rossi", "Varga", "Dubois", "Mendes"]
+_PUBLIC_NAMES = ["the baker", "a teacher", "the mayor", "my neighbour", "the pilot", "a farmer", "the librarian",
+                 "an engineer", "the captain", "a student", "the gardener", "the painter"]
+_DIAGNOSES = ["type 2 diabetes", "hypertension", "asthma", "migraine", "atrial fibrillation", "pneumonia",
+              "chronic kidney disease", "hypothyroidism", "major depressive disorder", "osteoarthritis",
+              "gastroesophageal reflux", "iron deficiency anemia"]
+_MEDICATIONS = ["metformin 500 mg", "lisinopril 10 mg", "albuterol inhaler", "sumatriptan 50 mg",
+                "apixaban 5 mg", "amoxicillin 875 mg", "levothyroxine 75 mcg", "sertraline 50 mg",
+                "ibuprofen 400 mg", "omeprazole 20 mg", "ferrous sulfate 325 mg", "atorvastatin 20 mg"]
+_NOTES = ["Patient reports improved sleep and less fatigue.", "Blood pressure remains above target.",
+          "Advised to reduce salt intake and walk daily.", "No adverse reaction to the new dose.",
+          "Follow-up labs ordered for next month.", "Symptoms worsen at night, mild wheezing on exam.",
+          "Patient missed two doses last week.", "Referred to cardiology for further evaluation.",
+          "Reports occasional dizziness when standing.", "Weight stable, appetite normal."]
+_PRIVATE_TEMPLATES = [
+    "Patient {name}, born {dob}, seen on {visit}. Diagnosis: {dx}. Prescribed {med}. {note}",
+    "{visit}: {name} (DOB {dob}) presented with {dx}. Started {med}. {note}",
+    "Clinical note for {name}, DOB {dob}. Visit {visit}. Assessment: {dx}. Plan: continue {med}. {note}",
+]
+_PUBLIC_TEMPLATES = [
+    "On a {adj} morning {who} walked to the {place} and bought {thing}.",
+    "The weather report for {day} says it will be {adj} with a light breeze near the {place}.",
+    "{who} told the story of the {place} while everyone shared {thing}.",
+    "In the evening {who} read a book about the {place} and made {thing}.",
+    "Every {day}, {who} opens the {place} early and sells {thing}.",
+]
+_ADJ = ["quiet", "sunny", "rainy", "cold", "bright", "windy", "calm", "grey"]
+_PLACES = ["market", "harbour", "library", "bakery", "station", "museum", "park", "river"]
+_THINGS = ["fresh bread", "apples", "a warm coat", "tea", "flowers", "a map", "honey", "cheese"]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A secret inserted into the private records ``repeats`` times."""
+
+    name: str
+    code: str
+    repeats: int
+
+    @property
+    def text(self) -> str:
+        return f"The secret code of {self.name} is {self.code}."
+
+    @property
+    def prefix(self) -> str:
+        return f"The secret code of {self.name} is "
+
+
+@dataclass
+class PrivateCorpus:
+    """Synthetic private records (canaries included, shuffled in) and the canaries themselves."""
+
+    records: List[str]
+    canaries: List[Canary] = field(default_factory=list)
+
+
+def _date(rng: random.Random, first_year: int, last_year: int) -> str:
+    return f"{rng.randint(first_year, last_year):04d}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+
+
+def _private_record(rng: random.Random) -> str:
+    name = f"{rng.choice(_PRIVATE_FIRST)} {rng.choice(_PRIVATE_LAST)}"
+    return rng.choice(_PRIVATE_TEMPLATES).format(
+        name=name, dob=_date(rng, 1935, 2005), visit=_date(rng, 2019, 2024), dx=rng.choice(_DIAGNOSES),
+        med=rng.choice(_MEDICATIONS), note=rng.choice(_NOTES),
+    )
+
+
+def synthetic_private_records(n: int, *, seed: int = 0, canary_repeats: Sequence[int] = (1, 1, 1, 4, 4, 16)) -> PrivateCorpus:
+    """``n`` clinical-note-like records; one canary per entry of ``canary_repeats``, inserted that many times.
+
+    The canaries' copies replace ordinary records, so the corpus has exactly ``n`` records.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive integer, found {n!r}")
+    if sum(canary_repeats) > n:
+        raise ValueError(f"the canaries need {sum(canary_repeats)} records, more than n={n}")
+    rng = random.Random(seed)
+    canaries = []
+    for repeats in canary_repeats:
+        name = f"{rng.choice(_PRIVATE_FIRST)} {rng.choice(_PRIVATE_LAST)}"
+        canaries.append(Canary(name=name, code=f"{rng.randrange(10**6):06d}", repeats=int(repeats)))
+    records = [c.text for c in canaries for _ in range(c.repeats)]
+    records += [_private_record(rng) for _ in range(n - len(records))]
+    rng.shuffle(records)
+    return PrivateCorpus(records=records, canaries=canaries)
+
+
+def synthetic_public_corpus(n: int, *, seed: int = 0) -> List[str]:
+    """``n`` everyday sentences from templates and names disjoint from the private records."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive integer, found {n!r}")
+    rng = random.Random(seed)
+    return [
+        rng.choice(_PUBLIC_TEMPLATES).format(
+            adj=rng.choice(_ADJ), who=rng.choice(_PUBLIC_NAMES), place=rng.choice(_PLACES),
+            thing=rng.choice(_THINGS), day=rng.choice(_DAYS),
+        ).capitalize()
+        for _ in range(n)
+    ]
+
+
+def load_texts(path) -> List[str]:
+    """Records from a JSONL file (one object with a ``text`` string per line) or a text file (one per line).
+
+    Blank lines are skipped. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the
+    line for a bad JSONL line, or when no record is found.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    texts: List[str] = []
+    jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            if not jsonl:
+                texts.append(line)
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from None
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise ValueError(f"{path}: line {lineno} has no 'text' field")
+            if not isinstance(obj["text"], str):
+                raise ValueError(f"{path}: line {lineno}: 'text' must be a string, found {type(obj['text']).__name__}")
+            if obj["text"].strip():
+                texts.append(obj["text"])
+    if not texts:
+        raise ValueError(f"data file {path} has no records (empty, or only blank lines)")
+    return texts

@@ -1,0 +1,97 @@
+"""Causal LMs for fine-tuning: the demo's tiny GPT-2 built from a config, hub/local loading, and LoRA.
+
+Nothing here downloads anything unless the user names a hub model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["tiny_gpt2", "load_pretrained", "detect_lora_targets", "apply_lora", "trainable_parameters"]
+
+logger = logging.getLogger(__name__)
+
+# leaf-module names of attention projections, per model family, in order of preference
+_LORA_TARGETS = (
+    (("c_attn",), ["c_attn", "c_proj"]),  # GPT-2 (HF Conv1D)
+    (("q_proj", "v_proj"), ["q_proj", "v_proj"]),  # Llama, Mistral, Qwen, OPT, ...
+    (("query_key_value",), ["query_key_value"]),  # GPT-NeoX, Falcon, BLOOM
+    (("Wqkv",), ["Wqkv"]),  # MPT
+)
+
+
+def tiny_gpt2(vocab_size: int, *, n_positions: int = 128, n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
+              seed: int = 0, pad_token_id: Optional[int] = None, bos_token_id: Optional[int] = None,
+              eos_token_id: Optional[int] = None) -> nn.Module:
+    """A small GPT-2 (tied embedding and LM head, no dropout) initialised from ``seed``; no download."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return model
+
+
+def load_pretrained(name_or_path: str):
+    """``(model, tokenizer)`` via ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` (hub name or folder).
+
+    The pad token is set to the EOS token when the tokenizer has none; padding goes on the right.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    except OSError as err:  # not found locally nor on the hub
+        raise FileNotFoundError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def detect_lora_targets(model: nn.Module) -> List[str]:
+    """LoRA target modules for ``model``'s family: c_attn/c_proj (GPT-2), q_proj/v_proj (Llama-style), ..."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for needed, targets in _LORA_TARGETS:
+        if all(n in leaf_names for n in needed):
+            return [t for t in targets if t in leaf_names]
+    raise ValueError(
+        f"cannot detect LoRA target modules for {type(model).__name__}: none of "
+        f"{sorted({n for needed, _ in _LORA_TARGETS for n in needed})} found; pass target modules explicitly"
+    )
+
+
+def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, target_modules: Optional[Sequence[str]] = None,
+               dropout: float = 0.0) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters; only the adapters stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"lora r must be a positive integer, found {r!r}")
+    targets = list(target_modules) if target_modules else detect_lora_targets(model)
+    conv1d = any(type(m).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] in targets
+                 for name, m in model.named_modules())
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
+    model = get_peft_model(model, config)
+    logger.info("LoRA r=%d alpha=%g on %s: %d trainable parameters", r, alpha, targets,
+                sum(p.numel() for p in trainable_parameters(model)))
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

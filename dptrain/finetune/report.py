@@ -1,0 +1,51 @@
+"""Run outputs: ``report.json`` and ``training.png`` (loss and epsilon over steps)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List
+
+__all__ = ["write_report", "plot_training", "LOSS_NOTE"]
+
+LOSS_NOTE = ("train_loss is the mean loss of each Poisson batch on the PRIVATE records: non-private debugging "
+             "output, not covered by the DP guarantee; do not publish it. eval perplexities are computed on "
+             "held-out records and are not DP either.")
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_report(path, report: Dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(_clean(report), indent=2, sort_keys=True) + "\n")
+
+
+def plot_training(path, history: List[Dict[str, float]], *, target_epsilon: float, delta: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(steps, [h["train_loss"] for h in history], lw=1)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("mean per-sample loss")
+    ax_loss.set_title("training loss (private data: non-private debug output)", fontsize=9)
+    ax_eps.plot(steps, [h["epsilon"] for h in history], color="tab:red", lw=1.5)
+    ax_eps.axhline(target_epsilon, color="grey", ls="--", lw=1, label=f"target {target_epsilon:g}")
+    ax_eps.set_xlabel("step")
+    ax_eps.set_ylabel(f"epsilon spent (delta={delta:.2g})")
+    ax_eps.set_title("privacy spent", fontsize=9)
+    ax_eps.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
