@@ -13,7 +13,10 @@ What it observes (obs vector, dim 2G + 5 for G clipping groups) and how each par
 - log(C_g / C_g at attach), log(sigma / sigma_ref), log(sigma_floor / sigma_ref), epsilon spent / target,
   steps done / planned: PUBLIC (functions of the settings, the ledger and earlier releases).
 
-What it does (action in [-1, 1]^(G+1)): C_g <- clip(C_g * max_factor^a_g, min_clip, max_clip); sigma <-
+What it does (action in [-1, 1]^(G+1)): C_g <- clip(C_g * q_g * max_factor^a_g, min_clip, max_clip), where
+q_g = exp(-quantile_lr * (clip(b_g, 0, 1) - quantile_target)) is the geometric quantile step of Andrew et al.
+computed from the released b_g (post-processing; q_g = 1 with ``quantile_target=None``), so the action is a
+learned correction around private adaptive clipping; sigma <-
 max(sigma_floor, exp(log sigma_min + (a_G + 1)/2 * log(sigma_max / sigma_min))). The floor comes from the
 budget guard (``budget.py``): it makes the planned rest of the run, its releases included, end at or under
 ``target_epsilon``. A guard before every step's noise raises ``BudgetExhaustedError`` (and drops the batch,
@@ -76,12 +79,18 @@ class SACController:
         release_noise_std: Optional[float] = None,
         validation_loss: Optional[Callable[[], float]] = None,
         loss_bound: Optional[float] = None,
-        warmup: int = 2,
+        quantile_target: Optional[float] = 0.5,
+        quantile_lr: float = 0.2,
+        warmup: int = 0,
         updates_per_action: int = 20,
         policy: Optional[Callable[[np.ndarray], Sequence[float]]] = None,
         sac_kwargs: Optional[dict] = None,
     ):
         """``policy``: optional fixed map obs -> action in [-1, 1]^(G+1) replacing the SAC agent (baselines, tests).
+
+        ``warmup``: actions drawn uniformly before the replay buffer holds this many transitions;
+        ``updates_per_action``: SAC gradient steps after each new transition; ``sac_kwargs``: passed to ``SAC``
+        (default ``init_log_std=-1``: a narrow initial policy, so early exploration does not wreck the run).
 
         ``sigma_min``/``sigma_max`` default to 1/2 and 4 times the sigma floor at attach; ``min_clip``/
         ``max_clip`` to 1/100 of the smallest and 100 times the largest initial threshold.
@@ -98,6 +107,11 @@ class SACController:
             raise ValueError(f"max_factor must be a number > 1 (thresholds change by [1/f, f]), found {max_factor!r}")
         self.release_noise_std = _positive_or_none(release_noise_std, "release_noise_std")
         self.loss_bound = _positive_or_none(loss_bound, "loss_bound")
+        if quantile_target is not None and not (isinstance(quantile_target, (int, float)) and 0 < quantile_target < 1):
+            raise ValueError(f"quantile_target must be in (0, 1) or None, found {quantile_target!r}")
+        if isinstance(quantile_lr, bool) or not isinstance(quantile_lr, (int, float)) or quantile_lr < 0:
+            raise ValueError(f"quantile_lr must be a number >= 0, found {quantile_lr!r}")
+        self.quantile_target, self.quantile_lr = quantile_target, float(quantile_lr)
         if validation_loss is not None and not callable(validation_loss):
             raise TypeError(f"validation_loss must be a callable returning a float, found {type(validation_loss).__name__}")
         if validation_loss is not None and loss_bound is not None:
@@ -107,7 +121,7 @@ class SACController:
                 raise ValueError(f"{name} must be an integer >= 0, found {value!r}")
         self.interval, self.seed, self.max_factor = interval, seed, float(max_factor)
         self.validation_loss, self.warmup, self.updates_per_action = validation_loss, warmup, updates_per_action
-        self.policy, self.sac_kwargs = policy, dict(sac_kwargs or {})
+        self.policy, self.sac_kwargs = policy, {"init_log_std": -1.0, **(sac_kwargs or {})}
         self.engine = None
         self.agent: Optional[SAC] = None
         self.history: List[dict] = []
@@ -272,7 +286,7 @@ class SACController:
                 for _ in range(self.updates_per_action):
                     self.agent.update()
         action = self._choose(obs)
-        self._apply(action, floor)
+        self._apply(action, floor, released.unclipped_fraction)
         self.history.append(self._entry(done, reward=reward, epsilon=epsilon, floor=floor, released=released,
                                         loss=loss, action=action))
         self._prev = (obs, action, loss, epsilon)
@@ -308,9 +322,11 @@ class SACController:
             return self.agent.random_action()
         return self.agent.act(obs)
 
-    def _apply(self, action: np.ndarray, floor: float) -> None:
+    def _apply(self, action: np.ndarray, floor: float, unclipped: Sequence[float]) -> None:
         tracker, optimizer = self.engine.tracker, self.engine.optimizer
         factors = self.max_factor ** action[: self.num_groups]
+        if self.quantile_target is not None:  # Andrew et al.'s geometric step on the released fractions
+            factors = factors * np.exp(-self.quantile_lr * (np.clip(unclipped, 0.0, 1.0) - self.quantile_target))
         norms = [float(np.clip(g.max_norm * f, self.min_clip_used, self.max_clip_used))
                  for g, f in zip(tracker.groups, factors)]
         tracker.set_max_norms(norms)

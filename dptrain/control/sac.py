@@ -97,9 +97,11 @@ class ReplayBuffer:
 class _Actor(nn.Module):
     """s -> (mu, log_std) of the pre-squash Gaussian."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int]):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], init_log_std: float = 0.0):
         super().__init__()
         self.body = _mlp(obs_dim, 2 * act_dim, hidden)
+        with torch.no_grad():  # initial exploration width
+            self.body[-1].bias[act_dim:] += init_log_std
 
     def forward(self, obs: torch.Tensor):
         mu, log_std = self.body(obs).chunk(2, dim=-1)  # (N, act_dim) each
@@ -135,6 +137,7 @@ class SAC:
         batch_size: int = 64,
         buffer_size: int = 10_000,
         init_alpha: float = 0.1,
+        init_log_std: float = 0.0,
         seed: Optional[int] = None,
     ):
         for name, value in (("obs_dim", obs_dim), ("act_dim", act_dim), ("batch_size", batch_size)):
@@ -157,7 +160,7 @@ class SAC:
         self.rng = np.random.default_rng(seed)
         with torch.random.fork_rng(devices=[]):  # initialise the networks from our seed, not the global RNG
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
-            self.actor = _Actor(obs_dim, act_dim, hidden)
+            self.actor = _Actor(obs_dim, act_dim, hidden, init_log_std)
             self.q1 = _mlp(obs_dim + act_dim, 1, hidden)
             self.q2 = _mlp(obs_dim + act_dim, 1, hidden)
         self.q1_target, self.q2_target = copy.deepcopy(self.q1), copy.deepcopy(self.q2)

@@ -214,3 +214,17 @@ def test_bad_attachments_are_rejected():
         ctrl.attach(engine, target_epsilon=1.0, target_delta=DELTA, total_steps=10)
     with pytest.raises(ValueError, match="loss_bound"):
         ctrl.observe_losses(torch.ones(3))
+
+
+def test_zero_action_is_private_quantile_clipping():
+    """With action 0 the thresholds follow Andrew et al.'s geometric step on the RELEASED unclipped fractions."""
+    ctrl = SACController(release_noise_std=0.5, interval=2, seed=7, policy=lambda obs: [0.0, 0.0, 0.0],
+                         validation_loss=lambda: 1.0)
+    engine, model, optimizer, loader = _setup(ctrl, target_epsilon=50.0, epochs=2, max_grad_norm=1e-3)
+    _train(model, optimizer, loader, epochs=2)
+    for before, after in zip(ctrl.history[:-1], ctrl.history[1:]):
+        unclipped = np.clip(1 - np.array(after["clip_fraction"]), 0, 1)
+        expected = np.array(before["max_grad_norm"]) * np.exp(-0.2 * (unclipped - 0.5))
+        np.testing.assert_allclose(after["max_grad_norm"], expected, rtol=1e-12)
+    # everything is clipped at C ~ 1e-3, so the released fractions are small and the thresholds grow
+    assert all(b > a for a, b in zip(ctrl.history[0]["max_grad_norm"], ctrl.history[-1]["max_grad_norm"]))
