@@ -87,7 +87,8 @@ if HAS_TRITON:
             for bt, bk, w, s in [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 4)]
         ]
 
-    @triton.autotune(configs=_CONFIGS, key=["T", "D"])
+    # partial sums: zeroed again after tuning, so no config leaves stale tiles behind
+    @triton.autotune(configs=_CONFIGS, key=["T", "D"], reset_to_zero=["out_ptr"])
     @triton.jit
     def _embedding_norms_kernel(
         ids_ptr, g_ptr, out_ptr,

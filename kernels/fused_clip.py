@@ -16,7 +16,6 @@ from ._common import (
     check_linear_inputs,
     check_per_sample,
     check_strategy,
-    dot_acc,
     tl,
     triton,
     use_triton,

@@ -92,7 +92,8 @@ if HAS_TRITON:
             for bt, bk, w, s in [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 8, 4)]
         ]
 
-    @triton.autotune(configs=_INST_CONFIGS, key=["T", "D_IN", "D_OUT"])
+    # partial sums: zeroed again after tuning, so no config leaves stale tiles behind
+    @triton.autotune(configs=_INST_CONFIGS, key=["T", "D_IN", "D_OUT"], reset_to_zero=["out_ptr"])
     @triton.jit
     def _linear_norms_instantiate_kernel(
         x_ptr, g_ptr, out_ptr,  # out: (B, n_tiles) fp32 partial squared norms
@@ -125,7 +126,8 @@ if HAS_TRITON:
             acc = dot_acc(g_tile, x_tile, acc, DOT_FP32)
         tl.store(out_ptr + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
-    @triton.autotune(configs=_GHOST_CONFIGS, key=["T", "D_IN", "D_OUT"])
+    # partial sums: zeroed again after tuning, so no config leaves stale tiles behind
+    @triton.autotune(configs=_GHOST_CONFIGS, key=["T", "D_IN", "D_OUT"], reset_to_zero=["out_ptr"])
     @triton.jit
     def _linear_norms_ghost_kernel(
         x_ptr, g_ptr, out_ptr,  # out: (B, out_stride) fp32 partial squared norms
