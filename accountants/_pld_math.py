@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 from scipy import fft as sfft
-from scipy import optimize, signal, special
+from scipy import signal, special
 
 __all__ = ["DiscretePLD", "step_pld", "self_compose", "convolve", "loss_std"]
 
@@ -103,16 +103,16 @@ def _cdfs(eps: np.ndarray, q: float, sigma: float, direction: str):
         with np.errstate(invalid="ignore"):
             x = sigma**2 * (_log_expm1_plus(eps, q) - math.log(q)) + 0.5
         x = np.where(np.isnan(x), -np.inf, x)  # eps <= log(1-q): no mass below
-        p_cdf = (1 - q) * nd(x / sigma) + q * nd((x - 1) / sigma)
-        p_sf = (1 - q) * nd(-x / sigma) + q * nd((1 - x) / sigma)
         q_cdf, q_sf = nd(x / sigma), nd(-x / sigma)
+        p_cdf = (1 - q) * q_cdf + q * nd((x - 1) / sigma)
+        p_sf = (1 - q) * q_sf + q * nd((1 - x) / sigma)
     else:  # add: L = -loss(x), decreasing in x; L <= eps <=> x >= x_a(-eps)
         with np.errstate(invalid="ignore"):
             x = sigma**2 * (_log_expm1_plus(-eps, q) - math.log(q)) + 0.5
         x = np.where(np.isnan(x), -np.inf, x)  # eps >= -log(1-q): every x qualifies
         p_cdf, p_sf = nd(-x / sigma), nd(x / sigma)
-        q_cdf = (1 - q) * nd(-x / sigma) + q * nd((1 - x) / sigma)
-        q_sf = (1 - q) * nd(x / sigma) + q * nd((x - 1) / sigma)
+        q_cdf = (1 - q) * p_cdf + q * nd((1 - x) / sigma)
+        q_sf = (1 - q) * p_sf + q * nd((x - 1) / sigma)
     return p_cdf, p_sf, q_cdf, q_sf
 
 
@@ -218,17 +218,20 @@ def _chernoff_window(pld: DiscretePLD, count: int, tail: float) -> tuple[int, in
     scale = spread * math.sqrt(count) + 1.0  # in grid units
     log_tail = math.log(tail)
 
-    def bound(log_t: float, sign: float) -> float:
-        t = math.exp(log_t) / scale
-        k = special.logsumexp(log_p + sign * t * idx)
-        return (count * k - log_tail) / t  # sign=+1: b, sign=-1: -a
-
-    edges = []
-    for sign in (1.0, -1.0):
-        res = optimize.minimize_scalar(lambda u: bound(u, sign), bounds=(-8.0, 8.0), method="bounded",
-                                       options={"xatol": 1e-3})
-        edges.append(sign * float(res.fun))
-    b, a = edges
+    centred = idx - mean  # (N',) centring keeps the exponents small
+    t_all = np.exp(np.linspace(-0.5, 3.0, 8)) / scale  # (K,) any t > 0 gives a valid bound; take the best
+    log_mgf = {1.0: [], -1.0: []}
+    exponent = np.empty_like(log_p)  # (N',) reused buffer
+    for t in t_all:
+        for sign in (1.0, -1.0):
+            np.multiply(centred, sign * t, out=exponent)
+            exponent += log_p
+            peak = exponent.max()
+            exponent -= peak
+            np.exp(exponent, out=exponent)
+            log_mgf[sign].append(peak + math.log(exponent.sum()) + sign * t * mean)
+    b = float(np.min((count * np.array(log_mgf[1.0]) - log_tail) / t_all))
+    a = float(np.max((log_tail - count * np.array(log_mgf[-1.0])) / t_all))
     natural_lo, natural_hi = count * pld.offset, count * (pld.offset + n - 1)
     lo = max(natural_lo, math.floor(a))
     hi = min(natural_hi, math.ceil(b))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 from ._base import Accountant
 from ._validation import check_delta, check_epsilon, check_noise_multiplier, check_sample_rate, check_steps
@@ -28,7 +29,10 @@ def make_accountant(name: str, **kwargs) -> Accountant:
 def _epsilon(name: str, q: float, sigma: float, steps: int, delta: float, **kwargs) -> float:
     if steps == 0:
         return 0.0
-    return make_accountant(name, **kwargs).step(noise_multiplier=sigma, sample_rate=q, steps=steps).get_epsilon(delta)
+    with warnings.catch_warnings():  # searches probe extreme sigmas; the RDP grid-edge warning is noise there
+        warnings.simplefilter("ignore", RuntimeWarning)
+        acc = make_accountant(name, **kwargs).step(noise_multiplier=sigma, sample_rate=q, steps=steps)
+        return acc.get_epsilon(delta)
 
 
 def compute_epsilon(*, sample_rate, noise_multiplier, steps, delta, accountant: str = "rdp") -> float:
@@ -36,7 +40,9 @@ def compute_epsilon(*, sample_rate, noise_multiplier, steps, delta, accountant: 
     q, sigma = check_sample_rate(sample_rate), check_noise_multiplier(noise_multiplier)
     steps, delta = check_steps(steps), check_delta(delta)
     make_accountant(accountant)  # validates the name
-    return _epsilon(accountant, q, sigma, steps, delta)
+    if steps == 0:
+        return 0.0
+    return make_accountant(accountant).step(noise_multiplier=sigma, sample_rate=q, steps=steps).get_epsilon(delta)
 
 
 def _bracketed_root(f, lo: float, hi: float, f_lo: float, f_hi: float, rtol: float) -> float:
@@ -112,14 +118,59 @@ def calibrate_noise(*, target_epsilon, sample_rate, steps, delta, accountant: st
         return 0.0
     if accountant == "rdp":
         return _calibrate("rdp", q, steps, delta, target, rtol)
-    # PLD: RDP's sigma is an upper bracket; coarse PLD locates the root; the default grid refines it.
+    return _calibrate_pld(q, steps, delta, target, rtol)
+
+
+def _calibrate_pld(q: float, steps: int, delta: float, target: float, rtol: float) -> float:
+    """PLD calibration in few evaluations: Newton/secant steps on log eps vs log sigma, first on a coarse grid
+    (started from RDP's sigma and slope), then on the default grid, ending with a two-point bracket check."""
     try:
-        sigma_rdp = _calibrate("rdp", q, steps, delta, target, 1e-2)
-    except ValueError:
-        sigma_rdp = None
-    coarse = _calibrate("pld", q, steps, delta, target, 2e-3, lo=None if sigma_rdp is None else 0.8 * sigma_rdp,
-                        hi=sigma_rdp, resolution=0.25)
-    return _calibrate("pld", q, steps, delta, target, rtol, lo=coarse * 0.996, hi=coarse * 1.004)
+        sigma_rdp = _calibrate("rdp", q, steps, delta, target, 1e-3)
+    except ValueError:  # RDP cannot reach the target (its orders grid bounds epsilon below); PLD may
+        return _calibrate("pld", q, steps, delta, target, rtol)
+    f_rdp = lambda sigma: _log_gap(_epsilon("rdp", q, sigma, steps, delta), target)  # noqa: E731
+    slope = (f_rdp(sigma_rdp * 1.01) - f_rdp(sigma_rdp)) / math.log(1.01)  # d log eps / d log sigma (< 0)
+    if not (math.isfinite(slope) and slope < 0):
+        slope = -1.0
+    f_coarse = lambda sigma: _log_gap(_epsilon("pld", q, sigma, steps, delta, resolution=0.25), target)  # noqa: E731
+    u, fu = math.log(sigma_rdp), f_coarse(sigma_rdp)
+    for _ in range(8):  # secant on the coarse grid
+        u_new = u - fu / slope
+        f_new = f_coarse(math.exp(u_new))
+        if abs(u_new - u) < 1e-3:
+            u, fu = u_new, f_new
+            break
+        if f_new != fu:
+            slope = min((f_new - fu) / (u_new - u), -1e-3)
+        u, fu = u_new, f_new
+    f_fine = lambda sigma: _log_gap(_epsilon("pld", q, sigma, steps, delta), target)  # noqa: E731
+    fu = f_fine(math.exp(u))
+    lo = hi = None
+    f_lo = f_hi = None
+    for _ in range(6):  # Newton on the default grid, then confirm a bracket of relative width rtol
+        if fu > 0:
+            lo, f_lo = math.exp(u), fu
+        else:
+            hi, f_hi = math.exp(u), fu
+        if lo is not None and hi is not None and hi / lo - 1 <= rtol:
+            return hi
+        root = u - fu / slope
+        half = 0.5 * math.log1p(rtol) * 0.999
+        a, b = math.exp(root - half), math.exp(root + half)
+        f_a, f_b = f_fine(a), f_fine(b)
+        if f_a > 0 >= f_b:
+            return b
+        if f_a != f_b:
+            slope = min((f_b - f_a) / (math.log(b) - math.log(a)), -1e-3)
+        for x, fx in ((a, f_a), (b, f_b)):
+            if fx > 0 and (lo is None or x > lo):
+                lo, f_lo = x, fx
+            if fx <= 0 and (hi is None or x < hi):
+                hi, f_hi = x, fx
+        u, fu = (math.log(b), f_b) if abs(f_b) < abs(f_a) else (math.log(a), f_a)
+        if lo is not None and hi is not None:
+            return _bracketed_root(f_fine, lo, hi, f_lo, f_hi, rtol)
+    return _calibrate("pld", q, steps, delta, target, rtol, lo=lo, hi=hi)
 
 
 def max_steps(*, target_epsilon, sample_rate, noise_multiplier, delta, accountant: str = "rdp") -> int:
