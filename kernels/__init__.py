@@ -5,12 +5,16 @@ otherwise), "torch", or "triton" (on CPU tensors only under TRITON_INTERPRET=1, 
 Norm ops of linear layers and embeddings also take ``strategy``: "auto", "ghost" or "instantiate".
 """
 
-from .clip import clip_factors
-from .embedding_norms import per_sample_embedding_grad_norms, per_sample_embedding_grad_sq_norms
-from .fused_clip import fused_clip_linear_grad
-from .linear_norms import choose_linear_strategy, per_sample_linear_grad_norms, per_sample_linear_grad_sq_norms
-from .norm_layers import per_sample_norm_layer_bias_grads, per_sample_norm_layer_grad_norms, per_sample_norm_layer_grads
-from .scaled_grad import scaled_linear_grad
+# From a checkout, the repository root is often on sys.path (``python -m ...``), which makes this folder
+# importable as a top-level ``kernels`` too: the name of Hugging Face's kernel-hub package, which transformers
+# probes for by importing it. Under that name stay an empty package, so the probe is cheap and finds nothing.
+if __name__ == "dptrain.kernels":
+    from .clip import clip_factors
+    from .embedding_norms import per_sample_embedding_grad_norms, per_sample_embedding_grad_sq_norms
+    from .fused_clip import fused_clip_linear_grad
+    from .linear_norms import choose_linear_strategy, per_sample_linear_grad_norms, per_sample_linear_grad_sq_norms
+    from .norm_layers import per_sample_norm_layer_bias_grads, per_sample_norm_layer_grad_norms, per_sample_norm_layer_grads
+    from .scaled_grad import scaled_linear_grad
 
 __all__ = [
     "clip_factors",
