@@ -75,7 +75,7 @@ class SACController:
         sigma_max: Optional[float] = None,
         min_clip: Optional[float] = None,
         max_clip: Optional[float] = None,
-        max_factor: float = 2.0,
+        max_factor: float = 1.25,
         release_noise_std: Optional[float] = None,
         validation_loss: Optional[Callable[[], float]] = None,
         loss_bound: Optional[float] = None,
@@ -92,8 +92,10 @@ class SACController:
         ``updates_per_action``: SAC gradient steps after each new transition; ``sac_kwargs``: passed to ``SAC``
         (default ``init_log_std=-1``: a narrow initial policy, so early exploration does not wreck the run).
 
-        ``sigma_min``/``sigma_max`` default to 1/2 and 4 times the sigma floor at attach; ``min_clip``/
-        ``max_clip`` to 1/100 of the smallest and 100 times the largest initial threshold.
+        ``sigma_min``/``sigma_max`` default to 1/2 and 2 times the sigma floor at attach (action 0 then asks for
+        the floor: the uniform schedule); ``min_clip``/``max_clip`` to 1/100 of the smallest and 100 times the
+        largest initial threshold; ``max_factor``: thresholds change by at most [1/f, f] per action (besides the
+        quantile step).
         """
         if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
             raise ValueError(f"interval must be a positive integer (logical steps between actions), found {interval!r}")
@@ -170,7 +172,7 @@ class SACController:
                 f"releases has noise multiplier {self.release_sigma:.4g} (release_noise_std={noise_std:.4g}); raise "
                 "release_noise_std or interval, or target_epsilon"
             ) from None
-        self.sigma_max_used = self.sigma_max or 4 * floor
+        self.sigma_max_used = self.sigma_max or 2 * floor
         self.sigma_min_used = self.sigma_min or floor / 2
         _check_bounds(self.sigma_min_used, self.sigma_max_used, "sigma (sigma_min, sigma_max)")
         if optimizer.noise_multiplier < floor:
@@ -194,7 +196,7 @@ class SACController:
         optimizer.step_callbacks.append(self._on_step)
         self.history.append(self._entry(done, reward=None, epsilon=engine.get_epsilon(self.target_delta),
                                         floor=floor, released=None, loss=None, action=None))
-        if self.validation_loss is None and self.loss_bound is None:
+        if self.validation_loss is None and self.loss_bound is None and self.policy is None:
             logger.warning("SACController has no loss signal (give validation_loss or loss_bound and call "
                            "observe_losses): rewards are 0 and the policy only explores")
 
