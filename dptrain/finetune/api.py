@@ -97,7 +97,8 @@ def _model(cfg: FinetuneConfig, model, tokenizer, *, pretrain: bool):
 
     model, tokenizer = demo_model_and_tokenizer(cfg.max_length, seed=cfg.seed)
     if pretrain:
-        pretrain_public(model, tokenizer, steps=cfg.pretrain_steps, max_length=cfg.max_length, seed=cfg.seed)
+        pretrain_public(model, tokenizer, steps=cfg.pretrain_steps, max_length=cfg.max_length, seed=cfg.seed,
+                        progress=cfg.progress)
     return model, tokenizer
 
 

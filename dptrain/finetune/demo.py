@@ -33,7 +33,7 @@ def demo_model_and_tokenizer(max_length: int = 128, seed: int = 0):
 
 
 def pretrain_public(model, tokenizer, *, steps: int, batch_size: int = 32, lr: float = 3e-3, max_length: int = 128,
-                    seed: int = 0, records: int = 4000) -> float:
+                    seed: int = 0, records: int = 4000, progress: bool = False) -> float:
     """Non-private AdamW on the public corpus for ``steps`` steps; returns the last batch loss."""
     if steps <= 0:
         return float("nan")
@@ -48,6 +48,13 @@ def pretrain_public(model, tokenizer, *, steps: int, batch_size: int = 32, lr: f
     device = next(model.parameters()).device
     model.train()
     done, loss = 0, torch.tensor(float("nan"))
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="public pretraining (non-private)", unit="step", file=sys.stderr)
     while done < steps:
         for batch in loader:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, T)
@@ -57,7 +64,11 @@ def pretrain_public(model, tokenizer, *, steps: int, batch_size: int = 32, lr: f
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             done += 1
+            if bar is not None:
+                bar.update(1)
             if done >= steps:
                 break
+    if bar is not None:
+        bar.close()
     logger.info("public pretraining: %d steps, last loss %.3f", steps, float(loss.detach()))
     return float(loss.detach())

@@ -1,0 +1,62 @@
+"""`dptrain finetune` on bad input: one line on stderr, exit status 2, no traceback, nothing overwritten."""
+
+import pytest
+
+from dptrain.cli import main
+from tests.finetune.helpers import write_jsonl
+
+
+def _fails(capsys, argv, match):
+    assert main(["finetune", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert match in err, err
+    return err
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_jsonl(tmp_path / "notes.jsonl", [f"record number {i} about a visit" for i in range(20)])
+
+
+def test_bad_data_files(capsys, tmp_path):
+    out = ["--output-dir", str(tmp_path / "out")]
+    _fails(capsys, ["--data", str(tmp_path / "nope.jsonl"), *out], "not found")
+    (tmp_path / "empty.jsonl").write_text("")
+    _fails(capsys, ["--data", str(tmp_path / "empty.jsonl"), *out], "no records")
+    (tmp_path / "notext.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"label": 1}\n')
+    _fails(capsys, ["--data", str(tmp_path / "notext.jsonl"), *out], "line 3 has no 'text'")
+
+
+@pytest.mark.parametrize("eps", ["0", "-1", "nan"])
+def test_non_positive_epsilon(capsys, tmp_path, data, eps):
+    _fails(capsys, ["--data", str(data), f"--target-epsilon={eps}", "--output-dir", str(tmp_path / "o")],
+           "target-epsilon must be")
+
+
+def test_batch_larger_than_dataset_and_unknown_optimizer(capsys, tmp_path, data):
+    out = ["--output-dir", str(tmp_path / "o")]
+    _fails(capsys, ["--data", str(data), "--batch-size", "21", *out], "larger than the dataset (20 records)")
+    _fails(capsys, ["--data", str(data), "--optimizer", "adagradx", *out], "unknown optimizer 'adagradx'")
+    _fails(capsys, ["--data", str(data), "--model", str(tmp_path / "no-such-model"), "--batch-size", "4", *out],
+           "cannot load model")
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_existing_output_dir_is_not_overwritten(capsys, tmp_path, data):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fails(capsys, ["--data", str(data), "--output-dir", str(out)], "not empty; pass --overwrite")
+    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    _fails(capsys, ["--output-dir", str(tmp_path / "fresh"), "--resume"], "no checkpoint to resume from")
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--data", "--lora", "--target-epsilon", "--physical-batch-size", "--resume", "--json"):
+        assert option in text

@@ -1,0 +1,50 @@
+"""DPTrainer against the installed transformers: a few private steps of a tiny model through Trainer.train()."""
+
+import math
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from dptrain.finetune.loss import PadCollator, TokenizedTexts, per_sample_lm_loss
+from dptrain.integrations.hf import DPTrainer, causal_lm_per_sample_loss
+from tests.finetune.helpers import tiny_model_and_tokenizer
+
+TEXTS = [f"Patient {i} reports headache, prescribed {i % 5 + 1}00 mg." for i in range(40)]
+
+
+def test_labels_loss_equals_mask_loss():
+    model, tok = tiny_model_and_tokenizer()
+    batch = PadCollator(tok.pad_token_id)([TokenizedTexts(TEXTS[:4], tok, 48)[i] for i in range(4)])
+    with torch.no_grad():
+        logits = model(**batch).logits
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    assert torch.allclose(causal_lm_per_sample_loss(logits, labels),
+                          per_sample_lm_loss(logits, batch["input_ids"], batch["attention_mask"]), atol=1e-6)
+
+
+def test_dp_trainer_trains_privately(tmp_path):
+    model, tok = tiny_model_and_tokenizer(seed=1)
+    data = TokenizedTexts(TEXTS, tok, 48)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3,
+                             learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    trainer = DPTrainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(tok.pad_token_id),
+                        target_epsilon=2.0, noise_seed=0, sampler_seed=0)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert trainer.engine.optimizer.steps_taken == 3  # three noised logical steps
+    eps = trainer.get_epsilon()
+    assert 0 < eps <= 2.0 + 1e-9
+    logged = [h["epsilon"] for h in trainer.state.log_history if "epsilon" in h]
+    assert len(logged) == 3 and logged == sorted(logged) and math.isclose(logged[-1], eps)
+    assert trainer.engine.optimizer.noise_multiplier > 0
+    assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
+
+
+def test_dp_trainer_rejects_gradient_accumulation(tmp_path):
+    model, tok = tiny_model_and_tokenizer()
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        DPTrainer(model=model, args=args, train_dataset=TokenizedTexts(TEXTS, tok, 48), target_epsilon=1.0)
