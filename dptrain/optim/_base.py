@@ -39,15 +39,19 @@ class LowMemoryOptimizer(Optimizer):
     # -- validation -----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group and validate its options (common ones here, method ones in :meth:`_check_group`)."""
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # fills the defaults in
         group = self.param_groups[-1]
-        group["lr"] = check_positive("lr", group["lr"])
-        group["weight_decay"] = check_nonnegative("weight_decay", group["weight_decay"])
-        if "betas" in group:
-            group["betas"] = check_betas(group["betas"])
-        if "eps" in group:
-            group["eps"] = check_nonnegative("eps", group["eps"])
-        self._check_group(group)
+        try:
+            group["lr"] = check_positive("lr", group["lr"])
+            group["weight_decay"] = check_nonnegative("weight_decay", group["weight_decay"])
+            if "betas" in group:
+                group["betas"] = check_betas(group["betas"])
+            if "eps" in group:
+                group["eps"] = check_nonnegative("eps", group["eps"])
+            self._check_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a rejected group must not stay in the optimizer
+            raise
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate method options of ``group`` (override)."""

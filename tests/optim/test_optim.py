@@ -404,3 +404,10 @@ def test_apollo_limiter_is_not_frozen_by_a_zero_gradient(cls):
     w.grad = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
     opt.step()
     assert w.abs().sum() > 0 and torch.isfinite(w).all()
+
+
+def test_rejected_param_group_is_not_kept():
+    opt = Apollo(_matrix(), lr=1e-3)
+    with pytest.raises(ValueError, match="rank=9"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(8, 8))], "rank": 9})
+    assert len(opt.param_groups) == 1
