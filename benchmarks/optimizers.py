@@ -2,7 +2,8 @@
 
     python benchmarks/optimizers.py                 # part 1 (state bytes) + part 2 (private LM), writes RESULTS.md
     python benchmarks/optimizers.py --part state    # state bytes only (no training, meta device, seconds)
-    python benchmarks/optimizers.py --part lm --steps 150
+    python benchmarks/optimizers.py --part lm --steps 150 --batch 128 --context 32
+    python benchmarks/optimizers.py --part lm --optimizers ApolloMini --lrs 1e-3 3e-3
 
 Part 1 builds the parameter shapes of GPT-2 small (124M) and Llama-3.2-1B on the meta device (no memory, no
 data), takes one optimizer step with meta gradients and counts the state with
@@ -112,7 +113,8 @@ class TinyCausalLM(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         b, t = idx.shape
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))  # (B, T, d)
+        pos = torch.arange(t, device=idx.device).expand(b, t)  # (B, T): per-sample positions for DP rules
+        x = self.tok(idx) + self.pos(pos)  # (B, T, d)
         mask = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()  # (T, T)
         for blk in self.blocks:
             q, k, v = blk["qkv"](blk["ln1"](x)).chunk(3, dim=-1)  # (B, T, d) each
@@ -144,7 +146,9 @@ def lm_loss(model: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
 
 
-def run_lm_part(steps: int, lrs: dict[str, list[float]], seed: int = 0) -> str | None:
+def run_lm_part(steps: int, lrs: dict[str, list[float]], *, batch: int = 64, context: int = 16,
+                sigma: float = 1.0, seed: int = 0) -> str | None:
+    """Best held-out loss per optimizer after ``steps`` DP steps (same sigma, rate and steps: same epsilon)."""
     try:
         from dptrain import PrivacyEngine
     except Exception as exc:  # the engine is written concurrently; it may not import yet
@@ -154,7 +158,7 @@ def run_lm_part(steps: int, lrs: dict[str, list[float]], seed: int = 0) -> str |
         return None
     from torch.utils.data import DataLoader, TensorDataset
 
-    vocab, length, n_private, batch, sigma, clip, delta = 64, 33, 4096, 128, 1.0, 1.0, 1e-5
+    vocab, length, n_private, clip, delta = 64, context + 1, 4096, 1.0, 1e-5
     public, base = markov_corpus(vocab, 4096, length, seed)
     private, _ = markov_corpus(vocab, n_private + 512, length, seed + 1, base=base, shift=0.5)
     train, held_out = private[:n_private], private[n_private:]
@@ -171,7 +175,8 @@ def run_lm_part(steps: int, lrs: dict[str, list[float]], seed: int = 0) -> str |
 
     results: dict[str, tuple[float, float, float]] = {}
     eps = None
-    for name, cls in OPTIMIZERS.items():
+    for name in lrs:
+        cls = OPTIMIZERS[name]
         for lr in lrs[name]:
             torch.manual_seed(seed)
             model = copy.deepcopy(pretrained)
@@ -209,22 +214,34 @@ def run_lm_part(steps: int, lrs: dict[str, list[float]], seed: int = 0) -> str |
     return "\n".join(lines)
 
 
-DEFAULT_LRS = {"AdamW": [1e-3, 3e-3], "Apollo": [1e-3, 3e-3], "ApolloMini": [3e-4, 1e-3], "GaLoreAdamW": [3e-3, 1e-2],
-               "Frugal": [3e-4, 1e-3], "Swan": [1e-3, 3e-3], "SGDSaI": [1e-4, 3e-4]}
+# Two or three learning rates per optimizer around where each one's update size matches AdamW's: APOLLO's
+# update is ~sqrt(r/m) of Adam's (needs a larger lr), GaLore multiplies by scale 0.25, SGD-SaI's step is
+# lr * gsnr * momentum (gradient-sized, so it needs a much larger lr).
+DEFAULT_LRS = {"AdamW": [1e-3, 3e-3, 1e-2], "Apollo": [3e-3, 1e-2], "ApolloMini": [1e-3, 3e-3, 1e-2],
+               "GaLoreAdamW": [3e-3, 1e-2], "Frugal": [1e-3, 3e-3], "Swan": [1e-3, 3e-3], "SGDSaI": [3e-3, 3e-2]}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["state", "lm", "all"], default="all")
-    parser.add_argument("--steps", type=int, default=150, help="private fine-tuning steps (part 2)")
+    parser.add_argument("--steps", type=int, default=60, help="private fine-tuning steps (part 2)")
+    parser.add_argument("--batch", type=int, default=64, help="expected (Poisson) batch size (part 2)")
+    parser.add_argument("--context", type=int, default=16, help="tokens per sequence (part 2)")
+    parser.add_argument("--sigma", type=float, default=1.0, help="noise multiplier (part 2)")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS),
+                        help="optimizers of part 2 (AdamW, the reference, is always run)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="one learning-rate sweep for every optimizer of part 2 (default: per-optimizer sweeps)")
     parser.add_argument("--no-write", action="store_true", help="print, do not write benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parts = []
-    if args.part in ("state", "all"):
+    if args.part in ("state", "all") or not args.no_write:  # the section always carries the (cheap) part 1
         parts.append(run_state_part())
     if args.part in ("lm", "all"):
-        lm = run_lm_part(args.steps, DEFAULT_LRS)
+        names = ["AdamW"] + [n for n in args.optimizers if n != "AdamW"]
+        lrs = {n: (args.lrs or DEFAULT_LRS[n]) for n in names}
+        lm = run_lm_part(args.steps, lrs, batch=args.batch, context=args.context, sigma=args.sigma)
         parts.append(lm if lm is not None else "### Private fine-tuning of a tiny causal LM\n\nNot run yet: "
                      "`dptrain.PrivacyEngine` was not importable when this section was written.")
     body = "\n\n".join(parts)
