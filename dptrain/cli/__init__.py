@@ -36,7 +36,8 @@ def emit(result: dict[str, Any], human: str, as_json: bool) -> None:
         print(human)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that sub-command's module is imported (fast start-up)."""
     parser = argparse.ArgumentParser(
         prog="dptrain",
         description="Differentially private training toolkit for PyTorch.",
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, module_name in _COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name)
+            continue
         try:
             module = importlib.import_module(f"dptrain.cli.{module_name}")
         except ModuleNotFoundError as err:  # a command whose module is not written yet
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=argv[0] if argv and argv[0] in _COMMANDS else None)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
