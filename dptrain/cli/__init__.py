@@ -36,9 +36,16 @@ def emit(result: dict[str, Any], human: str, as_json: bool) -> None:
         print(human)
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that sub-command's module is imported (fast start-up)."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="dptrain",
         description="Differentially private training toolkit for PyTorch.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
