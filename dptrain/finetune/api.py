@@ -6,6 +6,7 @@ texts and keep everything else.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import time
@@ -26,7 +27,7 @@ __all__ = ["finetune", "resolve_controller", "CHECKPOINT_NAME", "REPORT_NAME", "
 CHECKPOINT_NAME, REPORT_NAME, PLOT_NAME = "checkpoint.pt", "report.json", "training.png"
 
 
-def resolve_controller(name: str):
+def resolve_controller(name: str, seed: Optional[int] = None):
     """A controller instance from ``dptrain.control`` by name (``sac`` -> ``SACController``) or ``module:Class``."""
     if ":" in name:
         module_name, _, class_name = name.partition(":")
@@ -34,13 +35,15 @@ def resolve_controller(name: str):
     else:
         module, class_name = import_module("dptrain.control"), None
         exported = getattr(module, "__all__", [n for n in dir(module) if not n.startswith("_")])
-        wanted = {name.lower(), f"{name.lower()}controller"}
-        class_name = next((n for n in exported if n.lower() in wanted), None)
+        by_lower = {n.lower(): n for n in exported}
+        class_name = by_lower.get(f"{name.lower()}controller") or by_lower.get(name.lower())
         if class_name is None:
             raise ValueError(f"unknown controller {name!r}; dptrain.control offers {sorted(exported) or 'none yet'}")
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ValueError(f"controller class {class_name!r} not found in {module.__name__}")
+    if seed is not None and "seed" in inspect.signature(cls).parameters:
+        return cls(seed=seed)
     return cls()
 
 
@@ -121,7 +124,7 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
 
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
     if controller is None and cfg.controller:
-        controller = resolve_controller(cfg.controller)
+        controller = resolve_controller(cfg.controller, seed=cfg.seed)
     trainer = PrivateLMTrainer(model, tokenizer, train_texts, eval_texts, cfg, controller=controller)
     if state is not None:
         trainer.load_state_dict(state)

@@ -111,13 +111,17 @@ class PrivateLMTrainer:
             else None
         self.engine = dptrain.PrivacyEngine(accountant=cfg.accountant)
         # epochs chosen so that the engine calibrates the noise for exactly `total` steps: ceil(total - 0.5)
-        self.model, self.optimizer, self.loader = self.engine.make_private(
-            module=self.model, optimizer=inner, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
-            target_epsilon=cfg.target_epsilon, target_delta=self.delta, epochs=(total - 0.5) / steps_per_epoch,
-            clipping=cfg.clipping, poisson_sampling=True, max_physical_batch_size=physical, loss_reduction="mean",
-            noise_seed=cfg.seed, sampler_seed=cfg.seed + 1, error_feedback=cfg.error_feedback,
-            controller=self.controller,
-        )
+        try:
+            private = self.engine.make_private(
+                module=self.model, optimizer=inner, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
+                target_epsilon=cfg.target_epsilon, target_delta=self.delta, epochs=(total - 0.5) / steps_per_epoch,
+                clipping=cfg.clipping, poisson_sampling=True, max_physical_batch_size=physical, loss_reduction="mean",
+                noise_seed=cfg.seed, sampler_seed=cfg.seed + 1, error_feedback=cfg.error_feedback,
+                controller=self.controller,
+            )
+        except ImportError as err:  # an optional engine part (e.g. error feedback) missing from this build
+            raise ValueError(f"this dptrain build cannot run the requested setting: {err}") from None
+        self.model, self.optimizer, self.loader = private
         self.sample_rate = sample_rate
         logger.info("DP fine-tuning: N=%d, q=%.4g, %d steps, sigma=%.4g, target eps=%g at delta=%.3g",
                     n, sample_rate, total, self.optimizer.noise_multiplier, cfg.target_epsilon, self.delta)
