@@ -14,7 +14,8 @@ loader is built; the loss is the mean over samples of each sample's mean NLL ove
 the optimizer still steps (noise only). ``gradient_accumulation_steps`` must stay 1: give
 ``max_physical_batch_size`` to split large logical batches instead (the engine accumulates). fp16 loss
 scaling would scale the per-sample gradients before clipping, so fp16 is refused (bf16 is fine).
-The Trainer's own ``max_grad_norm`` clipping has nothing to act on (the engine clips per sample).
+The Trainer's own ``max_grad_norm`` clipping is switched off (the engine clips per sample; pass
+``max_grad_norm=`` to DPTrainer). The logged ``loss`` is computed on private data: debugging output, not DP.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class DPTrainer(Trainer):
             raise ValueError("DPTrainer does not support fp16 (loss scaling breaks per-sample clipping); use bf16")
         if self.train_dataset is None:
             raise ValueError("DPTrainer needs a train_dataset with __len__")
+        # the engine clips per sample; the Trainer's own clipping would only see empty .grad and log 0
+        self.args.max_grad_norm = 0.0
         import dptrain
 
         self.engine = dptrain.PrivacyEngine(accountant=accountant)

@@ -60,3 +60,10 @@ def test_help_lists_the_options(capsys):
     text = capsys.readouterr().out
     for option in ("--model", "--data", "--lora", "--target-epsilon", "--physical-batch-size", "--resume", "--json"):
         assert option in text
+
+
+def test_resume_refuses_a_broken_checkpoint(capsys, tmp_path, data):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"\x00garbage")
+    _fails(capsys, ["--data", str(data), "--output-dir", str(out), "--resume"], "not a dptrain finetune checkpoint")

@@ -48,3 +48,17 @@ def test_dp_trainer_rejects_gradient_accumulation(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         DPTrainer(model=model, args=args, train_dataset=TokenizedTexts(TEXTS, tok, 48), target_epsilon=1.0)
+
+
+def test_empty_poisson_batches_still_step(tmp_path):
+    model, tok = tiny_model_and_tokenizer(seed=1)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=6, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
+    trainer = DPTrainer(model=model, args=args, train_dataset=TokenizedTexts(TEXTS, tok, 48),
+                        data_collator=PadCollator(tok.pad_token_id), target_epsilon=2.0, noise_seed=0, sampler_seed=3)
+    rows = []
+    step = trainer.training_step
+    trainer.training_step = lambda m, inputs, n=None: rows.append(int(inputs["input_ids"].shape[0])) or step(m, inputs, n)
+    trainer.train()
+    assert 0 in rows and len(rows) == 6  # expected batch 1 of 40: some batches are empty
+    assert trainer.engine.optimizer.steps_taken == 6  # ... and each still took a (noise-only) step
