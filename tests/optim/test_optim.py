@@ -13,6 +13,15 @@ from dptrain.optim import Apollo, ApolloMini, Frugal, GaLoreAdamW, SGDSaI, Swan,
 ALL = [Apollo, ApolloMini, GaLoreAdamW, Frugal, Swan, SGDSaI]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead, and on a loaded 2-core machine a lot of it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _grads(shape, steps, seed=0, growth=0.0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=gen, dtype=torch.float64) * (1.0 + growth * t) for t in range(steps)]
