@@ -30,10 +30,10 @@ def _per_sample_loss(model, x, y):
     return (model(x) - y).pow(2).flatten(1).mean(1)  # (B,)
 
 
-def _setup(ctrl, *, target_epsilon=4.0, epochs=3, clipping="per_layer", seed=0, max_grad_norm=1.0):
+def _setup(ctrl, *, target_epsilon=4.0, epochs=3, clipping="per_layer", seed=0, max_grad_norm=1.0, accountant="rdp"):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
-    engine = dptrain.PrivacyEngine()
+    engine = dptrain.PrivacyEngine(accountant=accountant)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(_data(seed), batch_size=BATCH),
         max_grad_norm=max_grad_norm, target_epsilon=target_epsilon, target_delta=DELTA, epochs=epochs,
@@ -134,6 +134,7 @@ def test_guard_refuses_a_step_beyond_the_budget_before_any_noise():
     with pytest.raises(BudgetExhaustedError, match="target_epsilon=2.0"):
         optimizer.step()
     assert engine.accountant.history == ledger  # nothing accounted
+    assert engine.tracker.num_samples == 0 and not engine.tracker.clipped_sum  # the batch is gone for good
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))  # nothing updated
     assert engine.get_epsilon(DELTA) <= 2.0
 
@@ -228,3 +229,14 @@ def test_zero_action_is_private_quantile_clipping():
         np.testing.assert_allclose(after["max_grad_norm"], expected, rtol=1e-12)
     # everything is clipped at C ~ 1e-3, so the released fractions are small and the thresholds grow
     assert all(b > a for a, b in zip(ctrl.history[0]["max_grad_norm"], ctrl.history[-1]["max_grad_norm"]))
+
+
+def test_pld_engine_plans_with_an_rdp_replay_and_ends_within_budget():
+    """With a PLD ledger the floor uses an RDP replay (an upper bound); the PLD epsilon ends under the target."""
+    ctrl = SACController(release_noise_std=S, interval=4, seed=8, sigma_min=0.05, policy=lambda obs: [0.0, 0.0, -1.0])
+    engine, model, optimizer, loader = _setup(ctrl, target_epsilon=3.0, epochs=2, accountant="pld")
+    _train(model, optimizer, loader, epochs=2)
+    replay = ctrl._planning_accountant()
+    assert isinstance(replay, RDPAccountant) and replay.history == engine.accountant.history
+    assert ctrl.history[-1]["epsilon"] <= 3.0
+    assert engine.get_epsilon(DELTA) <= replay.get_epsilon(DELTA) <= 3.0
