@@ -122,7 +122,8 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
     if cfg.lora:
         from dptrain.finetune.modeling import apply_lora
 
-        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets,
+                           seed=cfg.seed)
     if controller is None and cfg.controller:
         controller = resolve_controller(cfg.controller, seed=cfg.seed)
     trainer = PrivateLMTrainer(model, tokenizer, train_texts, eval_texts, cfg, controller=controller)

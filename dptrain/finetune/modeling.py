@@ -76,8 +76,11 @@ def detect_lora_targets(model: nn.Module) -> List[str]:
 
 
 def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, target_modules: Optional[Sequence[str]] = None,
-               dropout: float = 0.0) -> nn.Module:
-    """Wrap ``model`` with peft LoRA adapters; only the adapters stay trainable."""
+               dropout: float = 0.0, seed: Optional[int] = None) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters; only the adapters stay trainable.
+
+    ``seed`` makes the adapters' random initialisation reproducible (needed to resume a run exactly).
+    """
     from peft import LoraConfig, get_peft_model
 
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -87,7 +90,10 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, target_modu
                  for name, m in model.named_modules())
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
-    model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = get_peft_model(model, config)
     logger.info("LoRA r=%d alpha=%g on %s: %d trainable parameters", r, alpha, targets,
                 sum(p.numel() for p in trainable_parameters(model)))
     return model

@@ -26,15 +26,16 @@ def _params(result):
     return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    return _run(_config(tmp_path_factory.mktemp("full")))
+@pytest.fixture(scope="module", params=[False, True], ids=["full", "lora"])
+def lora_and_uninterrupted(request, tmp_path_factory):
+    return request.param, _run(_config(tmp_path_factory.mktemp("full"), lora=request.param, lora_r=2))
 
 
-def test_stopped_and_resumed_equals_uninterrupted(tmp_path, uninterrupted):
-    stopped = _run(_config(tmp_path, stop_after=2))
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path, lora_and_uninterrupted):
+    lora, uninterrupted = lora_and_uninterrupted
+    stopped = _run(_config(tmp_path, stop_after=2, lora=lora, lora_r=2))
     assert not stopped.finished and stopped.steps == 2 and (tmp_path / CHECKPOINT_NAME).is_file()
-    resumed = _run(_config(tmp_path, resume=True))
+    resumed = _run(_config(tmp_path, resume=True, lora=lora, lora_r=2))
     assert resumed.finished and resumed.steps == uninterrupted.steps == 4
     assert abs(resumed.epsilon - uninterrupted.epsilon) <= 1e-6
     a, b = _params(uninterrupted), _params(resumed)
@@ -42,7 +43,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, uninterrupted):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
     # and the run really moved the weights (the equality above is not trivial)
-    fresh = tiny_model_and_tokenizer(seed=5)[0].state_dict()
+    fresh = tiny_model_and_tokenizer(seed=5)[0].state_dict()  # LoRA runs hold the merged model
     assert max(float((a[k] - fresh[k]).abs().max()) for k in a) > 1e-4
 
 
