@@ -1,0 +1,324 @@
+"""DiceSGD error feedback through the real engine: update vs a hand-written reference, noise, resume, bad input,
+and the clipping-bias removal on mean estimation with outliers."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dptrain
+from dptrain.accountants import compute_epsilon
+from dptrain.error_feedback import ErrorFeedback, dice_noise_scale
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on the loaded 2-core machine
+    yield
+    torch.set_num_threads(previous)
+
+
+def _data(n=16, d_in=3, d_out=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.randn(n, d_out, generator=g)
+    x[::5] *= 6.0  # a few large samples: clipped whenever C1 is small
+    return x, y
+
+
+def _model(seed=0, d_in=3, d_out=2):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, 4), nn.Tanh(), nn.Linear(4, d_out))
+
+
+def _per_sample_loss(model, x, y):
+    return 0.5 * (model(x) - y).pow(2).sum(1)  # (B,)
+
+
+def _private(model, x, y, *, batch_size, lr=0.2, **kwargs):
+    engine = dptrain.PrivacyEngine()
+    kwargs.setdefault("noise_multiplier", 0.0)
+    kwargs.setdefault("poisson_sampling", False)
+    model, optimizer, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size), error_feedback=True, **kwargs,
+    )
+    return engine, model, optimizer
+
+
+# ---------------------------------------------------------------------- the hand-written reference
+def _reference_run(model, x, y, batches, *, groups, c1s, c2, lr):
+    """DiceSGD in float64 from the formulas: per-sample grads by one backward each, group-wise clipping
+    (factor min(1, C/(norm + 1e-6)) as the tracker), v = clip_sum/B + clip(e, C2), e += full/B - v."""
+    params = [p.detach().double().clone() for p in model.parameters()]
+    ref = _model()
+    ref.double()
+    error = [torch.zeros_like(p) for p in params]
+    history, max_error_norm = [], 0.0
+    for idx in batches:
+        with torch.no_grad():
+            for p, q in zip(ref.parameters(), params):
+                p.copy_(q)
+        clip_sum = [torch.zeros_like(p) for p in params]
+        full_sum = [torch.zeros_like(p) for p in params]
+        for i in idx:
+            loss = _per_sample_loss(ref, x[i : i + 1].double(), y[i : i + 1].double()).sum()
+            grads = torch.autograd.grad(loss, list(ref.parameters()))
+            for members, c in zip(groups, c1s):
+                norm = math.sqrt(sum(float(grads[k].pow(2).sum()) for k in members))
+                factor = min(1.0, c / (norm + 1e-6))
+                for k in members:
+                    clip_sum[k] += factor * grads[k]
+                    full_sum[k] += grads[k]
+        b = len(idx)
+        e_norm = math.sqrt(sum(float(e.pow(2).sum()) for e in error))
+        max_error_norm = max(max_error_norm, e_norm)
+        e_factor = 1.0 if e_norm <= c2 else c2 / e_norm
+        for k in range(len(params)):
+            v = clip_sum[k] / b + e_factor * error[k]
+            error[k] = error[k] + full_sum[k] / b - v
+            params[k] = params[k] - lr * v
+        history.append(([p.clone() for p in params], [e.clone() for e in error]))
+    return history, max_error_norm
+
+
+@pytest.mark.parametrize(
+    "clipping, c1, c2, clip_active, error_clip_active",
+    [
+        ("flat", 0.3, 0.45, True, True),  # per-sample and error clipping both active, C2 != C1
+        ("flat", 1e4, 2e4, False, False),  # nothing clipped: plain SGD, e stays 0
+        ("per_layer", 0.4, 50.0, True, False),  # per-layer thresholds, C2 above the error's norm
+        ("flat", 0.5, None, True, True),  # default C2 = C1
+    ],
+)
+def test_update_matches_hand_written_reference(clipping, c1, c2, clip_active, error_clip_active):
+    x, y = _data()
+    model = _model()
+    engine, model, optimizer = _private(model, x, y, batch_size=4, clipping=clipping, max_grad_norm=c1,
+                                        error_max_grad_norm=c2)
+    groups = [[0, 1, 2, 3]] if clipping == "flat" else [[0, 1], [2, 3]]
+    c1s = [g.max_norm for g in engine.tracker.groups]
+    total_c1 = engine.tracker.total_max_norm
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [0, 5, 10, 15], [1, 2, 3, 4], [6, 7, 8, 9]]
+    history, max_error_norm = _reference_run(model, x, y, batches, groups=groups, c1s=c1s,
+                                             c2=total_c1 if c2 is None else c2, lr=0.2)
+    ef = engine.error_feedback
+    for step, idx in enumerate(batches):
+        # gradient accumulation: two micro-batches of two rows make one logical step
+        _per_sample_loss(model, x[idx[:2]], y[idx[:2]]).mean().backward()
+        optimizer.accumulate()
+        _per_sample_loss(model, x[idx[2:]], y[idx[2:]]).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        expected_params, expected_error = history[step]
+        for p, q in zip(model.parameters(), expected_params):
+            assert torch.allclose(p.double(), q, rtol=1e-4, atol=1e-5), f"step {step}"
+        for p, e in zip(model.parameters(), expected_error):
+            assert torch.allclose(ef.error[p].double(), e, rtol=1e-4, atol=1e-5), f"step {step}"
+    final_error = ef.error_norm()
+    assert (final_error > 1e-3) == clip_active  # the reference really exercised (or skipped) clipping
+    assert (max_error_norm > (total_c1 if c2 is None else c2)) == error_clip_active
+
+
+def test_parameter_without_gradient_keeps_zero_error_and_no_update():
+    """A trainable head unused in this forward has no entry in the tracker's sums: treated as zero."""
+    x, y = _data(n=8)
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, inp):
+            return self.m["used"](inp)
+
+    net = Net()
+    before = model["unused"].weight.detach().clone()
+    engine, net, optimizer = _private(net, x, y, batch_size=4, max_grad_norm=0.2, error_max_grad_norm=0.3)
+    for idx in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        _per_sample_loss(net, x[idx], y[idx]).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ef = engine.error_feedback
+    assert torch.equal(model["unused"].weight.detach(), before)
+    assert float(ef.error[model["unused"].weight].abs().max()) == 0.0
+    assert float(ef.error[model["used"].weight].abs().max()) > 0.0
+
+
+def test_empty_batch_feeds_back_the_clipped_error_only():
+    x, y = _data(n=8)
+    engine, model, optimizer = _private(_model(), x, y, batch_size=4, max_grad_norm=0.1, error_max_grad_norm=0.25)
+    ef = engine.error_feedback
+    _per_sample_loss(model, x[:4], y[:4]).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    e_before = {p: ef.error[p].clone() for p in model.parameters()}
+    norm = ef.error_norm()
+    assert norm > 0.25  # the feedback below is clipped
+    params_before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()  # empty logical batch: no forward, no sums
+    for p, p0 in zip(model.parameters(), params_before):
+        fed = e_before[p] * (0.25 / norm)
+        assert torch.allclose(p.detach(), p0 - 0.2 * fed, atol=1e-6)
+        assert torch.allclose(ef.error[p], e_before[p] - fed, atol=1e-6)
+
+
+def test_sums_out_of_step_are_refused():
+    x, y = _data(n=8)
+    engine, model, optimizer = _private(_model(), x, y, batch_size=4, max_grad_norm=1.0)
+    p = next(model.parameters())
+    engine.tracker.clipped_sum[p] = torch.zeros(p.shape)
+    with pytest.raises(RuntimeError, match="unclipped"):
+        engine.error_feedback(optimizer)
+
+
+# ---------------------------------------------------------------------- noise and accounting
+def test_noise_std_is_dice_factor_and_ledger_is_plain_subsampled_gaussian():
+    torch.manual_seed(0)
+    n, batch, sigma, c1, c2 = 64, 16, 0.8, 0.5, 1.5
+    x, y = torch.randn(n, 100), torch.randn(n, 100)
+    model = nn.Linear(100, 100)
+    engine, model, optimizer = _private(model, x, y, batch_size=batch, noise_multiplier=sigma, max_grad_norm=c1,
+                                        error_max_grad_norm=c2, noise_seed=1)
+    expected_std = sigma * c1 * math.sqrt(1 + 2 * c2 / c1)
+    assert optimizer.noise_std() == pytest.approx(expected_std)
+    optimizer.step()  # empty batch: e = 0, the gradient is noise only
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()]) * batch  # (10100,) on the sum scale
+    assert float(noise.std()) == pytest.approx(expected_std, rel=0.05)
+    assert engine.get_epsilon(1e-5) == pytest.approx(
+        compute_epsilon(sample_rate=batch / n, noise_multiplier=sigma, steps=1, delta=1e-5), rel=1e-9
+    )
+    assert dice_noise_scale(1.0, 1.0) == pytest.approx(math.sqrt(3.0))
+
+
+# ---------------------------------------------------------------------- resume
+def _train(model, optimizer, x, y, batches):
+    for idx in batches:
+        _per_sample_loss(model, x[idx], y[idx]).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    x, y = _data()
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [0, 5, 10, 15], [1, 2, 3, 4]]
+    settings = dict(batch_size=4, noise_multiplier=0.7, max_grad_norm=0.3, error_max_grad_norm=0.6, noise_seed=5)
+    engine_a, model_a, opt_a = _private(_model(), x, y, **settings)
+    _train(model_a, opt_a, x, y, batches)
+
+    engine_b, model_b, opt_b = _private(_model(), x, y, **settings)
+    _train(model_b, opt_b, x, y, batches[:3])
+    saved = {"engine": engine_b.state_dict(), "model": {k: v.clone() for k, v in model_b.state_dict().items()},
+             "optimizer": opt_b.state_dict()}
+    assert engine_b.error_feedback.error_norm() > 0
+
+    engine_c, model_c, opt_c = _private(_model(seed=9), x, y, **settings)
+    model_c.load_state_dict(saved["model"])
+    opt_c.load_state_dict(saved["optimizer"])
+    engine_c.load_state_dict(saved["engine"])
+    _train(model_c, opt_c, x, y, batches[3:])
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(engine_a.error_feedback.error[p], engine_c.error_feedback.error[q])
+
+
+def test_load_state_dict_refuses_mismatches():
+    x, y = _data()
+    engine, model, optimizer = _private(_model(), x, y, batch_size=4, max_grad_norm=0.3, error_max_grad_norm=0.6)
+    ef = engine.error_feedback
+    state = ef.state_dict()
+    with pytest.raises(ValueError, match="3 parameters, this model 4"):
+        ef.load_state_dict({**state, "error": state["error"][:3]})
+    with pytest.raises(ValueError, match="shape"):
+        ef.load_state_dict({**state, "error": [torch.zeros(1)] + state["error"][1:]})
+    with pytest.raises(ValueError, match="error_max_grad_norm=0.9"):
+        ef.load_state_dict({**state, "error_max_grad_norm": 0.9})
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("c2", [0.5, 0.0, -1.0, float("nan"), float("inf")])
+def test_bad_error_max_grad_norm_is_refused(c2):
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"error_max_grad_norm \(C2\)") as err:
+        _private(_model(), x, y, batch_size=4, max_grad_norm=1.0, error_max_grad_norm=c2)
+    assert repr(c2) in str(err.value)
+
+
+def test_per_layer_c2_is_compared_with_the_total_threshold():
+    x, y = _data()
+    # two layers with 0.6 each: total C1 = 0.6 * sqrt(2) = 0.85 > 0.7
+    with pytest.raises(ValueError, match="C1=0.84"):
+        _private(_model(), x, y, batch_size=4, clipping="per_layer", max_grad_norm=[0.6, 0.6], error_max_grad_norm=0.7)
+    engine, _, optimizer = _private(_model(), x, y, batch_size=4, clipping="per_layer", max_grad_norm=[0.6, 0.6],
+                                    error_max_grad_norm=0.9)
+    assert optimizer.noise_scale == pytest.approx(math.sqrt(1 + 2 * 0.9 / (0.6 * math.sqrt(2))))
+
+
+def test_thresholds_raised_above_c2_later_are_refused_at_the_step():
+    x, y = _data()
+    engine, model, optimizer = _private(_model(), x, y, batch_size=4, max_grad_norm=0.3, error_max_grad_norm=0.6)
+    engine.tracker.set_max_norms([0.8])  # e.g. a controller's action
+    _per_sample_loss(model, x[:4], y[:4]).mean().backward()
+    with pytest.raises(ValueError, match="C2=0.6 < C1=0.8"):
+        optimizer.step()
+
+
+def test_error_feedback_needs_unclipped_sums():
+    x, y = _data()
+    model = _model()
+    engine = dptrain.PrivacyEngine()
+    model, optimizer, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=4), max_grad_norm=1.0, noise_multiplier=0.0,
+    )
+    with pytest.raises(ValueError, match="track_unclipped"):
+        ErrorFeedback(optimizer, error_max_grad_norm=2.0)
+
+
+# ---------------------------------------------------------------------- clipping bias
+def _mean_estimation_data(seed, n=400, d=2):
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn(n, d, generator=g)  # inliers around 0
+    x[: n // 20] += torch.tensor([25.0] + [0.0] * (d - 1))  # 5% far away: clipping strongly active
+    return x
+
+
+def _mean_estimation_distance(x, *, error_feedback, seed, epochs=8, lr=0.5):
+    n, d = x.shape
+    torch.manual_seed(seed)
+    model = nn.Linear(1, d, bias=False)  # w = model(1): per-sample gradient w - x_i
+    nn.init.zeros_(model.weight)
+    ones = torch.ones(n, 1)
+    engine = dptrain.PrivacyEngine()
+    kwargs = dict(error_feedback=True) if error_feedback else {}
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        data_loader=DataLoader(TensorDataset(ones, x), batch_size=40), max_grad_norm=1.0,
+        target_epsilon=2.0, target_delta=1e-5, epochs=epochs, noise_seed=seed, sampler_seed=seed, **kwargs,
+    )
+    for _ in range(epochs):
+        for inp, target in loader:
+            if len(inp):
+                (0.5 * (model(inp) - target).pow(2).sum(1)).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert engine.get_epsilon(1e-5) <= 2.0 + 1e-6
+    w = model.weight.detach()[:, 0]
+    return float((w - x.mean(0)).norm())
+
+
+def test_dicesgd_removes_clipping_bias_on_mean_estimation_with_outliers():
+    dp, dice = [], []
+    for seed in range(3):
+        x = _mean_estimation_data(seed)
+        dp.append(_mean_estimation_distance(x, error_feedback=False, seed=seed))
+        dice.append(_mean_estimation_distance(x, error_feedback=True, seed=seed))
+    mean_dp, mean_dice = sum(dp) / len(dp), sum(dice) / len(dice)
+    assert mean_dp > 0.5  # clipping bias is real here: DP-SGD stays near the inliers
+    assert mean_dice <= 0.5 * mean_dp, (dp, dice)
