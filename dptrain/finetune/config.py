@@ -52,7 +52,7 @@ class FinetuneConfig:
     # demo only
     demo_records: int = 1280
     demo_eval_records: int = 100
-    pretrain_steps: int = 40
+    pretrain_steps: int = 30
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "FinetuneConfig":

@@ -32,7 +32,7 @@ def demo_model_and_tokenizer(max_length: int = 128, seed: int = 0):
     return model, tokenizer
 
 
-def pretrain_public(model, tokenizer, *, steps: int, batch_size: int = 32, lr: float = 3e-3, max_length: int = 128,
+def pretrain_public(model, tokenizer, *, steps: int, batch_size: int = 24, lr: float = 3e-3, max_length: int = 128,
                     seed: int = 0, records: int = 4000, progress: bool = False) -> float:
     """Non-private AdamW on the public corpus for ``steps`` steps; returns the last batch loss."""
     if steps <= 0:
