@@ -137,6 +137,10 @@ class PrivacyEngine:
             from dptrain.error_feedback import ErrorFeedback
 
             self.error_feedback = ErrorFeedback(dp_optimizer, error_max_grad_norm=error_max_grad_norm)
+            logger.warning(
+                "error_feedback=True: the reported epsilon follows the DiceSGD paper's privacy claim (the authors' "
+                "noise setting); dptrain has not re-derived that bound - see dptrain.error_feedback"
+            )
             dp_optimizer.gradient_transforms.append(self.error_feedback)
         self.controller = controller
         if controller is not None:

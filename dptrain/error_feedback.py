@@ -20,7 +20,7 @@ noise draw), while the ledger composes the ordinary Poisson-subsampled Gaussian 
 Assumptions: C2 >= C1 (checked, also at every step, as C1 may change); ``e`` is never released or logged
 (the checkpoint holds it: protect checkpoints like the data); sample-level adjacency; the paper's proof.
 
-Caveats (not resolved here, see the helper's report): the authors' public code that uses this factor clips
+Caveats (open, see issue 5): the authors' public code that uses this factor clips
 the error on the SUM scale (feedback <= C2 per logical batch, i.e. C2/B on the mean), while this update,
 like the paper's pseudo-code, clips the mean-scale ``e`` at C2 (feedback up to B times larger); and a
 worst-case argument does not get subsampling amplification for the hidden state, whose difference between
