@@ -81,50 +81,56 @@ def _train(rank, world, scenario, per_rank_batch=4):
             "epsilon": engine.get_epsilon(1e-5) if sigma > 0 else None, "sample_rate": engine.sample_rate}
 
 
-def _worker(rank, port, scenario, out_dir):
+SCENARIOS = ("plain", "accumulate", "noise", "mismatch")
+
+
+def _worker(rank, port, out_dir):
+    """Every scenario in one process group (spawning is the slow part)."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        if scenario == "mismatch":
-            result = _train(rank, WORLD, "plain", per_rank_batch=4 + rank)
-        else:
-            result = _train(rank, WORLD, scenario)
-    except Exception as err:  # reported to the test, which checks every rank raised
-        result = {"error": f"{type(err).__name__}: {err}"}
+        for scenario in SCENARIOS:
+            try:
+                if scenario == "mismatch":
+                    result = _train(rank, WORLD, "plain", per_rank_batch=4 + rank)
+                else:
+                    result = _train(rank, WORLD, scenario)
+            except Exception as err:  # reported to the test, which checks every rank raised
+                result = {"error": f"{type(err).__name__}: {err}"}
+            with open(os.path.join(out_dir, f"{scenario}-rank{rank}.json"), "w") as f:
+                json.dump(result, f)
     finally:
         dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
 
 
-def _spawn(scenario, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), scenario, str(tmp_path)), nprocs=WORLD, join=True)
-    return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return {s: [json.load(open(out / f"{s}-rank{r}.json")) for r in range(WORLD)] for s in SCENARIOS}
 
 
 @pytest.mark.parametrize("scenario", ["plain", "accumulate"])
-def test_two_ranks_match_the_single_process_union_batch(scenario, tmp_path):
-    ranks = _spawn(scenario, tmp_path)
+def test_two_ranks_match_the_single_process_union_batch(scenario, ranks):
     single = _train(0, 1, "plain")
-    for result in ranks:
+    for result in ranks[scenario]:
         assert "error" not in result, result
         for got, want in zip(result["params"], single["params"]):
             got, want = torch.tensor(got), torch.tensor(want)
             assert float((got - want).norm() / want.norm()) < 1e-4
-    assert ranks[0]["sample_rate"] == single["sample_rate"]
+    assert ranks[scenario][0]["sample_rate"] == single["sample_rate"]
 
 
-def test_total_noise_has_the_single_process_std_and_epsilon(tmp_path):
-    ranks = _spawn("noise", tmp_path)
+def test_total_noise_has_the_single_process_std_and_epsilon(ranks):
+    noise = ranks["noise"]
     expected = 1.0 * 0.3 / (4 * WORLD)  # sigma * C / B_total: duplicated or correlated shares would be sqrt(2) off
-    assert ranks[0]["std"] == pytest.approx(ranks[1]["std"])  # the reduced gradient is identical on every rank
-    assert abs(ranks[0]["std"] / expected - 1) < 0.1
+    assert noise[0]["std"] == pytest.approx(noise[1]["std"])  # the reduced gradient is identical on every rank
+    assert abs(noise[0]["std"] / expected - 1) < 0.1
     single = _train(0, 1, "noise")
-    assert ranks[0]["epsilon"] == pytest.approx(single["epsilon"], rel=1e-12)
+    assert noise[0]["epsilon"] == pytest.approx(single["epsilon"], rel=1e-12)
     q = 4 * WORLD / N
     assert single["epsilon"] == pytest.approx(compute_epsilon(sample_rate=q, noise_multiplier=1.0, steps=1, delta=1e-5))
 
 
-def test_mismatched_batch_settings_fail_on_every_rank(tmp_path):
-    ranks = _spawn("mismatch", tmp_path)
-    assert all("ranks disagree" in r.get("error", "") and "batch_size" in r["error"] for r in ranks)
+def test_mismatched_batch_settings_fail_on_every_rank(ranks):
+    assert all("ranks disagree" in r.get("error", "") and "batch_size" in r["error"] for r in ranks["mismatch"])
