@@ -2,6 +2,7 @@
 
     python benchmarks/controller.py                 # synthetic classification task, 3 seeds (~3 min on 2 cores)
     python benchmarks/controller.py --seeds 0 1 2 3 4 --epochs 10
+    python benchmarks/controller.py --task lm       # the dptrain.finetune LM demo (~10 min on 2 cores)
 
 Task: a two-layer MLP (per-layer clipping: 2 groups) on a synthetic 10-class Gaussian-mixture problem.
 Methods (same model init, data, sampler and initial thresholds per seed):
@@ -10,7 +11,8 @@ Methods (same model init, data, sampler and initial thresholds per seed):
               unclipped fractions) and sigma at the budget guard's floor; no loss signal, no learning;
 - sac-public: SACController whose loss signal is a held-out split treated as PUBLIC data (not accounted);
 - sac-noisy:  SACController whose loss signal is the noisy, accounted release of the clipped training loss.
-Writes section "controller" of benchmarks/RESULTS.md and benchmarks/controller_schedule.png.
+Writes section "controller" of benchmarks/RESULTS.md and benchmarks/controller_schedule.png
+(``--task lm``: section "controller-lm", benchmarks/controller_schedule_lm.png).
 """
 
 from __future__ import annotations
@@ -127,6 +129,98 @@ def plot(results, path: Path, fixed_sigma: float):
     plt.close(fig)
 
 
+def run_lm(method: str, seed: int, *, epsilon: float, epochs: float, interval: int, records: int):
+    """One DP fine-tuning run of the dptrain.finetune demo (tiny GPT-2, public pretraining, private records).
+
+    The controller's loss signal is the LM loss on 64 texts of the PUBLIC synthetic corpus (not accounted).
+    """
+    import copy
+
+    from dptrain.finetune import FinetuneConfig, finetune
+    from dptrain.finetune.data import synthetic_public_corpus
+    from dptrain.finetune.loss import PadCollator, TokenizedTexts, per_sample_lm_loss
+
+    model, tokenizer = _pretrained_lm(seed)
+    model = copy.deepcopy(model)
+    public = TokenizedTexts(synthetic_public_corpus(64, seed=20_000 + seed), tokenizer, 64)
+    batch = PadCollator(tokenizer.pad_token_id)([public[i] for i in range(len(public))])
+
+    def public_loss():
+        was_training = model.training
+        model.eval()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        loss = float(per_sample_lm_loss(logits, batch["input_ids"], batch["attention_mask"]).mean())
+        model.train(was_training)
+        return loss
+
+    ctrl = None
+    if method == "quantile":
+        ctrl = SACController(interval=interval, seed=seed, policy=lambda obs: [0.0, 0.0])
+    elif method == "sac-public":
+        ctrl = SACController(interval=interval, seed=seed, validation_loss=public_loss)
+    cfg = FinetuneConfig(demo_records=records, demo_eval_records=200, batch_size=32, epochs=epochs, max_length=64,
+                         progress=False, seed=seed, target_epsilon=epsilon, lr=2e-3)
+    started = time.perf_counter()
+    res = finetune(cfg, model=model, tokenizer=tokenizer, controller=ctrl)
+    return {"method": method, "seed": seed, "test_loss": math.log(res.eval_perplexity),
+            "test_acc": -res.eval_perplexity, "perplexity": res.eval_perplexity, "epsilon": res.epsilon,
+            "sigma0": None if ctrl else res.noise_multiplier, "steps": res.steps,
+            "seconds": time.perf_counter() - started, "history": ctrl.history if ctrl else None,
+            "ledger_entries": float("nan"), "delta": res.delta}
+
+
+_PRETRAINED = {}
+
+
+def _pretrained_lm(seed: int):
+    if seed not in _PRETRAINED:
+        from dptrain.finetune.demo import demo_model_and_tokenizer, pretrain_public
+
+        model, tokenizer = demo_model_and_tokenizer(max_length=64, seed=seed)
+        pretrain_public(model, tokenizer, steps=60, max_length=64, seed=seed)
+        _PRETRAINED[seed] = (model, tokenizer)
+    return _PRETRAINED[seed]
+
+
+def main_lm(args):
+    methods = ("fixed", "quantile", "sac-public")
+    results = []
+    for seed in args.seeds:
+        for method in methods:
+            r = run_lm(method, seed, epsilon=args.epsilon, epochs=3, interval=4, records=512)
+            results.append(r)
+            print(f"{method:10s} seed {seed}: eval perplexity {r['perplexity']:.3f}, eps {r['epsilon']:.4f} "
+                  f"(delta {r['delta']:.2g}), {r['steps']} steps, {r['seconds']:.1f}s", flush=True)
+    rows = []
+    for method in methods:
+        ppl = [r["perplexity"] for r in results if r["method"] == method]
+        eps = [r["epsilon"] for r in results if r["method"] == method]
+        sd = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+        rows.append(f"| {method} | {statistics.mean(ppl):.3f} ± {sd:.3f} | {max(eps):.4f} | "
+                    f"{' / '.join(f'{p:.3f}' for p in ppl)} |")
+    plot_path = Path(__file__).with_name("controller_schedule_lm.png")
+    fixed_sigma = next(r["sigma0"] for r in results if r["method"] == "fixed")
+    plot([r for r in results if r["seed"] == args.seeds[0] and r["history"]], plot_path, fixed_sigma)
+    body = f"""
+The `dptrain.finetune` demo: tiny GPT-2 (2 layers, d=128, byte tokenizer) pretrained 60 steps on the public
+synthetic corpus, then DP fine-tuned (flat clipping C=1, AdamW lr 2e-3) on 512 synthetic private records, 3
+epochs of Poisson batches of expected size 32 = {results[0]['steps']} steps, max length 64, target epsilon
+{args.epsilon} at delta {results[0]['delta']:.2g} (1/N^1.1), RDP. Controllers act every 4 steps; sac-public's
+reward uses the LM loss on 64 public-corpus texts; the clip-fraction releases (std m/20) are accounted in the
+same ledger. Metric: perplexity on 200 held-out private-format records (lower is better), mean ± std over
+seeds {args.seeds}.
+
+| method | eval perplexity | final eps (max) | per seed |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+Schedule of seed {args.seeds[0]}: `benchmarks/controller_schedule_lm.png`.
+"""
+    print(body)
+    if not args.no_write:
+        write_section("controller-lm", body)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -137,8 +231,11 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    parser.add_argument("--task", choices=["synthetic", "lm"], default="synthetic")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.task == "lm":
+        return main_lm(args)
     settings = dict(epsilon=args.epsilon, epochs=args.epochs, batch_size=args.batch_size, interval=args.interval,
                     lr=args.lr, max_grad_norm=args.max_grad_norm)
     results = []
