@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dptrain.grad_sample.contributions import Factored, Instantiated
-from dptrain.grad_sample.registry import register_norm_sampler
+from dptrain.grad_sample.registry import own_forward, register_norm_sampler
 from dptrain.grad_sample.rules_base import FunctionRule
 
 __all__ = ["LinearRule", "HFConv1DRule"]
@@ -80,18 +80,11 @@ class LinearRule(_LinearLike):
         return type(module).forward is nn.Linear.forward  # subclasses with their own forward -> fallback
 
 
-try:  # Hugging Face GPT-2 style Conv1D (weight stored (d_in, d_out))
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-except ImportError:  # transformers is optional
-    _HFConv1D = None
+@register_norm_sampler("transformers.pytorch_utils.Conv1D")
+class HFConv1DRule(_LinearLike):
+    """Hugging Face GPT-2 style ``Conv1D``: y = x W + b with W stored (d_in, d_out)."""
 
-if _HFConv1D is not None:
+    weight_is_in_out = True
 
-    @register_norm_sampler(_HFConv1D)
-    class HFConv1DRule(_LinearLike):
-        weight_is_in_out = True
-
-        def supports(self, module):
-            return type(module).forward is _HFConv1D.forward
-else:  # pragma: no cover
-    HFConv1DRule = None
+    def supports(self, module):
+        return own_forward(module, "transformers.pytorch_utils.Conv1D")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dptrain.grad_sample.contributions import Instantiated
-from dptrain.grad_sample.registry import register_norm_sampler
+from dptrain.grad_sample.registry import own_forward, register_norm_sampler
 from dptrain.grad_sample.rules_base import HookRule
 
 __all__ = ["LayerNormRule", "RMSNormRule", "HFRMSNormRule"]
@@ -52,28 +52,21 @@ if hasattr(nn, "RMSNorm"):
             return _norm_layer_contributions(module, x_hat, g.float(), torch.Size(module.normalized_shape))
 
 
-def _hf_rmsnorm_classes() -> list:
-    """HF RMSNorm classes whose forward is weight * (x / rms(x)).to(dtype) (Llama and its copies)."""
-    found = []
-    for model_name, cls_name in [("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("qwen2", "Qwen2RMSNorm")]:
-        try:
-            module = __import__(f"transformers.models.{model_name}.modeling_{model_name}", fromlist=[cls_name])
-            found.append(getattr(module, cls_name))
-        except (ImportError, AttributeError):
-            continue
-    return found
+# HF RMSNorm classes whose forward is weight * (x / rms(x)).to(input dtype): Llama and its copies
+# (Gemma's (1 + weight) form is not among them and goes to the exact torch.func fallback).
+_HF_RMSNORMS = tuple(
+    f"transformers.models.{m}.modeling_{m}.{c}"
+    for m, c in [("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("qwen2", "Qwen2RMSNorm")]
+)
 
 
-_HF_RMSNORMS = _hf_rmsnorm_classes()
-if _HF_RMSNORMS:
+@register_norm_sampler(*_HF_RMSNORMS)
+class HFRMSNormRule(HookRule):
+    def supports(self, module):
+        return hasattr(module, "variance_epsilon") and own_forward(module, *_HF_RMSNORMS)
 
-    @register_norm_sampler(*_HF_RMSNORMS)
-    class HFRMSNormRule(HookRule):
-        def supports(self, module):
-            return hasattr(module, "variance_epsilon") and type(module).forward in {c.forward for c in _HF_RMSNORMS}
-
-        def contributions(self, module, x, g):
-            x32 = x.float()
-            x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-            x_hat = x_hat.to(x.dtype).float()  # the layer multiplies the weight by x_hat cast to the input dtype
-            return _norm_layer_contributions(module, x_hat, g.float(), module.weight.shape)
+    def contributions(self, module, x, g):
+        x32 = x.float()
+        x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        x_hat = x_hat.to(x.dtype).float()  # the layer multiplies the weight by x_hat cast to the input dtype
+        return _norm_layer_contributions(module, x_hat, g.float(), module.weight.shape)

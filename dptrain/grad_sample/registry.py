@@ -7,13 +7,13 @@ the module's class hierarchy (most specific first); modules without a rule go to
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional, Type, Union
 
 from torch import nn
 
 __all__ = ["register_norm_sampler", "find_rule", "RULES", "UnsupportedModuleError", "REFUSED"]
 
-RULES: Dict[type, object] = {}
+RULES: Dict[Union[type, str], object] = {}  # by class, or by "module.QualName" (no import needed)
 
 # Module types that cannot be made private as they are, with the fix to suggest.
 REFUSED: Dict[type, str] = {
@@ -32,8 +32,12 @@ class UnsupportedModuleError(ValueError):
     """A module with trainable parameters that dptrain cannot handle exactly."""
 
 
-def register_norm_sampler(*module_types: Type[nn.Module]) -> Callable[[type], type]:
-    """Class decorator: ``@register_norm_sampler(nn.Linear)`` makes the decorated rule handle that type."""
+def register_norm_sampler(*module_types: Union[Type[nn.Module], str]) -> Callable[[type], type]:
+    """Class decorator: ``@register_norm_sampler(nn.Linear)`` makes the decorated rule handle that type.
+
+    A type may also be named by its qualified name ("transformers.pytorch_utils.Conv1D"), so optional
+    libraries are never imported just to register a rule.
+    """
 
     def wrap(rule_cls: type) -> type:
         for module_type in module_types:
@@ -48,7 +52,17 @@ def find_rule(module: nn.Module) -> Optional[object]:
     for cls in type(module).__mro__:
         if cls in REFUSED and getattr(module, "track_running_stats", True):
             raise UnsupportedModuleError(f"{type(module).__name__}: {REFUSED[cls]}")
-        if cls in RULES:
-            rule = RULES[cls]
+        rule = RULES.get(cls) or RULES.get(qualified_name(cls))
+        if rule is not None:
             return rule if rule.supports(module) else None
     return None
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def own_forward(module: nn.Module, *names: str) -> bool:
+    """True when ``module`` runs the forward of the registered class (not a subclass's own forward)."""
+    cls = next((c for c in type(module).__mro__ if c in RULES or qualified_name(c) in names), None)
+    return cls is not None and type(module).forward is cls.forward

@@ -230,6 +230,7 @@ class GradSampleTracker:
                 self._clip_flat(groups)
         except NonFiniteGradientError:
             self.reset()
+            self.reset_statistics()  # a dropped batch must not reach later statistic releases
             raise
         finally:
             for g in groups:
