@@ -85,7 +85,7 @@ def worker(model_name: str, method: str, steps: int) -> dict:
     batch = ids[:BATCH]
 
     def step():
-        logits = model(input_ids=batch, **extra).logits[:, :-1]  # (B, T-1, V)
+        logits = model(input_ids=batch, **extra).logits[:, :-1].contiguous()  # (B, T-1, V)
         targets = batch[:, 1:]
         if criterion is not None:  # Opacus ghost clipping: its loss wrapper runs the second backward
             loss = criterion(logits.reshape(-1, VOCAB), targets.reshape(-1), shape=logits.shape)

@@ -100,5 +100,8 @@ def run(args: argparse.Namespace) -> int:
         f"\n  noise multiplier {result.noise_multiplier:.3f}, expected batch {result.expected_batch_size:.0f} "
         f"of {result.dataset_size} records{ppl}\n  outputs in {args.output_dir}/ (report.json, training.png, model)"
     )
-    emit(summary, human, args.json)
+    from dptrain import distributed
+
+    if distributed.rank_and_world()[0] == 0:  # under torchrun, one summary
+        emit(summary, human, args.json)
     return 0

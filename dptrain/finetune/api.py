@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import random
 import time
 from importlib import import_module
 from pathlib import Path
 from typing import Optional, Sequence
+
+import torch
 
 from dptrain.finetune.checkpoint import load_checkpoint
 from dptrain.finetune.config import FinetuneConfig
@@ -25,6 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["finetune", "resolve_controller", "CHECKPOINT_NAME", "REPORT_NAME", "PLOT_NAME"]
 
 CHECKPOINT_NAME, REPORT_NAME, PLOT_NAME = "checkpoint.pt", "report.json", "training.png"
+LM_LOSS_BOUND = 10.0  # nats: per-sample LM losses are clipped to [0, 10] before a controller's noisy release
 
 
 def resolve_controller(name: str, seed: Optional[int] = None):
@@ -42,9 +46,25 @@ def resolve_controller(name: str, seed: Optional[int] = None):
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ValueError(f"controller class {class_name!r} not found in {module.__name__}")
-    if seed is not None and "seed" in inspect.signature(cls).parameters:
-        return cls(seed=seed)
-    return cls()
+    accepted = inspect.signature(cls).parameters
+    kwargs = {"seed": seed} if seed is not None and "seed" in accepted else {}
+    if "loss_bound" in accepted:  # reward from a DP-released (accounted) training loss, clipped per sample
+        kwargs["loss_bound"] = LM_LOSS_BOUND
+    return cls(**kwargs)
+
+
+def _init_distributed() -> Optional[int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU); this rank, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=5))
+    return dist.get_rank()
 
 
 def _prepare_output_dir(cfg: FinetuneConfig) -> Optional[Path]:
@@ -111,7 +131,10 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
     """Fine-tune under ``config.target_epsilon``; writes report, plot, model and checkpoint to ``output_dir``."""
     started = time.perf_counter()
     cfg = (config or FinetuneConfig()).validate()
-    out = _prepare_output_dir(cfg)
+    rank = _init_distributed()
+    if rank is not None and cfg.resume:
+        raise ValueError("--resume is not supported under torchrun yet (each rank has its own sampler state)")
+    out = _prepare_output_dir(cfg) if not rank else None  # only rank 0 writes files
     checkpoint = out / CHECKPOINT_NAME if out is not None else None
     state = load_checkpoint(checkpoint) if cfg.resume else None
     train_texts, eval_texts = _texts(cfg, train_texts, eval_texts)

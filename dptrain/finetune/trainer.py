@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from dptrain import distributed
+
 from dptrain.finetune.checkpoint import compare_fingerprints, save_checkpoint
 from dptrain.finetune.config import FinetuneConfig
 from dptrain.finetune.loss import PadCollator, TokenizedTexts, per_sample_lm_loss, perplexity
@@ -106,14 +108,21 @@ class PrivateLMTrainer:
             raise ValueError("the model has no trainable parameter")
         torch.manual_seed(cfg.seed)
         inner = build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        loader = DataLoader(self.train_set, batch_size=cfg.batch_size, collate_fn=self.collate)
+        _, world = distributed.rank_and_world()
+        if cfg.batch_size % world:
+            raise ValueError(f"batch-size {cfg.batch_size} must be a multiple of the number of processes ({world})")
+        net = self.model
+        if world > 1:  # torchrun: each rank clips its shard, the engine all-reduces the noised sums
+            net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        loader = DataLoader(self.train_set, batch_size=cfg.batch_size // world, collate_fn=self.collate)
         physical = cfg.physical_batch_size if cfg.physical_batch_size and cfg.physical_batch_size < cfg.batch_size \
             else None
         self.engine = dptrain.PrivacyEngine(accountant=cfg.accountant)
         # epochs chosen so that the engine calibrates the noise for exactly `total` steps: ceil(total - 0.5)
         try:
             private = self.engine.make_private(
-                module=self.model, optimizer=inner, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
+                module=net, optimizer=inner, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
                 target_epsilon=cfg.target_epsilon, target_delta=self.delta, epochs=(total - 0.5) / steps_per_epoch,
                 clipping=cfg.clipping, poisson_sampling=True, max_physical_batch_size=physical, loss_reduction="mean",
                 noise_seed=cfg.seed, sampler_seed=cfg.seed + 1, error_feedback=cfg.error_feedback,
@@ -121,7 +130,7 @@ class PrivateLMTrainer:
             )
         except ImportError as err:  # an optional engine part (e.g. error feedback) missing from this build
             raise ValueError(f"this dptrain build cannot run the requested setting: {err}") from None
-        self.model, self.optimizer, self.loader = private
+        self.net, self.optimizer, self.loader = private  # self.net: the module to call (DDP-wrapped under torchrun)
         self.sample_rate = sample_rate
         logger.info("DP fine-tuning: N=%d, q=%.4g, %d steps, sigma=%.4g, target eps=%g at delta=%.3g",
                     n, sample_rate, total, self.optimizer.noise_multiplier, cfg.target_epsilon, self.delta)
@@ -141,7 +150,7 @@ class PrivateLMTrainer:
         if self.step == 0 and self.eval_perplexity_before is None:
             self.eval_perplexity_before = self.evaluate()
         self.model.train()
-        bar = _progress(cfg.progress, self.total_steps, self.step)
+        bar = _progress(cfg.progress and distributed.rank_and_world()[0] == 0, self.total_steps, self.step)
         stop_at = self.total_steps if cfg.stop_after is None else min(cfg.stop_after, self.total_steps)
         loss_sum, rows_seen = 0.0, 0
         try:
@@ -151,9 +160,11 @@ class PrivateLMTrainer:
                     if rows:
                         ids = batch["input_ids"].to(self.device)  # (b, T)
                         mask = batch["attention_mask"].to(self.device)  # (b, T)
-                        logits = self.model(input_ids=ids, attention_mask=mask).logits  # (b, T, V)
+                        logits = self.net(input_ids=ids, attention_mask=mask).logits  # (b, T, V)
                         losses = per_sample_lm_loss(logits, ids, mask)  # (b,)
                         losses.mean().backward()
+                        if getattr(self.controller, "loss_bound", None) is not None:
+                            self.controller.observe_losses(losses)  # released with noise and accounted
                         loss_sum += float(losses.detach().sum())
                         rows_seen += rows
                     before = self.optimizer.steps_taken
@@ -169,7 +180,8 @@ class PrivateLMTrainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{record['train_loss']:.3f}", eps=f"{record['epsilon']:.2f}")
-                    if checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    if (checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                            and distributed.rank_and_world()[0] == 0):
                         self.save_checkpoint(checkpoint_path)
                     if self.step >= stop_at:
                         break
@@ -177,7 +189,7 @@ class PrivateLMTrainer:
             if bar is not None:
                 bar.close()
         finished = self.step >= self.total_steps
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and distributed.rank_and_world()[0] == 0:
             self.save_checkpoint(checkpoint_path)
         after = self.evaluate() if finished else None
         return FinetuneResult(

@@ -1,0 +1,28 @@
+"""`dptrain finetune` runs unchanged under torchrun with 2 CPU processes (gloo)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_finetune_under_torchrun_two_processes(tmp_path):
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = ["torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "dptrain.cli", "finetune",
+           "--max-steps", "3", "--pretrain-steps", "2", "--output-dir", str(out), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, "only rank 0 reports"
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 3 and report["epsilon"] <= report["target_epsilon"] + 1e-9
+    assert json.loads(lines[0])["epsilon"] == pytest.approx(report["epsilon"])
