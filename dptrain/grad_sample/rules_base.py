@@ -37,8 +37,14 @@ class Rule:
         """Install the capture; return handles/undo callables for ``detach``."""
         raise NotImplementedError
 
-    def contributions(self, module: nn.Module, saved: Any, grad_output: torch.Tensor) -> Dict[nn.Parameter, Contribution]:
-        """Per-sample gradient contributions of the module's trainable parameters (grad_output already scaled)."""
+    def contributions(
+        self, module: nn.Module, saved: Any, grad_output: torch.Tensor, scale: float
+    ) -> Dict[nn.Parameter, Contribution]:
+        """Per-sample gradient contributions of the module's own trainable parameters.
+
+        ``scale`` turns the output gradient of the batch loss into each sample's own (B for a mean loss);
+        rules apply it to their cheapest tensor.
+        """
         raise NotImplementedError
 
 

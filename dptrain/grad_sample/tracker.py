@@ -196,10 +196,9 @@ class GradSampleTracker:
                 f"module '{self._module_names[module]}': gradient batch dimension {batch} differs from the "
                 f"batch size {self.batch_size}; dptrain needs batch-first tensors in every layer"
             )
-        if self.loss_reduction == "mean":  # the loss is the mean over samples: undo the 1/B
-            grad_output = grad_output * batch
+        scale = float(batch) if self.loss_reduction == "mean" else 1.0  # a mean loss: undo its 1/B
         self._arrived_batch = batch
-        contributions = self._rules[module].contributions(module, saved, grad_output)
+        contributions = self._rules[module].contributions(module, saved, grad_output, scale)
         group = self._group_of[module]
         for p, c in contributions.items():
             group.pending.setdefault(p, []).append(c)
