@@ -68,6 +68,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write over a non-empty --output-dir")
     p.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pt")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for init, sampling and noise (default 0)")
+    p.add_argument("--debug-train-loss", action="store_true",
+                   help="record, show and plot the training loss: NON-PRIVATE debugging output (off by default)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (no progress bar)")
     p.set_defaults(func=run)
     return p
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         error_feedback=args.error_feedback, controller=args.controller, max_steps=args.max_steps,
         max_length=args.max_length, checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
         output_dir=args.output_dir, overwrite=args.overwrite, resume=args.resume, seed=args.seed,
-        progress=not args.json,
+        progress=not args.json, debug_train_loss=args.debug_train_loss,
     )
     result = finetune(config)
     summary = result.to_dict()

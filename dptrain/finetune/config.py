@@ -12,7 +12,8 @@ CLIPPING_MODES = ("flat", "per_layer", "automatic")
 ACCOUNTANTS = ("rdp", "pld")
 
 # settings that do not change what the run computes (left out of the resume fingerprint)
-_NOT_IN_FINGERPRINT = {"output_dir", "overwrite", "resume", "checkpoint_every", "stop_after", "progress", "device"}
+_NOT_IN_FINGERPRINT = {"output_dir", "overwrite", "resume", "checkpoint_every", "stop_after", "progress", "device",
+                       "debug_train_loss"}
 
 
 @dataclass
@@ -48,6 +49,7 @@ class FinetuneConfig:
     checkpoint_every: int = 25
     stop_after: Optional[int] = None  # stop (checkpointed) after this many steps, as if interrupted
     progress: bool = True
+    debug_train_loss: bool = False  # record/plot the training loss: NON-PRIVATE debugging output, off by default
     device: str = "auto"
     # demo only
     demo_records: int = 1280

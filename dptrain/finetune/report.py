@@ -1,4 +1,5 @@
-"""Run outputs: ``report.json`` and ``training.png`` (loss and epsilon over steps)."""
+"""Run outputs: ``report.json`` and ``training.png`` (epsilon over steps; the training loss only when the
+non-private debugging flag ``debug_train_loss`` is on)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Dict, List
 
 __all__ = ["write_report", "plot_training", "LOSS_NOTE"]
 
-LOSS_NOTE = ("train_loss is the mean loss of each Poisson batch on the PRIVATE records: non-private debugging "
+LOSS_NOTE = ("train_loss (present only with --debug-train-loss) is the mean loss of each Poisson batch on the PRIVATE records: non-private debugging "
              "output, not covered by the DP guarantee; do not publish it. eval perplexities are computed on "
              "held-out records and are not DP either.")
 
@@ -35,11 +36,15 @@ def plot_training(path, history: List[Dict[str, float]], *, target_epsilon: floa
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(steps, [h["train_loss"] for h in history], lw=1)
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("mean per-sample loss")
-    ax_loss.set_title("training loss (private data: non-private debug output)", fontsize=9)
+    with_loss = all("train_loss" in h for h in history)  # only with the non-private debug flag
+    fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(10 if with_loss else 5.5, 3.8), squeeze=False)
+    ax_eps = axes[0, -1]
+    if with_loss:
+        ax_loss = axes[0, 0]
+        ax_loss.plot(steps, [h["train_loss"] for h in history], lw=1)
+        ax_loss.set_xlabel("step")
+        ax_loss.set_ylabel("mean per-sample loss")
+        ax_loss.set_title("training loss (private data: NON-PRIVATE debug output)", fontsize=9)
     ax_eps.plot(steps, [h["epsilon"] for h in history], color="tab:red", lw=1.5)
     ax_eps.axhline(target_epsilon, color="grey", ls="--", lw=1, label=f"target {target_epsilon:g}")
     ax_eps.set_xlabel("step")

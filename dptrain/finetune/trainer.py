@@ -173,13 +173,16 @@ class PrivateLMTrainer:
                     if self.optimizer.steps_taken == before:
                         continue  # a micro-batch inside a logical batch
                     self.step += 1
-                    record = {"step": self.step, "train_loss": loss_sum / rows_seen if rows_seen else float("nan"),
-                              "batch_size": rows_seen, "epsilon": self.engine.get_epsilon(self.delta)}
+                    record = {"step": self.step, "epsilon": self.engine.get_epsilon(self.delta)}
+                    if cfg.debug_train_loss:  # non-private: the loss and size of a batch of private records
+                        record.update(train_loss=loss_sum / rows_seen if rows_seen else float("nan"),
+                                      batch_size=rows_seen)
                     self.history.append(record)
                     loss_sum, rows_seen = 0.0, 0
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{record['train_loss']:.3f}", eps=f"{record['epsilon']:.2f}")
+                        shown = {"loss": f"{record['train_loss']:.3f}"} if cfg.debug_train_loss else {}
+                        bar.set_postfix(**shown, eps=f"{record['epsilon']:.2f}")
                     if (checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                             and distributed.rank_and_world()[0] == 0):
                         self.save_checkpoint(checkpoint_path)
