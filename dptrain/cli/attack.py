@@ -69,7 +69,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "attack", help="privacy attacks on a saved LM: membership inference, canary exposure",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'dptrain attack mia --help' or 'dptrain attack canary --help' for options and examples.",
+        epilog="examples:\n  dptrain attack mia --model out --json\n  dptrain attack canary --model out --num-references 2000\n"
+        "Run 'dptrain attack mia --help' or 'dptrain attack canary --help' for all options and examples.",
     )
     sub = parser.add_subparsers(dest="attack", metavar="<attack>")
     parser.set_defaults(func=_no_attack(parser))
