@@ -2,6 +2,7 @@
 
     python examples/privacy_study.py                 # ~10 minutes on 2 CPU cores; writes section "privacy_study"
     python examples/privacy_study.py --epsilons 1e6 3 --no-write
+    python examples/privacy_study.py --epochs 10 --section privacy_study_10_epochs   # 5x longer runs
 
 For each budget the bundled demo (tiny GPT-2, public pretraining, DP fine-tuning on synthetic clinical records
 with canaries) is trained through the library API (``dptrain.finetune.finetune``) with the demo's own records
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--audit-canaries", type=int, default=256)
     parser.add_argument("--guesses", type=int, default=20, help="k+ = k- of the one-run audit (fixed in advance)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--section", default="privacy_study", help="RESULTS.md section (default privacy_study)")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not touch RESULTS.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -139,7 +141,7 @@ def main() -> None:
     body = table(rows, args)
     print(body)
     if not args.no_write:
-        write_section("privacy_study", body)
+        write_section(args.section, body)
 
 
 if __name__ == "__main__":
