@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from dptrain.cli import CLIError, emit
+from dptrain.cli._types import positive_int
 
 __all__ = ["add_parser", "run_mia", "run_canary", "demo_records", "demo_canaries", "load_model"]
 
@@ -44,14 +45,6 @@ examples:
 
 
 # ------------------------------------------------------------------------------------------------ arguments
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -85,9 +78,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     mia.add_argument("--members", default=None, help="training records: JSONL ('text') or .txt one per line")
     mia.add_argument("--nonmembers", default=None, help="records not trained on, same format")
     mia.add_argument("--k", type=_fraction, default=0.2, help="Min-K%% fraction (default 0.2)")
-    mia.add_argument("--max-length", type=_positive_int, default=None,
+    mia.add_argument("--max-length", type=positive_int, default=None,
                      help="tokens per record (default: the run's max_length, else the tokenizer's limit)")
-    mia.add_argument("--batch-size", type=_positive_int, default=32, help="records per forward pass (default 32)")
+    mia.add_argument("--batch-size", type=positive_int, default=32, help="records per forward pass (default 32)")
     mia.add_argument("--plot", default=None, help="write a log-log ROC plot (PNG) here")
     mia.add_argument("--json", action="store_true", help="print {score_name: metrics} as one JSON object")
     mia.set_defaults(func=run_mia)
@@ -99,9 +92,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     can.add_argument("--model", required=True, help="model folder (save_pretrained model + tokenizer)")
     can.add_argument("--canaries", default=None, help="JSONL of {template, secret} (default: the demo's canaries)")
-    can.add_argument("--num-references", type=_positive_int, default=1000,
+    can.add_argument("--num-references", type=positive_int, default=1000,
                      help="random candidates per template (default 1000)")
-    can.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per forward pass (default 64)")
+    can.add_argument("--batch-size", type=positive_int, default=64, help="sequences per forward pass (default 64)")
     can.add_argument("--seed", type=int, default=0, help="seed of the reference sample (default 0)")
     can.add_argument("--plot", default=None, help="write an exposure histogram (PNG) here")
     can.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 
 from dptrain.cli import CLIError, emit
+from dptrain.cli._types import finite_float, nonneg_int
 
 __all__ = ["add_parser", "run", "load_scores"]
 
@@ -36,24 +37,8 @@ examples:
 """
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}")
-    return value
 
 
-def _open_unit(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, found {text!r}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -63,12 +48,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     one = p.add_argument_group("one-run audit (all three)")
-    one.add_argument("--num-canaries", type=_count, help="m: canaries, each inserted with probability 1/2")
-    one.add_argument("--num-guesses", type=_count, help="r: guesses made (fixed before seeing the scores)")
-    one.add_argument("--num-correct", type=_count, help="v: correct guesses")
+    one.add_argument("--num-canaries", type=nonneg_int, help="m: canaries, each inserted with probability 1/2")
+    one.add_argument("--num-guesses", type=nonneg_int, help="r: guesses made (fixed before seeing the scores)")
+    one.add_argument("--num-correct", type=nonneg_int, help="v: correct guesses")
     p.add_argument("--scores", default=None, help="multi-run audit: JSON with member and nonmember scores")
-    p.add_argument("--delta", type=_open_unit, default=0.0, help="delta of the (eps, delta) guarantee (default 0)")
-    p.add_argument("--confidence", type=_open_unit, default=0.95, help="confidence of the bound (default 0.95)")
+    p.add_argument("--delta", type=finite_float, default=0.0, help="delta of the (eps, delta) guarantee (default 0)")
+    p.add_argument("--confidence", type=finite_float, default=0.95, help="confidence of the bound (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="multi-run: seed of the split-half threshold choice")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run)

@@ -11,6 +11,7 @@ import math
 import sys
 
 from dptrain.cli import CLIError, emit
+from dptrain.cli._types import finite_float, nonneg_int, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -29,34 +30,10 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
-    return value
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}")
-    return value
 
 
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, found {text!r}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -76,16 +53,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     parser.error = one_line_error
     rate = parser.add_argument_group("sampling (either --sample-rate or --dataset-size with --batch-size)")
-    rate.add_argument("--sample-rate", type=_number, help="Poisson sample rate q in (0, 1]")
-    rate.add_argument("--dataset-size", type=_positive_int, help="number of records N")
-    rate.add_argument("--batch-size", type=_positive_int, help="expected batch size B (q = B / N)")
+    rate.add_argument("--sample-rate", type=finite_float, help="Poisson sample rate q in (0, 1]")
+    rate.add_argument("--dataset-size", type=positive_int, help="number of records N")
+    rate.add_argument("--batch-size", type=positive_int, help="expected batch size B (q = B / N)")
     length = parser.add_argument_group("length (either --steps or --epochs; omit both to get the step budget)")
-    length.add_argument("--steps", type=_nonneg_int, help="number of optimizer steps")
-    length.add_argument("--epochs", type=_number, help="epochs; steps = ceil(epochs * ceil(N / B))")
-    parser.add_argument("--noise-multiplier", type=_number, help="noise multiplier sigma (-> epsilon)")
-    parser.add_argument("--target-epsilon", type=_number, help="target epsilon (-> noise multiplier; "
+    length.add_argument("--steps", type=nonneg_int, help="number of optimizer steps")
+    length.add_argument("--epochs", type=finite_float, help="epochs; steps = ceil(epochs * ceil(N / B))")
+    parser.add_argument("--noise-multiplier", type=finite_float, help="noise multiplier sigma (-> epsilon)")
+    parser.add_argument("--target-epsilon", type=finite_float, help="target epsilon (-> noise multiplier; "
                         "with --noise-multiplier -> max steps)")
-    parser.add_argument("--delta", type=_number, help="delta (default: min(1e-5, 1/N^1.1), or 1e-5 without N)")
+    parser.add_argument("--delta", type=finite_float, help="delta (default: min(1e-5, 1/N^1.1), or 1e-5 without N)")
     parser.add_argument("--accountant", choices=("rdp", "pld", "all"), default="rdp", help="default: rdp")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
