@@ -10,6 +10,12 @@ Each use is kept in one of two forms:
 - ``Instantiated``: the per-sample gradient itself, (B, *param.shape) (norm layers, biases, the fallback).
 
 Cross terms: <L1^T R1, L2^T R2> = sum_{t,s} (L1 L2^T)[t, s] (R1 R2^T)[t, s] per sample.
+
+Densifying: a parameter's uses can instead be summed into one ``Instantiated`` per-sample gradient
+(``densify``). Building it costs the same GEMM FLOPs as the weight gradient itself (a batched product instead
+of one product), after which the norm and the clipped sum are cheap elementwise passes, so for long sequences
+it beats "ghost norm + scaled GEMM" by the whole norm computation. It needs (B, *shape) memory, so callers
+densify only within a byte budget (``densify_gain`` says whether it pays).
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ import torch
 
 from dptrain import kernels
 
-__all__ = ["Factored", "Instantiated", "Contribution", "per_sample_sq_norms", "weighted_sum", "batch_size_of"]
+__all__ = [
+    "Factored", "Instantiated", "Contribution", "per_sample_sq_norms", "weighted_sum", "batch_size_of", "densify",
+    "densify_gain",
+]
 
 
 @dataclass
@@ -58,7 +67,7 @@ def batch_size_of(c: Contribution) -> int:
 
 def _self_sq_norm(c: Contribution) -> torch.Tensor:
     if isinstance(c, Instantiated):
-        return c.grad.flatten(1).float().pow(2).sum(1)  # (B,)
+        return torch.linalg.vector_norm(c.grad.flatten(1), dim=1, dtype=torch.float32).square()  # (B,) one pass
     if c.is_index:
         return kernels.per_sample_embedding_grad_sq_norms(c.left, c.right)
     return kernels.per_sample_linear_grad_sq_norms(c.right, c.left)
@@ -117,3 +126,44 @@ def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch
         part = part.reshape(shape)
         out = part if out is None else out + part
     return out
+
+
+# A densified gradient is written once and read twice (norm, weighted sum): memory-bound passes worth about this
+# many multiply-adds per element each on a CPU, against the GEMM FLOPs of the factored norm they replace.
+DENSE_PASS_COST = 8
+
+
+def densify_gain(uses: Sequence[Contribution], numel: int) -> float:
+    """Multiply-adds per sample saved by densifying ``uses`` (<= 0: keep them factored)."""
+    saved = 0.0
+    for c in uses:
+        if isinstance(c, Factored) and not c.is_index:
+            t, rows, cols = c.left.shape[1], c.rows, c.right.shape[2]
+            saved += min(t * t * (rows + cols), t * rows * cols)  # the factored norm (ghost or instantiate)
+    return saved - DENSE_PASS_COST * numel if saved else 0.0
+
+
+def densify(uses: Sequence[Contribution], out: torch.Tensor) -> Instantiated:
+    """The per-sample gradient summed over ``uses``, written into ``out`` (B, *shape) fp32 (any contents)."""
+    batch = out.shape[0]
+    for k, c in enumerate(uses):
+        first = k == 0
+        if isinstance(c, Instantiated):
+            part = c.grad.reshape(out.shape)
+            out.copy_(part) if first else out.add_(part)
+            continue
+        if first and c.is_index:
+            out.zero_()
+        rows_view = out.view(batch, c.rows, -1)  # (B, rows, cols)
+        right = c.right.float()
+        if c.is_index:  # row ids_t of sample i gets right_i[t]
+            offsets = torch.arange(batch, device=c.left.device)[:, None] * c.rows  # (B, 1)
+            rows_view.view(batch * c.rows, -1).index_add_(0, (c.left + offsets).flatten(), right.flatten(0, 1))
+            continue
+        left = c.left.float()
+        for i in range(batch):  # left_i^T right_i; one GEMM per sample runs at full GEMM speed on CPU, bmm does not
+            if first:
+                torch.mm(left[i].T, right[i], out=rows_view[i])
+            else:
+                rows_view[i].addmm_(left[i].T, right[i])
+    return Instantiated(out)

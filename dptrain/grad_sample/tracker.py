@@ -27,6 +27,8 @@ from dptrain.grad_sample.contributions import (
     Factored,
     Instantiated,
     batch_size_of,
+    densify,
+    densify_gain,
     per_sample_sq_norms,
     weighted_sum,
 )
@@ -41,6 +43,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["GradSampleTracker", "ClipGroup", "NonFiniteGradientError", "CLIPPING_MODES"]
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic")
+
+# Explicit per-sample gradients built at once by one processing call (on CPU, where they beat ghost norms for
+# sequences; the GPU path keeps the fused kernels, which never write them).
+DENSE_BUDGET_BYTES = 256 * 2**20
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -82,6 +88,7 @@ class GradSampleTracker:
         self.loss_reduction = loss_reduction
         self.automatic_gamma = automatic_gamma
         self.track_unclipped = track_unclipped
+        self._arena: Optional[torch.Tensor] = None  # reused storage of densified per-sample gradients (CPU)
         self.batch_size: Optional[int] = None  # of the current forward pass
         self.step_index = 0  # set by the optimizer, for error messages
         self._enabled = True
@@ -222,6 +229,7 @@ class GradSampleTracker:
         if not groups:
             return
         try:
+            self._densify(groups)
             if self.clipping == "per_layer":
                 for g in groups:
                     self._clip_group(g)
@@ -234,6 +242,31 @@ class GradSampleTracker:
         finally:
             for g in groups:
                 g.pending = {}
+
+    def _densify(self, groups: Sequence[ClipGroup]) -> None:
+        """Swap factored uses for explicit per-sample gradients where that saves the most work per byte.
+
+        The gradients live in one reused fp32 arena (a fresh multi-MB buffer per step costs page faults)."""
+        candidates = []
+        for g in groups:
+            for p, uses in g.pending.items():
+                first = uses[0].grad if isinstance(uses[0], Instantiated) else uses[0].right
+                gain = densify_gain(uses, p.numel())
+                if gain > 0 and not first.is_cuda:
+                    candidates.append((gain / p.numel(), g, p, batch_size_of(uses[0]) * p.numel()))
+        chosen, room = [], DENSE_BUDGET_BYTES // 4
+        for _, g, p, size in sorted(candidates, key=lambda c: -c[0]):
+            if size <= room:
+                chosen.append((g, p, size))
+                room -= size
+        needed = sum(size for _, _, size in chosen)
+        if needed and (self._arena is None or self._arena.numel() < needed):
+            self._arena = torch.empty(needed, dtype=torch.float32)
+        start = 0
+        for g, p, size in chosen:
+            out = self._arena[start : start + size].view(-1, *p.shape)  # (B, *p.shape)
+            g.pending[p] = [densify(g.pending[p], out)]
+            start += size
 
     def _check_finite(self, norms: torch.Tensor, where: str) -> None:
         if not torch.isfinite(norms).all():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dptrain.grad_sample import contributions, tracker as tracker_module
 from dptrain.grad_sample.tracker import GradSampleTracker
 from tests.helpers.models import CASES
 from tests.helpers.oracle import clipped_sum, per_sample_grads, relative_error
@@ -13,10 +14,20 @@ def _median_norm(grads):
     return float(norms.median())
 
 
+@pytest.fixture(params=["factored", "densified"])
+def dense_mode(request, monkeypatch):
+    """Run each parity case twice: uses kept factored, and every dense use densified (explicit gradients)."""
+    if request.param == "factored":
+        monkeypatch.setattr(tracker_module, "DENSE_BUDGET_BYTES", 0)
+    else:
+        monkeypatch.setattr(contributions, "DENSE_PASS_COST", -1e9)
+    return request.param
+
+
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("case_name", list(CASES))
-def test_clipped_sum_matches_batch_size_one_oracle(case_name, clipping, reduction):
+def test_clipped_sum_matches_batch_size_one_oracle(case_name, clipping, reduction, dense_mode):
     case = CASES[case_name]()
     oracle = per_sample_grads(case.model, lambda m, i: case.per_sample_loss(m, case.sample(i)).sum(), case.batch_size)
     c = 0.7 * _median_norm(oracle)  # some samples clipped, some not

@@ -1,0 +1,60 @@
+"""Densified per-sample gradients equal the definitions of every contribution form, in any order of uses."""
+
+import itertools
+
+import pytest
+import torch
+
+from dptrain.grad_sample.contributions import (
+    Factored,
+    Instantiated,
+    densify,
+    densify_gain,
+    per_sample_sq_norms,
+    weighted_sum,
+)
+
+B, T, ROWS, COLS = 3, 5, 7, 4
+
+
+def _uses(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = torch.Size([ROWS, COLS])
+    dense = Factored(torch.randn(B, T, ROWS, generator=g), torch.randn(B, T, COLS, generator=g), ROWS, shape)
+    ids = torch.randint(0, ROWS, (B, T), generator=g)
+    ids[0, :2] = 3  # a repeated id: its rows add up
+    index = Factored(ids, torch.randn(B, T, COLS, generator=g), ROWS, shape)
+    inst = Instantiated(torch.randn(B, ROWS, COLS, generator=g))
+    return {"dense": dense, "index": index, "inst": inst}, shape
+
+
+def _definition(c):
+    """(B, ROWS, COLS) straight from the definition G_i = left_i^T right_i (one-hot left for ids)."""
+    if isinstance(c, Instantiated):
+        return c.grad
+    left = torch.nn.functional.one_hot(c.left, ROWS).float() if c.is_index else c.left
+    return torch.einsum("btr,btc->brc", left, c.right)
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(["dense", "index", "inst"])) + [("index",), ("dense",)])
+def test_densify_equals_the_sum_of_definitions(order):
+    uses, shape = _uses()
+    chosen = [uses[k] for k in order]
+    expected = sum(_definition(c) for c in chosen)  # (B, ROWS, COLS)
+    out = torch.full((B, *shape), float("nan"))  # stale contents must not leak in
+    dense = densify(chosen, out)
+    torch.testing.assert_close(dense.grad, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_sample_sq_norms([dense]), per_sample_sq_norms(chosen), rtol=1e-4, atol=1e-4)
+    scale = torch.tensor([0.5, -1.0, 2.0])
+    torch.testing.assert_close(weighted_sum([dense], scale, shape), weighted_sum(chosen, scale, shape),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_densify_gain_prefers_long_sequences_and_skips_index_only_uses():
+    shape = torch.Size([256, 256])
+    short = Factored(torch.zeros(1, 1, 256), torch.zeros(1, 1, 256), 256, shape)
+    long = Factored(torch.zeros(1, 128, 256), torch.zeros(1, 128, 256), 256, shape)
+    ids = Factored(torch.zeros(1, 128, dtype=torch.long), torch.zeros(1, 128, 256), 256, shape)
+    assert densify_gain([short], shape.numel()) < 0  # rank one: the ghost norm is nearly free
+    assert densify_gain([long], shape.numel()) > 0
+    assert densify_gain([ids], shape.numel()) == 0
