@@ -18,6 +18,7 @@ import torch
 
 from dptrain import distributed
 from dptrain.grad_sample.tracker import GradSampleTracker
+from dptrain.noise import GaussianNoise
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.noise_multiplier = noise_multiplier
         self.expected_batch_size = float(expected_batch_size)
         self.params: List[torch.nn.Parameter] = [p for g in optimizer.param_groups for p in g["params"]]
-        self._noise_seed = noise_seed
-        self._generators: Dict[str, torch.Generator] = {}
+        self._noise = GaussianNoise(noise_seed, rank=distributed.rank_and_world()[0])  # ranks never share noise
         self._skip_next = False
         self.steps_taken = 0  # logical steps
         self.step_callbacks: List[Callable[["DPOptimizer"], None]] = []  # run after noise, before the inner step
@@ -114,18 +114,6 @@ class DPOptimizer(torch.optim.Optimizer):
         return loss
 
     # ------------------------------------------------------------------ noise
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            gen = torch.Generator(device=device)
-            if self._noise_seed is None:
-                gen.seed()  # fresh OS entropy
-            else:
-                rank = distributed.rank_and_world()[0]  # ranks must never share noise
-                gen.manual_seed(self._noise_seed + 7919 * len(self._generators) + 1_000_003 * rank)
-            self._generators[key] = gen
-        return self._generators[key]
-
     def noise_std(self) -> float:
         """Std of the noise added to the clipped SUM (before dividing by the expected batch size)."""
         return self.noise_multiplier * self.tracker.total_max_norm * self.noise_scale
@@ -139,20 +127,18 @@ class DPOptimizer(torch.optim.Optimizer):
         rank, world = distributed.rank_and_world()
         std = self.noise_std() / world**0.5  # each rank's share; the all-reduced sum has std sigma * C
         if std > 0:
-            sums = [s + torch.normal(0.0, std, size=s.shape, generator=self._generator(s.device), device=s.device)
-                    for s in sums]
+            self._noise.add_(sums, std)  # in place: the sums are the tracker's, reset after this step
         if world > 1:
             sums = distributed.all_reduce_sum(sums)
         for p, s in zip(params, sums):
-            p.grad = (s / self.expected_batch_size).to(p.dtype)
+            p.grad = s.div_(self.expected_batch_size).to(p.dtype)
 
     def noise_state_dict(self) -> dict:
-        return {"generators": {k: g.get_state() for k, g in self._generators.items()}, "steps_taken": self.steps_taken,
+        return {"generators": self._noise.state_dict(), "steps_taken": self.steps_taken,
                 "noise_multiplier": self.noise_multiplier}
 
     def load_noise_state_dict(self, state: dict) -> None:
-        for key, gen_state in state["generators"].items():
-            self._generator(torch.device(key)).set_state(gen_state)
+        self._noise.load_state_dict(state["generators"])
         self.steps_taken = int(state["steps_taken"])
         self.noise_multiplier = float(state["noise_multiplier"])
         if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
