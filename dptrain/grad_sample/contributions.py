@@ -29,6 +29,7 @@ from dptrain import kernels
 
 __all__ = [
     "Factored", "Instantiated", "Contribution", "per_sample_sq_norms", "weighted_sum", "batch_size_of", "densify",
+    "select_samples",
     "densify_gain",
 ]
 
@@ -63,6 +64,13 @@ Contribution = Union[Factored, Instantiated]
 
 def batch_size_of(c: Contribution) -> int:
     return (c.left if isinstance(c, Factored) else c.grad).shape[0]
+
+
+def select_samples(c: Contribution, sl: slice) -> Contribution:
+    """The contribution of the samples ``sl`` only."""
+    if isinstance(c, Instantiated):
+        return Instantiated(c.grad[sl])
+    return Factored(c.left[sl], c.right[sl], c.rows, c.shape)
 
 
 def _self_sq_norm(c: Contribution) -> torch.Tensor:

@@ -30,6 +30,7 @@ from dptrain.grad_sample.contributions import (
     densify,
     densify_gain,
     per_sample_sq_norms,
+    select_samples,
     weighted_sum,
 )
 from dptrain.grad_sample.functorch_rule import FunctorchRule
@@ -229,12 +230,11 @@ class GradSampleTracker:
         if not groups:
             return
         try:
-            self._densify(groups)
             if self.clipping == "per_layer":
                 for g in groups:
-                    self._clip_group(g)
-            else:
-                self._clip_flat(groups)
+                    self._clip([g], g.max_norm, g.name)
+            else:  # one norm per sample over every group
+                self._clip(groups, groups[0].max_norm, groups[0].name)
         except NonFiniteGradientError:
             self.reset()
             self.reset_statistics()  # a dropped batch must not reach later statistic releases
@@ -243,73 +243,90 @@ class GradSampleTracker:
             for g in groups:
                 g.pending = {}
 
-    def _densify(self, groups: Sequence[ClipGroup]) -> None:
-        """Swap factored uses for explicit per-sample gradients where that saves the most work per byte.
+    def _clip(self, groups: Sequence[ClipGroup], max_norm: float, count_as: str) -> None:
+        """Clip the pending contributions of ``groups`` with one norm per sample; add the clipped sums.
 
-        The gradients live in one reused fp32 arena (a fresh multi-MB buffer per step costs page faults)."""
-        candidates = []
-        for g in groups:
-            for p, uses in g.pending.items():
-                first = uses[0].grad if isinstance(uses[0], Instantiated) else uses[0].right
-                gain = densify_gain(uses, p.numel())
-                if gain > 0 and not first.is_cuda:
-                    candidates.append((gain / p.numel(), g, p, batch_size_of(uses[0]) * p.numel()))
-        chosen, room = [], DENSE_BUDGET_BYTES // 4
-        for _, g, p, size in sorted(candidates, key=lambda c: -c[0]):
-            if size <= room:
-                chosen.append((g, p, size))
-                room -= size
-        needed = sum(size for _, _, size in chosen)
-        if needed and (self._arena is None or self._arena.numel() < needed):
+        Three routes, per parameter: densified (explicit per-sample gradients, built in batch chunks on CPU
+        where cheaper than ghost norms), fused (the kernel API's norm-clip-sum of one linear weight: the GPU
+        path), or factored (norms, then weighted sums from the contributions)."""
+        pending = {p: uses for g in groups for p, uses in g.pending.items()}
+        batch = batch_size_of(next(iter(pending.values()))[0])
+        dense, chunk = self._plan_dense(pending, batch)
+        fused = None
+        if self.clipping == "per_layer" and not dense:
+            fused = next((p for p, u in pending.items()
+                          if len(u) == 1 and isinstance(u[0], Factored) and not u[0].is_index), None)
+        factored = {p: u for p, u in pending.items() if p not in dense and p is not fused}
+        sq = torch.zeros(batch, dtype=torch.float32, device=self._device_of(pending))  # (B,)
+        for p, uses in factored.items():
+            sq += self._finite(per_sample_sq_norms(uses), p)
+        if fused is not None:  # norm, clip factor and clipped sum of the big matrix in one pass
+            (c,) = pending[fused]
+            grad, norms = kernels.fused_clip_linear_grad(c.right, c.left, max_norm, extra_sq_norms=sq)
+            factors = self._factors(self._finite(norms, fused), max_norm, count_as)
+            self._add(fused, grad.reshape(fused.shape), pending[fused])
+        elif dense:
+            factors = torch.empty_like(sq)
+            sums: Dict[nn.Parameter, torch.Tensor] = {}
+            for sl in (slice(i, min(batch, i + chunk)) for i in range(0, batch, chunk)):
+                grads = self._densify(dense, pending, sl)  # {p: (b, *p.shape)}
+                chunk_sq = sq[sl] + sum(self._finite(per_sample_sq_norms([d]), p) for p, d in grads.items())
+                factors[sl] = self._factors(chunk_sq.sqrt(), max_norm, count_as)
+                for p, d in grads.items():
+                    part = weighted_sum([d], factors[sl], p.shape)
+                    sums[p] = part if p not in sums else sums[p].add_(part)
+            for p in dense:
+                self._add(p, sums[p], pending[p])
+        else:
+            factors = self._factors(sq.sqrt(), max_norm, count_as)
+        for p, uses in factored.items():
+            self._add(p, weighted_sum(uses, factors, p.shape), uses)
+
+    def _factors(self, norms: torch.Tensor, max_norm: float, count_as: str) -> torch.Tensor:
+        """Per-sample scale of the gradients, (B,): clipping (counted) or automatic normalisation."""
+        if self.clipping == "automatic":
+            return max_norm / (norms + self.automatic_gamma)
+        self.clipped_count[count_as] += int((norms > max_norm).sum())
+        return kernels.clip_factors(norms, max_norm)
+
+    @staticmethod
+    def _device_of(pending) -> torch.device:
+        first = next(iter(pending.values()))[0]
+        return (first.grad if isinstance(first, Instantiated) else first.right).device
+
+    def _plan_dense(self, pending, batch: int) -> tuple:
+        """Parameters worth densifying (CPU only, most work saved per byte first) and the samples per chunk."""
+        if batch == 0 or self._device_of(pending).type != "cpu":
+            return {}, 0
+        gains = {p: densify_gain(u, p.numel()) for p, u in pending.items()}
+        chosen, per_sample = {}, 0  # an ordered set: `in` on a list would compare tensors
+        for p in sorted((p for p in gains if gains[p] > 0), key=lambda p: -gains[p] / p.numel()):
+            if 4 * (per_sample + p.numel()) <= DENSE_BUDGET_BYTES:
+                chosen[p] = None
+                per_sample += p.numel()
+        return chosen, min(batch, DENSE_BUDGET_BYTES // max(1, 4 * per_sample))
+
+    def _densify(self, dense, pending, sl: slice) -> Dict[nn.Parameter, torch.Tensor]:
+        """Explicit per-sample gradients of the samples ``sl``, in one reused fp32 arena (a fresh multi-MB buffer
+        every step costs page faults)."""
+        b = sl.stop - sl.start
+        needed = b * sum(p.numel() for p in dense)
+        if self._arena is None or self._arena.numel() < needed:
             self._arena = torch.empty(needed, dtype=torch.float32)
-        start = 0
-        for g, p, size in chosen:
-            out = self._arena[start : start + size].view(-1, *p.shape)  # (B, *p.shape)
-            g.pending[p] = [densify(g.pending[p], out)]
-            start += size
+        grads, start = {}, 0
+        for p in dense:
+            out = self._arena[start : start + b * p.numel()].view(b, *p.shape)
+            grads[p] = densify([select_samples(c, sl) for c in pending[p]], out)
+            start += b * p.numel()
+        return grads
 
-    def _check_finite(self, norms: torch.Tensor, where: str) -> None:
+    def _finite(self, norms: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
         if not torch.isfinite(norms).all():
             raise NonFiniteGradientError(
-                f"non-finite per-sample gradient norm in layer(s) {where} at step {self.step_index}; "
+                f"non-finite per-sample gradient norm in layer(s) {self._param_names[p]} at step {self.step_index}; "
                 "the logical batch was dropped, no parameter changed and nothing was accounted"
             )
-
-    def _clip_flat(self, groups: Sequence[ClipGroup]) -> None:
-        sq = {p: per_sample_sq_norms(uses) for g in groups for p, uses in g.pending.items()}
-        for p, s in sq.items():
-            self._check_finite(s, self._param_names[p])
-        norms = sum(sq.values()).sqrt()  # (B,)
-        c = groups[0].max_norm
-        if self.clipping == "automatic":
-            factors = c / (norms + self.automatic_gamma)
-        else:
-            factors = kernels.clip_factors(norms, c)
-            self.clipped_count[groups[0].name] += int((norms > c).sum())
-        for g in groups:
-            for p, uses in g.pending.items():
-                self._add(p, weighted_sum(uses, factors, p.shape), uses)
-
-    def _clip_group(self, g: ClipGroup) -> None:
-        single_dense = [
-            p for p, u in g.pending.items() if len(u) == 1 and isinstance(u[0], Factored) and not u[0].is_index
-        ]
-        others = {p: u for p, u in g.pending.items() if not (single_dense and p is single_dense[0])}
-        extra = sum(per_sample_sq_norms(u) for u in others.values()) if others else None
-        if single_dense:  # fused: norm, clip factor and clipped sum of the big matrix in one pass
-            p = single_dense[0]
-            (c,) = g.pending[p]
-            grad, norms = kernels.fused_clip_linear_grad(c.right, c.left, g.max_norm, extra_sq_norms=extra)
-            self._check_finite(norms, g.name)
-            factors = kernels.clip_factors(norms, g.max_norm)
-            self._add(p, grad.reshape(p.shape), g.pending[p])
-        else:
-            norms = extra.sqrt()
-            self._check_finite(norms, g.name)
-            factors = kernels.clip_factors(norms, g.max_norm)
-        for p, uses in others.items():
-            self._add(p, weighted_sum(uses, factors, p.shape), uses)
-        self.clipped_count[g.name] += int((norms > g.max_norm).sum())
+        return norms
 
     def _add(self, p: nn.Parameter, clipped: torch.Tensor, uses: Sequence[Contribution]) -> None:
         clipped = clipped.float()

@@ -14,9 +14,10 @@ def _median_norm(grads):
     return float(norms.median())
 
 
-@pytest.fixture(params=["factored", "densified"])
+@pytest.fixture(params=["factored", "densified", "chunked"])
 def dense_mode(request, monkeypatch):
-    """Run each parity case twice: uses kept factored, and every dense use densified (explicit gradients)."""
+    """Each parity case: uses kept factored; every dense use densified (explicit gradients); and densified in
+    batch chunks of 3 samples (the budget is set by the test, from the model's size)."""
     if request.param == "factored":
         monkeypatch.setattr(tracker_module, "DENSE_BUDGET_BYTES", 0)
     else:
@@ -27,8 +28,11 @@ def dense_mode(request, monkeypatch):
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("case_name", list(CASES))
-def test_clipped_sum_matches_batch_size_one_oracle(case_name, clipping, reduction, dense_mode):
+def test_clipped_sum_matches_batch_size_one_oracle(case_name, clipping, reduction, dense_mode, monkeypatch):
     case = CASES[case_name]()
+    if dense_mode == "chunked":
+        numel = sum(p.numel() for p in case.model.parameters() if p.requires_grad)
+        monkeypatch.setattr(tracker_module, "DENSE_BUDGET_BYTES", 4 * 3 * numel)
     oracle = per_sample_grads(case.model, lambda m, i: case.per_sample_loss(m, case.sample(i)).sum(), case.batch_size)
     c = 0.7 * _median_norm(oracle)  # some samples clipped, some not
     tracker = GradSampleTracker(case.model, clipping=clipping, max_grad_norm=c, loss_reduction=reduction)
