@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -53,8 +53,11 @@ class GaussianNoise:
             self._streams[key] = gens
         return self._streams[key]
 
-    def add_(self, tensors: Sequence[torch.Tensor], std: float) -> None:
-        """tensor += N(0, std^2 I) for every tensor (fp32, in place), one shared draw per device."""
+    def add_(self, tensors: Sequence[torch.Tensor], std: float,
+             workspace: Optional[Callable[[int, torch.device], Optional[torch.Tensor]]] = None) -> None:
+        """tensor += N(0, std^2 I) for every tensor (fp32, in place), one shared draw per device.
+
+        ``workspace(numel, device)`` may lend a scratch fp32 buffer for the draw (None: keep one here)."""
         by_device: Dict[str, List[torch.Tensor]] = {}
         for t in tensors:
             if t.dtype != torch.float32:
@@ -62,9 +65,11 @@ class GaussianNoise:
             by_device.setdefault(str(t.device), []).append(t)
         for key, group in by_device.items():
             total = sum(t.numel() for t in group)
-            buffer = self._buffers.get(key)
-            if buffer is None or buffer.numel() != total:
-                buffer = self._buffers[key] = torch.empty(total, dtype=torch.float32, device=group[0].device)
+            buffer = workspace(total, group[0].device) if workspace is not None else None
+            if buffer is None:
+                buffer = self._buffers.get(key)
+                if buffer is None or buffer.numel() != total:
+                    buffer = self._buffers[key] = torch.empty(total, dtype=torch.float32, device=group[0].device)
             self._fill(buffer, self._generators(group[0].device), std)
             start = 0
             for t in group:

@@ -127,7 +127,7 @@ class DPOptimizer(torch.optim.Optimizer):
         rank, world = distributed.rank_and_world()
         std = self.noise_std() / world**0.5  # each rank's share; the all-reduced sum has std sigma * C
         if std > 0:
-            self._noise.add_(sums, std)  # in place: the sums are the tracker's, reset after this step
+            self._noise.add_(sums, std, workspace=self.tracker.workspace)  # in place: the tracker's sums
         if world > 1:
             sums = distributed.all_reduce_sum(sums)
         for p, s in zip(params, sums):

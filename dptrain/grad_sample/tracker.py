@@ -47,7 +47,7 @@ CLIPPING_MODES = ("flat", "per_layer", "automatic")
 
 # Explicit per-sample gradients built at once by one processing call (on CPU, where they beat ghost norms for
 # sequences; the GPU path keeps the fused kernels, which never write them).
-DENSE_BUDGET_BYTES = 256 * 2**20
+DENSE_BUDGET_BYTES = 64 * 2**20
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -89,7 +89,7 @@ class GradSampleTracker:
         self.loss_reduction = loss_reduction
         self.automatic_gamma = automatic_gamma
         self.track_unclipped = track_unclipped
-        self._arena: Optional[torch.Tensor] = None  # reused storage of densified per-sample gradients (CPU)
+        self._arena: Optional[torch.Tensor] = None  # see workspace()
         self.batch_size: Optional[int] = None  # of the current forward pass
         self.step_index = 0  # set by the optimizer, for error messages
         self._enabled = True
@@ -310,15 +310,23 @@ class GradSampleTracker:
         """Explicit per-sample gradients of the samples ``sl``, in one reused fp32 arena (a fresh multi-MB buffer
         every step costs page faults)."""
         b = sl.stop - sl.start
-        needed = b * sum(p.numel() for p in dense)
-        if self._arena is None or self._arena.numel() < needed:
-            self._arena = torch.empty(needed, dtype=torch.float32)
+        arena = self.workspace(b * sum(p.numel() for p in dense), torch.device("cpu"))
         grads, start = {}, 0
         for p in dense:
-            out = self._arena[start : start + b * p.numel()].view(b, *p.shape)
+            out = arena[start : start + b * p.numel()].view(b, *p.shape)
             grads[p] = densify([select_samples(c, sl) for c in pending[p]], out)
             start += b * p.numel()
         return grads
+
+    def workspace(self, numel: int, device: torch.device) -> Optional[torch.Tensor]:
+        """A reused fp32 scratch buffer of at least ``numel`` elements on CPU (None elsewhere), shared by the
+        densified gradients and the optimizer's noise draw, which never overlap in time."""
+        if device.type != "cpu":
+            return None
+        if self._arena is None or self._arena.numel() < numel:
+            self._arena = None  # free the old one first
+            self._arena = torch.empty(numel, dtype=torch.float32)
+        return self._arena[:numel]
 
     def _finite(self, norms: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
         if not torch.isfinite(norms).all():

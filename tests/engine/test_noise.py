@@ -60,3 +60,13 @@ def test_state_dict_resumes_the_stream_exactly():
 def test_non_fp32_sums_are_refused():
     with pytest.raises(TypeError, match="fp32"):
         GaussianNoise(seed=0).add_([torch.zeros(3, dtype=torch.float64)], 1.0)
+
+
+def test_a_lent_workspace_gives_the_same_noise():
+    scratch = torch.full((10_000,), float("nan"))
+    lent = [torch.zeros(300), torch.zeros(20, 10)]
+    GaussianNoise(seed=4).add_(lent, 1.5, workspace=lambda n, device: scratch[:n])
+    own = [torch.zeros(300), torch.zeros(20, 10)]
+    GaussianNoise(seed=4).add_(own, 1.5)
+    assert all(torch.equal(a, b) for a, b in zip(lent, own))
+    assert torch.equal(scratch[:300] * 1.0, lent[0])  # the draw really went through the lent buffer
