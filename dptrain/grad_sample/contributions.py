@@ -125,7 +125,7 @@ def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch
     out = None
     for c in uses:
         if isinstance(c, Instantiated):
-            part = torch.einsum("b,b...->...", scale, c.grad.float())
+            part = torch.mv(c.grad.reshape(len(scale), shape.numel()).float().T, scale)  # (numel,) one BLAS pass
         elif c.is_index:
             part = torch.zeros(c.rows, c.right.shape[-1], dtype=torch.float32, device=c.right.device)
             part.index_add_(0, c.left.flatten(), (c.right.float() * scale[:, None, None]).flatten(0, 1))
