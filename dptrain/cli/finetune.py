@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   dptrain finetune --model ./my-model --data notes.txt --batch-size 256 --physical-batch-size 16 \\
       --optimizer apollo-mini --clipping per_layer --accountant pld --output-dir out
   dptrain finetune --output-dir out --resume            # continue an interrupted run from out/checkpoint.pt
+  dptrain finetune --output-dir out --audit-canaries 1000 && dptrain audit --model out   # one-run audit
 
 --data: JSONL with a "text" field per line, or a text file with one record per line.
 Outputs in --output-dir: report.json, training.png, the model (save_pretrained) + tokenizer, checkpoint.pt.
@@ -70,6 +71,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for init, sampling and noise (default 0)")
     p.add_argument("--debug-train-loss", action="store_true",
                    help="record, show and plot the training loss: NON-PRIVATE debugging output (off by default)")
+    p.add_argument("--audit-canaries", type=int, default=0, metavar="M",
+                   help="one-run audit: add M random canaries, each trained on once with probability 1/2 (seeded); "
+                        "report.json keeps them as the AUDITOR'S SECRET for 'dptrain audit --model' (default 0: off)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (no progress bar)")
     p.set_defaults(func=run)
     return p
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         error_feedback=args.error_feedback, controller=args.controller, max_steps=args.max_steps,
         max_length=args.max_length, checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
         output_dir=args.output_dir, overwrite=args.overwrite, resume=args.resume, seed=args.seed,
-        progress=not args.json, debug_train_loss=args.debug_train_loss,
+        progress=not args.json, debug_train_loss=args.debug_train_loss, audit_canaries=args.audit_canaries,
     )
     result = finetune(config)
     summary = result.to_dict()

@@ -104,6 +104,10 @@ def _texts(cfg: FinetuneConfig, train_texts, eval_texts):
                                                        canary_repeats=()).records
     if eval_texts is None and cfg.eval_data is not None:
         eval_texts = load_texts(cfg.eval_data)
+    if cfg.audit_canaries:  # one-run audit: each canary trained on once w.p. 1/2, rebuilt from the seed on resume
+        from dptrain.finetune.data import audit_canaries, with_audit_canaries
+
+        train_texts = with_audit_canaries(train_texts, audit_canaries(cfg.audit_canaries, seed=cfg.seed))
     return list(train_texts), (list(eval_texts) if eval_texts else None)
 
 
@@ -164,6 +168,10 @@ def _write_outputs(out: Path, cfg: FinetuneConfig, trainer: PrivateLMTrainer, re
     report = {**result.to_dict(), "accountant": cfg.accountant, "clipping": cfg.clipping,
               "max_grad_norm": cfg.max_grad_norm, "config": cfg.to_dict(), "wall_time_s": round(seconds, 2),
               "note": LOSS_NOTE, "history": result.history}
+    if cfg.audit_canaries:  # the AUDITOR'S SECRET (canaries + inclusion mask) for `dptrain audit --model`
+        from dptrain.finetune.report import AUDIT_SECRET_KEY, audit_secret
+
+        report[AUDIT_SECRET_KEY] = audit_secret(cfg.audit_canaries, cfg.seed)
     if result.history:
         plot_training(out / PLOT_NAME, result.history, target_epsilon=cfg.target_epsilon, delta=result.delta)
     if result.finished:

@@ -51,6 +51,8 @@ class FinetuneConfig:
     progress: bool = True
     debug_train_loss: bool = False  # record/plot the training loss: NON-PRIVATE debugging output, off by default
     device: str = "auto"
+    # one-run audit: this many canaries, each trained on once with probability 1/2 (0: none; see data.py)
+    audit_canaries: int = 0
     # demo only
     demo_records: int = 1280
     demo_eval_records: int = 100
@@ -76,6 +78,11 @@ class FinetuneConfig:
         for name in ("physical_batch_size", "max_steps", "stop_after"):
             if getattr(self, name) is not None:
                 positive(name, integer=True)
+        from dptrain.finetune.data import MAX_AUDIT_CANARIES
+
+        m = self.audit_canaries
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_AUDIT_CANARIES:
+            raise ValueError(f"audit-canaries must be an integer in [0, {MAX_AUDIT_CANARIES}], found {m!r}")
         if self.delta is not None and not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
             raise ValueError(f"delta must be in (0, 1), found {self.delta!r}")
         if self.clipping not in CLIPPING_MODES:
@@ -96,4 +103,7 @@ class FinetuneConfig:
         return asdict(self)
 
     def fingerprint(self) -> Dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+        out = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+        if not self.audit_canaries:  # runs without canaries keep the fingerprint of checkpoints made before it existed
+            out.pop("audit_canaries")
+        return out

@@ -4,6 +4,10 @@ The demo's "private" records look like short clinical notes (patient names, date
 with inserted canaries ("The secret code of <name> is 482913"), some repeated k times, so that memorisation
 can be measured later. The public corpus uses disjoint templates and names: pretraining on it teaches the
 model text in general but nothing about any private record. Everything is generated from a seeded RNG.
+
+One-run audit canaries (``--audit-canaries M``, Steinke, Nasr, Jagielski 2023): M random strings from one
+template, each added to the training records once with probability 1/2. Texts and coin flips come from two
+separate seeded streams (derived from the run's seed), so a resumed run rebuilds exactly the same ones.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from pathlib import Path
 from typing import List, Sequence
 
 __all__ = [
+    "AUDIT_CANARY_TEMPLATE",
+    "AuditCanaries",
     "Canary",
     "PrivateCorpus",
+    "audit_canaries",
+    "with_audit_canaries",
     "load_texts",
     "synthetic_private_records",
     "synthetic_public_corpus",
@@ -127,6 +135,51 @@ def synthetic_public_corpus(n: int, *, seed: int = 0) -> List[str]:
         ).capitalize()
         for _ in range(n)
     ]
+
+
+AUDIT_CANARY_TEMPLATE = "Audit canary {x}{x}{x}{x}{x}{x}{x}{x}{x}{x} on file."  # 16^10 ~ 1.1e12 fillings
+MAX_AUDIT_CANARIES = 100_000
+_AUDIT_STREAM = 0xA0D17  # tags the audit's RNG streams apart from every other use of the run's seed
+
+
+@dataclass(frozen=True)
+class AuditCanaries:
+    """The one-run audit's canaries and which of them go into training: the AUDITOR'S SECRET (never train on
+    ``included`` as a label, never publish it)."""
+
+    texts: List[str]
+    included: List[bool]
+    seed: int
+
+    @property
+    def included_texts(self) -> List[str]:
+        return [t for t, keep in zip(self.texts, self.included) if keep]
+
+
+def _audit_stream(seed: int, purpose: int) -> List[int]:
+    """numpy SeedSequence entropy for one purpose (0 texts, 1 coin flips, 2 positions); any int seed."""
+    return [int(seed) % 2**64, _AUDIT_STREAM, purpose]
+
+
+def audit_canaries(num: int, *, seed: int) -> AuditCanaries:
+    """``num`` distinct random canaries of :data:`AUDIT_CANARY_TEMPLATE` and independent fair coins saying which
+    are trained on; the texts and the coins use separate streams of ``seed``."""
+    from dptrain.attacks.audit import sample_inclusion_mask
+    from dptrain.attacks.canaries import CanaryTemplate
+
+    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_AUDIT_CANARIES:
+        raise ValueError(f"audit-canaries must be an integer in [1, {MAX_AUDIT_CANARIES}], found {num!r}")
+    template = CanaryTemplate(AUDIT_CANARY_TEMPLATE)
+    indices = template.sample_indices(num, seed=_audit_stream(seed, 0))  # (num,) distinct
+    mask = sample_inclusion_mask(num, seed=_audit_stream(seed, 1))  # (num,) bool, P[True] = 1/2 each
+    return AuditCanaries(texts=template.candidates(indices), included=[bool(b) for b in mask], seed=int(seed))
+
+
+def with_audit_canaries(texts: Sequence[str], canaries: AuditCanaries) -> List[str]:
+    """``texts`` plus each included canary once, at seeded random positions (the whole list is permuted)."""
+    from dptrain.attacks.canaries import insert_canaries
+
+    return insert_canaries(texts, canaries.included_texts, 1, seed=_audit_stream(canaries.seed, 2))
 
 
 def load_texts(path) -> List[str]:

@@ -1,5 +1,10 @@
 """Run outputs: ``report.json`` and ``training.png`` (epsilon over steps; the training loss only when the
-non-private debugging flag ``debug_train_loss`` is on)."""
+non-private debugging flag ``debug_train_loss`` is on).
+
+With ``--audit-canaries M`` the report also holds, under :data:`AUDIT_SECRET_KEY`, what ``dptrain audit --model``
+needs: the canary texts and which were trained on. That is the AUDITOR'S SECRET: not private training data, but
+whoever knows the inclusion mask can no longer be audited blindly, so never train on it or publish it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,12 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List
 
-__all__ = ["write_report", "plot_training", "LOSS_NOTE"]
+__all__ = ["write_report", "plot_training", "audit_secret", "LOSS_NOTE", "AUDIT_SECRET_KEY"]
+
+AUDIT_SECRET_KEY = "audit_canaries_AUDITORS_SECRET"
+AUDIT_SECRET_NOTE = ("AUDITOR'S SECRET: the one-run audit canaries and their inclusion mask (1 = trained on once). "
+                     "Not private training data, but it must never be fed back into training or any released "
+                     "statistic; strip this key before sharing report.json. Used by 'dptrain audit --model'.")
 
 LOSS_NOTE = ("train_loss (present only with --debug-train-loss) is the mean loss of each Poisson batch on the PRIVATE records: non-private debugging "
              "output, not covered by the DP guarantee; do not publish it. eval perplexities are computed on "
@@ -27,6 +37,16 @@ def _clean(value):
 
 def write_report(path, report: Dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(_clean(report), indent=2, sort_keys=True) + "\n")
+
+
+def audit_secret(num_canaries: int, seed: int) -> Dict[str, Any]:
+    """The report entry for a run with ``num_canaries`` audit canaries, rebuilt from the run's ``seed``."""
+    from dptrain.finetune.data import AUDIT_CANARY_TEMPLATE, audit_canaries
+
+    canaries = audit_canaries(num_canaries, seed=seed)
+    return {"note": AUDIT_SECRET_NOTE, "template": AUDIT_CANARY_TEMPLATE, "seed": canaries.seed,
+            "num_canaries": len(canaries.texts), "num_included": sum(canaries.included),
+            "canaries": list(canaries.texts), "inclusion_mask": [int(b) for b in canaries.included]}
 
 
 def plot_training(path, history: List[Dict[str, float]], *, target_epsilon: float, delta: float) -> None:
