@@ -9,13 +9,16 @@ switched off (``require_backward_grad_sync = False``): dptrain never produces or
 from __future__ import annotations
 
 import datetime
-from typing import Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_distributed", "rank_and_world", "unwrap_ddp", "check_consistent", "all_reduce_sum"]
+__all__ = ["is_distributed", "rank_and_world", "unwrap_ddp", "check_consistent", "all_reduce_sum", "on_rank0",
+           "gather_to_rank0", "COLLECTIVE_TIMEOUT_S"]
+
+COLLECTIVE_TIMEOUT_S = 300.0  # a rank waiting longer than this for the others raises instead of hanging
 
 
 def is_distributed() -> bool:
@@ -65,4 +68,36 @@ def all_reduce_sum(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
     for t in tensors:
         out.append(flat[start : start + t.numel()].view_as(t))
         start += t.numel()
+    return out
+
+
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 only; its result, or the exception it raised, reaches every rank.
+
+    For set-up that only rank 0 may do (the output folder, reading a checkpoint): a failure there must stop
+    every rank with the same error, not leave the others waiting in the next collective."""
+    if not is_distributed():
+        return fn()
+    box: List[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            box[0] = ("error", err)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        if dist.get_rank() == 0:
+            raise value
+        kind = type(value) if type(value) in (ValueError, TypeError, FileNotFoundError, FileExistsError) else RuntimeError
+        raise kind(f"rank 0 failed: {value}")
+    return value
+
+
+def gather_to_rank0(obj: Any) -> Optional[List[Any]]:
+    """Every rank's ``obj`` (picklable) in rank order on rank 0, None on the other ranks; ``[obj]`` alone."""
+    if not is_distributed():
+        return [obj]
+    out: Optional[List[Any]] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
     return out

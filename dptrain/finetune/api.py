@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from dptrain import distributed
 from dptrain.finetune.checkpoint import load_checkpoint
 from dptrain.finetune.config import FinetuneConfig
 from dptrain.finetune.data import load_texts, synthetic_private_records
@@ -136,11 +137,15 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
     started = time.perf_counter()
     cfg = (config or FinetuneConfig()).validate()
     rank = _init_distributed()
-    if rank is not None and cfg.resume:
-        raise ValueError("--resume is not supported under torchrun yet (each rank has its own sampler state)")
-    out = _prepare_output_dir(cfg) if not rank else None  # only rank 0 writes files
-    checkpoint = out / CHECKPOINT_NAME if out is not None else None
-    state = load_checkpoint(checkpoint) if cfg.resume else None
+
+    def prepare():  # rank 0 only; under torchrun its result (or error) reaches every rank
+        folder = _prepare_output_dir(cfg)
+        return folder, (load_checkpoint(folder / CHECKPOINT_NAME) if cfg.resume else None)
+
+    out, state = distributed.on_rank0(prepare)  # state: the checkpoint, every rank takes its own RNG states
+    out = out if not rank else None  # only rank 0 writes files
+    # every rank checkpoints together (their generator states are gathered); rank 0 writes the file
+    checkpoint = Path(cfg.output_dir) / CHECKPOINT_NAME if cfg.output_dir is not None else None
     train_texts, eval_texts = _texts(cfg, train_texts, eval_texts)
     if cfg.batch_size > len(train_texts):
         raise ValueError(f"batch-size {cfg.batch_size} is larger than the dataset ({len(train_texts)} records)")

@@ -183,16 +183,15 @@ class PrivateLMTrainer:
                         bar.update(1)
                         shown = {"loss": f"{record['train_loss']:.3f}"} if cfg.debug_train_loss else {}
                         bar.set_postfix(**shown, eps=f"{record['epsilon']:.2f}")
-                    if (checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                            and distributed.rank_and_world()[0] == 0):
-                        self.save_checkpoint(checkpoint_path)
+                    if checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint(checkpoint_path)  # every rank: their RNG states are gathered
                     if self.step >= stop_at:
                         break
         finally:
             if bar is not None:
                 bar.close()
         finished = self.step >= self.total_steps
-        if checkpoint_path is not None and distributed.rank_and_world()[0] == 0:
+        if checkpoint_path is not None:
             self.save_checkpoint(checkpoint_path)
         after = self.evaluate() if finished else None
         return FinetuneResult(
@@ -218,7 +217,21 @@ class PrivateLMTrainer:
                 "parameters": hashlib.sha256("\n".join(shapes).encode()).hexdigest(),
                 "frozen_checksum": round(checksum, 3), "total_steps": self.total_steps, "delta": self.delta}
 
-    def state_dict(self) -> Dict[str, Any]:
+    def _rank_state(self) -> Dict[str, Any]:
+        """What differs between ranks: sampler and noise generators (in the engine state), torch/python RNGs."""
+        return {
+            "engine": self.engine.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": random.getstate(),
+        }
+
+    def state_dict(self) -> Optional[Dict[str, Any]]:
+        """The checkpoint payload on rank 0 (None on other ranks). Under torchrun every rank must call it: each
+        rank's own generator states are gathered so that a resume on the same world size continues exactly."""
+        ranks = distributed.gather_to_rank0(self._rank_state())
+        if ranks is None:
+            return None
         numel = sum(p.numel() for p in self.model.parameters())
         if numel <= _FULL_STATE_LIMIT:
             weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -229,22 +242,34 @@ class PrivateLMTrainer:
             "step": self.step,
             "model": weights,
             "model_is_full": numel <= _FULL_STATE_LIMIT,
-            "optimizer": self.optimizer.state_dict(),
-            "engine": self.engine.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python_rng": random.getstate(),
+            "optimizer": self.optimizer.state_dict(),  # identical on every rank (all-reduced gradients)
+            "world_size": len(ranks),
+            "ranks": ranks,  # rank r's engine/RNG state at index r; ranks[0] also at the top level
+            **ranks[0],
             "history": list(self.history),
             "eval_perplexity_before": self.eval_perplexity_before,
             "config": self.config.to_dict(),
         }
 
     def save_checkpoint(self, path) -> None:
-        save_checkpoint(path, self.state_dict())
-        logger.info("checkpoint at step %d -> %s", self.step, path)
+        """Collective under torchrun (gathers every rank's RNG states); only rank 0 writes ``path``."""
+        state = self.state_dict()
+        if state is not None:
+            save_checkpoint(path, state)
+            logger.info("checkpoint at step %d -> %s", self.step, path)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue from a checkpoint of the same run (refused with ``ValueError`` otherwise)."""
+        """Continue from a checkpoint of the same run (refused with ``ValueError`` otherwise).
+
+        Under torchrun every rank loads the same payload and takes its own entry of ``state["ranks"]``."""
+        rank, world = distributed.rank_and_world()
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != world:
+            raise ValueError(
+                f"checkpoint was written by {saved_world} process(es), this run has {world}: each rank's sampler "
+                f"and noise generators are saved, so resume with the same number of processes "
+                f"(torchrun --nproc-per-node {saved_world})" if saved_world > 1 else
+                f"checkpoint was written by 1 process, this run has {world}: resume it without torchrun")
         saved, now = dict(state["fingerprint"]), self.fingerprint()
         if state.get("model_is_full"):  # the frozen weights come from the checkpoint itself
             saved.pop("frozen_checksum", None)
@@ -260,11 +285,12 @@ class PrivateLMTrainer:
         if state["model_is_full"] and (result.missing_keys or result.unexpected_keys):
             raise ValueError(f"checkpoint model does not match: {result}")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.engine.load_state_dict(state["engine"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(state["python_rng"])
+        own = state["ranks"][rank] if "ranks" in state else state  # checkpoints from before per-rank states
+        self.engine.load_state_dict(own["engine"])
+        torch.set_rng_state(own["torch_rng"])
+        if own.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own["cuda_rng"])
+        random.setstate(own["python_rng"])
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.eval_perplexity_before = state["eval_perplexity_before"]
