@@ -4,19 +4,22 @@ Every rank adds independent Gaussian noise of std sigma*C/sqrt(W) to its local c
 all-reduce, so the total noise has exactly the single-process std sigma*C, and no rank can reproduce or
 cancel the others' shares (their generators are seeded independently). DDP's own gradient reduction is
 switched off (``require_backward_grad_sync = False``): dptrain never produces ordinary parameter gradients.
+Collectives wait at most ``COLLECTIVE_TIMEOUT_S`` and fail with a ``CollectiveError`` naming the rank, the
+operation and the likely cause, so a rank that never arrives or a backend that cannot reduce CPU tensors
+stops every rank with an error instead of a hang.
 """
 
 from __future__ import annotations
 
 import datetime
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = ["is_distributed", "rank_and_world", "unwrap_ddp", "check_consistent", "all_reduce_sum", "on_rank0",
-           "gather_to_rank0", "COLLECTIVE_TIMEOUT_S"]
+           "gather_to_rank0", "CollectiveError", "COLLECTIVE_TIMEOUT_S"]
 
 COLLECTIVE_TIMEOUT_S = 300.0  # a rank waiting longer than this for the others raises instead of hanging
 
@@ -37,33 +40,61 @@ def unwrap_ddp(module: nn.Module) -> nn.Module:
     return module
 
 
-def check_consistent(settings: Dict[str, float], timeout_s: float = 60.0) -> None:
-    """Every rank must use the same settings; raise the same clear error on every rank otherwise."""
+class CollectiveError(RuntimeError):
+    """A collective operation failed or timed out; the message says which rank, which operation and why."""
+
+
+def _collective(what: str, start: Callable[[], Any], tensors: Sequence[torch.Tensor], timeout_s: float) -> None:
+    """Runs ``start()`` (an ``async_op=True`` collective) and waits at most ``timeout_s``; clear error otherwise.
+
+    A timeout means another rank never reached the same call (it failed, or runs other code or settings):
+    raising here, instead of waiting forever, lets every rank stop with an error naming the cause."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        work = start()
+        if work is not None and work.wait(timeout=datetime.timedelta(seconds=timeout_s)) is False:
+            raise RuntimeError(f"timed out after {timeout_s:g} s")
+    except RuntimeError as err:  # DistBackendError and gloo's errors are RuntimeErrors
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        low = text.lower()
+        kinds = sorted({f"{t.device.type} {t.dtype}" for t in tensors})
+        if "timed out" in low or "timeout" in low:
+            why = (f"another rank did not reach this call within {timeout_s:g} s: it failed (see its error) or runs "
+                   "other code or settings; this process group is no longer usable, restart every rank")
+        elif "connection closed" in low or "connection reset" in low or "broken pipe" in low:
+            why = "another rank exited or crashed (see its error); restart every rank"
+        else:
+            why = (f"the process group's backend ({dist.get_backend()}) cannot run it on {', '.join(kinds)} tensors; "
+                   "use the gloo backend for CPU training, or nccl with the model and data on the GPU")
+        raise CollectiveError(f"rank {rank} of {world}: {what} failed - {why} ({text})") from err
+
+
+def check_consistent(settings: Dict[str, float], timeout_s: Optional[float] = None) -> None:
+    """Every rank must use the same settings; raise the same clear error on every rank otherwise.
+
+    ``timeout_s`` (default ``COLLECTIVE_TIMEOUT_S``): a rank that never arrives (it failed before
+    ``make_private``) gives a ``CollectiveError`` on the others instead of a hang."""
     if not is_distributed():
         return
+    timeout_s = COLLECTIVE_TIMEOUT_S if timeout_s is None else timeout_s
     names = sorted(settings)
-    mine = torch.tensor([float(settings[n]) for n in names], dtype=torch.float64)
+    mine = torch.tensor([float(settings[n]) for n in names], dtype=torch.float64)  # (S,)
     gathered: List[torch.Tensor] = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    try:
-        work = dist.all_gather(gathered, mine, async_op=True)
-        if not work.wait(timeout=datetime.timedelta(seconds=timeout_s)):
-            raise RuntimeError("timed out")
-    except RuntimeError as err:
-        raise RuntimeError(
-            f"the process group (backend {dist.get_backend()}) cannot all-gather CPU tensors: {err}; "
-            "use the gloo backend for CPU training or nccl with tensors on the GPU"
-        ) from err
-    table = torch.stack(gathered)  # (W, len(names))
+    _collective("make_private's all-gather of the DP settings",
+                lambda: dist.all_gather(gathered, mine, async_op=True), [mine], timeout_s)
+    table = torch.stack(gathered)  # (W, S)
     differing = [n for i, n in enumerate(names) if not torch.all(table[:, i] == table[0, i])]
     if differing:
         detail = ", ".join(f"{n}: {table[:, names.index(n)].tolist()}" for n in differing)
         raise ValueError(f"ranks disagree on DP settings (one value per rank) - {detail}")
 
 
-def all_reduce_sum(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
-    """SUM all-reduce of a list of tensors through one flat buffer."""
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+def all_reduce_sum(tensors: List[torch.Tensor], timeout_s: Optional[float] = None) -> List[torch.Tensor]:
+    """SUM all-reduce of a list of tensors through one flat buffer; ``CollectiveError`` on failure or timeout."""
+    flat = torch.cat([t.flatten() for t in tensors])  # (sum of numels,)
+    _collective("the optimizer step's all-reduce of the noised clipped sums",
+                lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True), [flat],
+                COLLECTIVE_TIMEOUT_S if timeout_s is None else timeout_s)
     out, start = [], 0
     for t in tensors:
         out.append(flat[start : start + t.numel()].view_as(t))
