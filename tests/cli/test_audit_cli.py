@@ -1,0 +1,180 @@
+"""``dptrain finetune --audit-canaries`` + ``dptrain audit --model D`` on a tiny run (a few steps, 24 canaries).
+
+Checked against independent oracles: the canaries and coins rebuilt from the seed, the training set size, the
+number of correct guesses recounted from a plain transformers forward pass, and the audited epsilon recomputed
+from the counts; a stopped and resumed run rebuilds the same canaries (else its data fingerprint is refused);
+bad folders and options exit 2 with one line.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dptrain.attacks import one_run_audit_epsilon
+from dptrain.cli import main
+from dptrain.cli.audit import guess_grid
+from dptrain.finetune import FinetuneConfig, finetune
+from dptrain.finetune.data import audit_canaries, with_audit_canaries
+from dptrain.finetune.report import AUDIT_SECRET_KEY
+from tests.finetune.helpers import tiny_model_and_tokenizer
+
+TEXTS = [f"Note {i}: patient seen for follow-up, blood pressure {110 + i % 30}/{70 + i % 15}." for i in range(40)]
+M, SEED = 24, 7
+
+
+def _config(out, **kw):
+    base = dict(batch_size=8, max_steps=3, max_length=48, lr=3e-3, output_dir=str(out), progress=False,
+                checkpoint_every=1, seed=SEED, audit_canaries=M)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def _run(cfg):
+    model, tok = tiny_model_and_tokenizer(seed=1)
+    return finetune(cfg, model=model, tokenizer=tok, train_texts=TEXTS, eval_texts=TEXTS[:4])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run stopped after 2 of 3 steps and resumed: resuming rebuilds the canaries from the seed, and the
+    checkpoint's data fingerprint (a hash of every training record) refuses the resume if they differ."""
+    out = tmp_path_factory.mktemp("run")
+    stopped = _run(_config(out, stop_after=2))
+    assert not stopped.finished
+    resumed = _run(_config(out, resume=True))
+    assert resumed.finished and resumed.steps == 3
+    return out
+
+
+def audit_json(capsys, *argv):
+    assert main(["audit", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def fails_with_one_line(capsys, *argv):
+    try:
+        status = main(list(argv))
+    except SystemExit as stop:  # argparse usage errors exit from inside the parser
+        status = stop.code
+    assert status == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dptrain ") and "error" in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def _oracle_scores(folder, texts, max_length):
+    """-mean token NLL of each canary by one plain forward pass per text (no padding, no batching)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"][:max_length]])  # (1, T)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)  # (T-1, V)
+            out.append(float(logp.gather(-1, ids[0, 1:, None]).mean()))
+    return np.array(out)
+
+
+# ------------------------------------------------------------------------------------------- the canaries
+def test_canaries_are_seeded_coins_are_a_separate_stream_and_only_included_ones_are_trained_on():
+    a, b = audit_canaries(M, seed=SEED), audit_canaries(M, seed=SEED)
+    assert a == b and len(set(a.texts)) == M  # reproducible (resume), distinct
+    other = audit_canaries(M, seed=SEED + 1)
+    assert not set(a.texts) & set(other.texts)
+    # the coins come from their own stream, not from the one that draws the texts: a larger draw starts
+    # with the same coins
+    assert audit_canaries(2 * M, seed=SEED).included[:M] == a.included
+    many = audit_canaries(4000, seed=0).included
+    assert abs(np.mean(many) - 0.5) < 4 * 0.5 / np.sqrt(4000)  # fair coins, 4 sigma
+    mixed = with_audit_canaries(TEXTS, a)
+    assert sorted(mixed) == sorted(TEXTS + a.included_texts)  # each included canary once, nothing else
+    assert not set(mixed) & {t for t, keep in zip(a.texts, a.included) if not keep}
+
+
+def test_report_holds_the_auditors_secret_and_training_saw_the_included_canaries(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    secret = report[AUDIT_SECRET_KEY]
+    expected = audit_canaries(M, seed=SEED)
+    assert secret["canaries"] == expected.texts
+    assert secret["inclusion_mask"] == [int(b) for b in expected.included]
+    assert secret["num_included"] == sum(expected.included) and secret["num_canaries"] == M
+    assert "AUDITOR'S SECRET" in secret["note"]
+    assert report["dataset_size"] == len(TEXTS) + sum(expected.included)  # add-one adjacency, not replacement
+
+
+# ---------------------------------------------------------------------------------------------- the audit
+def test_audit_model_json_against_oracle_counts(run_dir, capsys):
+    out = audit_json(capsys, "--model", str(run_dir), "--guesses", "5")
+    report = json.loads((run_dir / "report.json").read_text())
+    mask = np.array(report[AUDIT_SECRET_KEY]["inclusion_mask"], dtype=bool)
+    scores = _oracle_scores(run_dir, report[AUDIT_SECRET_KEY]["canaries"], 48)
+    order = np.argsort(scores)  # ascending; ties between distinct random canaries have probability ~0
+    correct = int(mask[order[-5:]].sum() + (~mask[order[:5]]).sum())
+    assert out["num_guesses_pos"] == out["num_guesses_neg"] == 5 and out["num_guesses"] == 10
+    assert out["num_correct"] == correct
+    assert out["num_canaries"] == M and out["num_included"] == int(mask.sum())
+    assert out["delta"] == out["run_delta"] == pytest.approx(report["delta"])
+    assert out["run_epsilon"] == pytest.approx(report["epsilon"])
+    assert out["epsilon"] == pytest.approx(one_run_audit_epsilon(num_canaries=M, num_guesses=10, num_correct=correct,
+                                                                 delta=report["delta"]), abs=1e-12)
+    assert out["consistent"] == (out["epsilon"] <= out["run_epsilon"])
+    assert out["audit"] == "one-run-model" and out["score"] == "loss" and out["guess_grid"] == [[5, 5]]
+
+
+def test_audit_model_default_grid_is_fixed_and_bonferroni_corrected(run_dir, capsys):
+    out = audit_json(capsys, "--model", str(run_dir), "--delta", "0")
+    assert out["guess_grid"] == [list(g) for g in guess_grid(M)] == [[1, 1], [3, 3], [6, 6]]
+    assert out["delta"] == 0.0
+    # the reported bound is at the corrected level: never above the uncorrected audit of the chosen pair
+    plain = one_run_audit_epsilon(num_canaries=M, num_guesses=out["num_guesses"], num_correct=out["num_correct"])
+    corrected = one_run_audit_epsilon(num_canaries=M, num_guesses=out["num_guesses"], num_correct=out["num_correct"],
+                                      confidence=1 - 0.05 / 3)
+    assert out["epsilon"] == pytest.approx(corrected, abs=1e-12) and corrected <= plain
+    assert main(["audit", "--model", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "audited epsilon >=" in text and "run's epsilon" in text and "AUDITOR'S SECRET" in text
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+def test_bad_folders_and_options_exit_2_with_one_line(run_dir, tmp_path, capsys):
+    def variant(name, edit=None, drop=()):
+        folder = tmp_path / name
+        shutil.copytree(run_dir, folder)
+        for f in drop:
+            (folder / f).unlink()
+        if edit is not None:
+            report = json.loads((folder / "report.json").read_text())
+            edit(report)
+            (folder / "report.json").write_text(json.dumps(report))
+        return str(folder)
+
+    no_report = variant("no_report", drop=["report.json"])
+    no_canaries = variant("no_canaries", edit=lambda r: r.pop(AUDIT_SECRET_KEY))
+    unfinished = variant("unfinished", edit=lambda r: r.update(finished=False, steps=2))
+    short_mask = variant("short_mask", edit=lambda r: r[AUDIT_SECRET_KEY]["inclusion_mask"].pop())
+    no_model = variant("no_model", drop=["config.json"])
+    bad_json = variant("bad_json")
+    (tmp_path / "bad_json" / "report.json").write_text("{not json")
+    cases = [
+        (["audit", "--model", str(tmp_path / "missing")], "not found"),
+        (["audit", "--model", no_report], "no report.json"),
+        (["audit", "--model", no_canaries], "--audit-canaries"),
+        (["audit", "--model", unfinished], "stopped at step 2"),
+        (["audit", "--model", short_mask], "inclusion_mask"),
+        (["audit", "--model", no_model], "no config.json"),
+        (["audit", "--model", bad_json], "not valid JSON"),
+        (["audit", "--model", str(run_dir), "--guesses", "13"], "2K <= the run's 24"),
+        (["audit", "--model", str(run_dir), "--guesses", "0"], "positive integer"),
+        (["audit", "--model", str(run_dir), "--score", "reference"], "--score loss"),  # custom model: no base
+        (["audit", "--model", str(run_dir), "--num-canaries", "10"], "--model alone"),
+        (["audit", "--guesses", "3", "--num-canaries", "10", "--num-guesses", "5", "--num-correct", "5"], "--model"),
+        (["finetune", "--audit-canaries", "-1", "--output-dir", str(tmp_path / "x")], "audit-canaries"),
+    ]
+    for argv, fragment in cases:
+        assert fragment in fails_with_one_line(capsys, *argv), argv
+    with pytest.raises(ValueError, match="audit-canaries must be an integer"):
+        FinetuneConfig(audit_canaries=True).validate()
