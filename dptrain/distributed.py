@@ -33,10 +33,15 @@ def rank_and_world() -> tuple:
 
 
 def unwrap_ddp(module: nn.Module) -> nn.Module:
-    """The inner module of a DistributedDataParallel wrapper, with DDP's own gradient sync switched off."""
+    """What the privacy engine tracks: the inner module of a DistributedDataParallel wrapper (DDP's own gradient
+    sync switched off), or for an FSDP2 model (``fully_shard``) a ``dptrain.fsdp.FSDPView`` of it; else ``module``."""
     if isinstance(module, nn.parallel.DistributedDataParallel):
         module.require_backward_grad_sync = False  # the DP optimizer reduces the privatised sums itself
         return module.module
+    from dptrain.fsdp import FSDPView, is_fsdp
+
+    if is_fsdp(module):
+        return FSDPView(module)
     return module
 
 

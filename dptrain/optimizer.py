@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from dptrain import distributed
+from dptrain.fsdp import shard_like
 from dptrain.grad_sample.tracker import GradSampleTracker
 from dptrain.noise import GaussianNoise
 
@@ -119,10 +120,16 @@ class DPOptimizer(torch.optim.Optimizer):
         return self.noise_multiplier * self.tracker.total_max_norm * self.noise_scale
 
     def _privatise(self) -> None:
+        fsdp = self._fsdp_view()
+        if fsdp is not None and self.gradient_transforms:
+            raise ValueError("error feedback is not supported with FSDP2 models yet; use DDP or turn it off")
         for transform in self.gradient_transforms:
             transform(self)
         params = [p for p in self.params if p.requires_grad]
-        sums = [self.tracker.clipped_sum.get(p) for p in params]
+        if fsdp is not None:  # FSDP2: sums are filed under the unsharded tensors; full-size, like the DDP path
+            sums = fsdp.clipped_sums(self.tracker.clipped_sum, params)
+        else:
+            sums = [self.tracker.clipped_sum.get(p) for p in params]
         sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if s is None else s for p, s in zip(params, sums)]
         rank, world = distributed.rank_and_world()
         std = self.noise_std() / world**0.5  # each rank's share; the all-reduced sum has std sigma * C
@@ -131,7 +138,13 @@ class DPOptimizer(torch.optim.Optimizer):
         if world > 1:
             sums = distributed.all_reduce_sum(sums)
         for p, s in zip(params, sums):
-            p.grad = s.div_(self.expected_batch_size).to(p.dtype)
+            s = s.div_(self.expected_batch_size)
+            p.grad = shard_like(s, p) if fsdp is not None else s.to(p.dtype)  # FSDP2: this rank's shard (DTensor)
+
+    def _fsdp_view(self):
+        from dptrain.fsdp import FSDPView
+
+        return self.tracker.model if isinstance(self.tracker.model, FSDPView) else None
 
     def noise_state_dict(self) -> dict:
         return {"generators": self._noise.state_dict(), "steps_taken": self.steps_taken,
