@@ -39,6 +39,7 @@ class PrivacyEngine:
         self.optimizer: Optional[DPOptimizer] = None
         self.data_loader: Optional[DPDataLoader] = None
         self.sample_rate: Optional[float] = None
+        self.ledger_sample_rate: Optional[float] = None  # sample rate of the ledger's events (1 with error feedback)
 
     def make_private(
         self,
@@ -60,6 +61,7 @@ class PrivacyEngine:
         sampler_seed: Optional[int] = None,
         error_feedback: bool = False,
         error_max_grad_norm: Optional[float] = None,
+        error_feedback_accounting: str = "worst_case",
         controller=None,
     ):
         """Returns ``(module, optimizer, data_loader)``; the module is changed in place.
@@ -67,6 +69,10 @@ class PrivacyEngine:
         ``max_grad_norm``: the clipping threshold C (flat), or for ``clipping="per_layer"`` the total C (each
         of the L layers gets C/sqrt(L)) or one threshold per layer (list in module order, or dict by layer name).
         Give ``noise_multiplier``, or ``target_epsilon`` + ``target_delta`` + ``epochs`` to calibrate it.
+        ``error_feedback=True``: DiceSGD with feedback budget ``error_max_grad_norm`` (C2, per logical batch,
+        default C1 * batch size); ``error_feedback_accounting="worst_case"`` (the only bound offered, proven in
+        ``dptrain.error_feedback``) records every step as a full-batch Gaussian with the noise multiplier, so
+        ``target_epsilon`` calibrates it at sample rate 1, and the noise std on the sum is z * (C1 + 2 C2).
         """
         if self.tracker is not None:
             raise ValueError("this PrivacyEngine already made a model private; create one engine per training run")
@@ -80,6 +86,20 @@ class PrivacyEngine:
             raise ValueError("secure_mode draws seeds from OS entropy: do not pass noise_seed or sampler_seed")
         if error_max_grad_norm is not None and not error_feedback:
             raise ValueError("error_max_grad_norm is only used with error_feedback=True")
+        if error_feedback:
+            from dptrain.error_feedback import LEDGER_SAMPLE_RATE, check_accounting
+
+            check_accounting(error_feedback_accounting)
+            if controller is not None:
+                raise ValueError(
+                    "error_feedback=True cannot be combined with a controller: the controller plans its budget and "
+                    "accounts its statistic releases as Poisson-subsampled Gaussians, while the error-feedback bound "
+                    "gets no subsampling amplification for any release of the run (see dptrain.error_feedback)"
+                )
+        elif error_feedback_accounting != "worst_case":
+            raise ValueError(
+                f"error_feedback_accounting is only used with error_feedback=True, found {error_feedback_accounting!r}"
+            )
         if controller is not None and target_epsilon is None:
             raise ValueError("a controller needs target_epsilon (and target_delta, epochs): it plans within that budget")
         wrapped = module
@@ -95,8 +115,10 @@ class PrivacyEngine:
             )
         sample_rate = batch_size / dataset_size
         steps_per_epoch = math.ceil(1 / sample_rate) if poisson_sampling else len(data_loader)
+        # the sample rate of the ledger's events: error feedback's bound gets no amplification
+        ledger_sample_rate = LEDGER_SAMPLE_RATE if error_feedback else sample_rate
         noise_multiplier = self._resolve_noise(
-            noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch
+            noise_multiplier, target_epsilon, target_delta, epochs, ledger_sample_rate, steps_per_epoch
         )
 
         tracker = GradSampleTracker(
@@ -132,14 +154,14 @@ class PrivacyEngine:
         dp_optimizer.step_callbacks.append(self._account_step)
         self.tracker, self.optimizer, self.data_loader, self.sample_rate = tracker, dp_optimizer, dp_loader, sample_rate
         self.poisson_sampling = poisson_sampling
+        self.ledger_sample_rate = ledger_sample_rate
         self.error_feedback = None
         if error_feedback:
             from dptrain.error_feedback import ErrorFeedback
 
-            self.error_feedback = ErrorFeedback(dp_optimizer, error_max_grad_norm=error_max_grad_norm)
-            logger.warning(
-                "error_feedback=True: the reported epsilon follows the DiceSGD paper's privacy claim (the authors' "
-                "noise setting); dptrain has not re-derived that bound - see dptrain.error_feedback"
+            self.error_feedback = ErrorFeedback(
+                dp_optimizer, error_max_grad_norm=error_max_grad_norm, poisson_sampling=poisson_sampling,
+                accounting=error_feedback_accounting,
             )
             dp_optimizer.gradient_transforms.append(self.error_feedback)
         self.controller = controller
@@ -179,7 +201,7 @@ class PrivacyEngine:
         )
 
     def _account_step(self, optimizer: DPOptimizer) -> None:
-        self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
+        self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.ledger_sample_rate)
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta``."""

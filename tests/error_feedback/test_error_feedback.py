@@ -1,5 +1,6 @@
-"""DiceSGD error feedback through the real engine: update vs a hand-written reference, noise, resume, bad input,
-and the clipping-bias removal on mean estimation with outliers."""
+"""DiceSGD error feedback through the real engine: update vs a hand-written reference, noise std and ledger of the
+worst-case bound against independent computations, calibration, resume, bad input, and the clipping-bias
+removal on mean estimation with outliers (noise-free, and private where the bound lets DiceSGD win)."""
 
 import math
 
@@ -9,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dptrain
-from dptrain.accountants import compute_epsilon
-from dptrain.error_feedback import ErrorFeedback, dice_noise_scale
+from dptrain.accountants import calibrate_noise, compute_epsilon
+from dptrain.error_feedback import ErrorFeedback, dice_noise_scale, sensitivity
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +53,8 @@ def _private(model, x, y, *, batch_size, lr=0.2, **kwargs):
 # ---------------------------------------------------------------------- the hand-written reference
 def _reference_run(model, x, y, batches, *, groups, c1s, c2, lr):
     """DiceSGD in float64 from the formulas: per-sample grads by one backward each, group-wise clipping
-    (factor min(1, C/(norm + 1e-6)) as the tracker), v = clip_sum/B + clip(e, C2), e += full/B - v."""
+    (factor min(1, C/(norm + 1e-6)) as the tracker), sum-scale buffer: V = clip_sum + clip(E, C2),
+    E += full_sum - V, x -= lr * V / B."""
     params = [p.detach().double().clone() for p in model.parameters()]
     ref = _model()
     ref.double()
@@ -78,9 +80,9 @@ def _reference_run(model, x, y, batches, *, groups, c1s, c2, lr):
         max_error_norm = max(max_error_norm, e_norm)
         e_factor = 1.0 if e_norm <= c2 else c2 / e_norm
         for k in range(len(params)):
-            v = clip_sum[k] / b + e_factor * error[k]
-            error[k] = error[k] + full_sum[k] / b - v
-            params[k] = params[k] - lr * v
+            v = clip_sum[k] + e_factor * error[k]
+            error[k] = error[k] + full_sum[k] - v
+            params[k] = params[k] - lr * v / b
         history.append(([p.clone() for p in params], [e.clone() for e in error]))
     return history, max_error_norm
 
@@ -89,9 +91,9 @@ def _reference_run(model, x, y, batches, *, groups, c1s, c2, lr):
     "clipping, c1, c2, clip_active, error_clip_active",
     [
         ("flat", 0.3, 0.45, True, True),  # per-sample and error clipping both active, C2 != C1
-        ("flat", 1e4, 2e4, False, False),  # nothing clipped: plain SGD, e stays 0
-        ("per_layer", 0.4, 50.0, True, False),  # per-layer thresholds, C2 above the error's norm
-        ("flat", 0.5, None, True, True),  # default C2 = C1
+        ("flat", 1e4, 2e4, False, False),  # nothing clipped: plain SGD, E stays 0
+        ("per_layer", 0.4, 200.0, True, False),  # per-layer thresholds, C2 above the buffer's norm
+        ("flat", 0.5, None, True, True),  # default C2 = C1 * B
     ],
 )
 def test_update_matches_hand_written_reference(clipping, c1, c2, clip_active, error_clip_active):
@@ -103,8 +105,9 @@ def test_update_matches_hand_written_reference(clipping, c1, c2, clip_active, er
     c1s = [g.max_norm for g in engine.tracker.groups]
     total_c1 = engine.tracker.total_max_norm
     batches = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [0, 5, 10, 15], [1, 2, 3, 4], [6, 7, 8, 9]]
-    history, max_error_norm = _reference_run(model, x, y, batches, groups=groups, c1s=c1s,
-                                             c2=total_c1 if c2 is None else c2, lr=0.2)
+    c2_used = total_c1 * 4 if c2 is None else c2
+    assert engine.error_feedback.thresholds(optimizer) == (pytest.approx(total_c1), pytest.approx(c2_used))
+    history, max_error_norm = _reference_run(model, x, y, batches, groups=groups, c1s=c1s, c2=c2_used, lr=0.2)
     ef = engine.error_feedback
     for step, idx in enumerate(batches):
         # gradient accumulation: two micro-batches of two rows make one logical step
@@ -120,7 +123,7 @@ def test_update_matches_hand_written_reference(clipping, c1, c2, clip_active, er
             assert torch.allclose(ef.error[p].double(), e, rtol=1e-4, atol=1e-5), f"step {step}"
     final_error = ef.error_norm()
     assert (final_error > 1e-3) == clip_active  # the reference really exercised (or skipped) clipping
-    assert (max_error_norm > (total_c1 if c2 is None else c2)) == error_clip_active
+    assert (max_error_norm > c2_used) == error_clip_active
 
 
 def test_parameter_without_gradient_keeps_zero_error_and_no_update():
@@ -163,8 +166,8 @@ def test_empty_batch_feeds_back_the_clipped_error_only():
     params_before = [p.detach().clone() for p in model.parameters()]
     optimizer.step()  # empty logical batch: no forward, no sums
     for p, p0 in zip(model.parameters(), params_before):
-        fed = e_before[p] * (0.25 / norm)
-        assert torch.allclose(p.detach(), p0 - 0.2 * fed, atol=1e-6)
+        fed = e_before[p] * (0.25 / norm)  # clip(E, C2) on the sum scale
+        assert torch.allclose(p.detach(), p0 - 0.2 * fed / 4, atol=1e-6)
         assert torch.allclose(ef.error[p], e_before[p] - fed, atol=1e-6)
 
 
@@ -178,22 +181,92 @@ def test_sums_out_of_step_are_refused():
 
 
 # ---------------------------------------------------------------------- noise and accounting
-def test_noise_std_is_dice_factor_and_ledger_is_plain_subsampled_gaussian():
-    torch.manual_seed(0)
-    n, batch, sigma, c1, c2 = 64, 16, 0.8, 0.5, 1.5
-    x, y = torch.randn(n, 100), torch.randn(n, 100)
+def _gdp_epsilon(mu, delta):
+    """Exact epsilon of mu-Gaussian DP at delta (Dong, Roth, Su 2019, Cor. 2.13), by root finding."""
+    from scipy import optimize, stats
+
+    def gap(eps):
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - delta
+
+    return optimize.brentq(gap, 0.0, 200.0, xtol=1e-10)
+
+
+@pytest.mark.parametrize("poisson, factor_c1", [(True, 1.0), (False, 2.0)])
+def test_noise_std_is_z_times_sensitivity_on_zero_gradient_data(poisson, factor_c1):
+    """Empty first step: E = 0, the gradient is the noise alone; its std on the sum is z (C1 + 2 C2) with Poisson
+    sampling (add/remove) and z (2 C1 + 2 C2) with fixed batches (replace-one)."""
+    n, batch, z, c1, c2 = 64, 16, 0.8, 0.5, 1.5
+    x, y = torch.zeros(n, 100), torch.zeros(n, 100)
     model = nn.Linear(100, 100)
-    engine, model, optimizer = _private(model, x, y, batch_size=batch, noise_multiplier=sigma, max_grad_norm=c1,
-                                        error_max_grad_norm=c2, noise_seed=1)
-    expected_std = sigma * c1 * math.sqrt(1 + 2 * c2 / c1)
+    engine, model, optimizer = _private(model, x, y, batch_size=batch, noise_multiplier=z, max_grad_norm=c1,
+                                        error_max_grad_norm=c2, noise_seed=1, poisson_sampling=poisson)
+    expected_std = z * (factor_c1 * c1 + 2 * c2)
     assert optimizer.noise_std() == pytest.approx(expected_std)
-    optimizer.step()  # empty batch: e = 0, the gradient is noise only
+    assert sensitivity(c1, c2, poisson_sampling=poisson) == pytest.approx(factor_c1 * c1 + 2 * c2)
+    optimizer.step()  # no forward: the logical batch is empty
     noise = torch.cat([p.grad.flatten() for p in model.parameters()]) * batch  # (10100,) on the sum scale
-    assert float(noise.std()) == pytest.approx(expected_std, rel=0.05)
-    assert engine.get_epsilon(1e-5) == pytest.approx(
-        compute_epsilon(sample_rate=batch / n, noise_multiplier=sigma, steps=1, delta=1e-5), rel=1e-9
+    # 10100 draws: the sample std is within 3% of the true one with probability > 1 - 1e-9
+    assert float(noise.std()) == pytest.approx(expected_std, rel=0.03)
+    assert dice_noise_scale(1.0, 1.0) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_ledger_is_full_batch_gaussian_and_matches_independent_accounting(accountant):
+    import dp_accounting
+    from dp_accounting import rdp as dpa_rdp
+
+    from dptrain.accountants.rdp import DEFAULT_ORDERS
+
+    n, batch, z, steps, delta = 40, 8, 3.0, 12, 1e-5
+    x, y = torch.zeros(n, 2), torch.zeros(n, 2)
+    engine = dptrain.PrivacyEngine(accountant=accountant)
+    model = nn.Linear(2, 2)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch), max_grad_norm=1.0, noise_multiplier=z,
+        error_feedback=True, sampler_seed=0, noise_seed=0,
     )
-    assert dice_noise_scale(1.0, 1.0) == pytest.approx(math.sqrt(3.0))
+    for _ in range(steps):
+        optimizer.step()
+    assert engine.accountant.history == [(z, 1.0, steps)]  # sample rate 1, not batch / n = 0.2
+    eps = engine.get_epsilon(delta)
+    # T full-batch Gaussian steps with multiplier z are sqrt(T)/z-Gaussian DP: the exact epsilon is a lower bound
+    # for any accountant's certificate and PLD is tight up to its discretisation
+    exact = _gdp_epsilon(math.sqrt(steps) / z, delta)
+    if accountant == "rdp":
+        reference = dpa_rdp.RdpAccountant(orders=list(DEFAULT_ORDERS))
+        reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), steps))
+        assert eps == pytest.approx(reference.get_epsilon(delta), rel=1e-6)
+        assert exact < eps < 1.3 * exact
+    else:
+        assert exact <= eps * (1 + 1e-9) and eps == pytest.approx(exact, rel=1e-2)
+    plain = compute_epsilon(sample_rate=batch / n, noise_multiplier=z, steps=steps, delta=delta,
+                            accountant=accountant)
+    assert eps > 2 * plain  # the bound pays for the missing amplification
+
+
+def test_target_epsilon_calibrates_z_at_sample_rate_one():
+    n, batch, epochs, target, delta = 50, 10, 2, 3.0, 1e-5
+    x, y = torch.zeros(n, 2), torch.zeros(n, 2)
+    engine = dptrain.PrivacyEngine()
+    model = nn.Linear(2, 2)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch), max_grad_norm=0.5, target_epsilon=target,
+        target_delta=delta, epochs=epochs, error_feedback=True, error_max_grad_norm=2.0, sampler_seed=0,
+    )
+    steps = epochs * math.ceil(n / batch)
+    z = calibrate_noise(target_epsilon=target, sample_rate=1.0, steps=steps, delta=delta)
+    assert optimizer.noise_multiplier == pytest.approx(z, rel=1e-12)
+    assert optimizer.noise_multiplier > 2 * calibrate_noise(target_epsilon=target, sample_rate=batch / n,
+                                                            steps=steps, delta=delta)
+    assert optimizer.noise_std() == pytest.approx(z * (0.5 + 2 * 2.0))
+    for _ in range(epochs):
+        for _batch in loader:
+            optimizer.step()
+    assert engine.accountant.steps == steps
+    assert engine.get_epsilon(delta) == pytest.approx(target, rel=1e-3)
+    assert engine.get_epsilon(delta) <= target * (1 + 1e-6)
 
 
 # ---------------------------------------------------------------------- resume
@@ -257,7 +330,8 @@ def test_per_layer_c2_is_compared_with_the_total_threshold():
         _private(_model(), x, y, batch_size=4, clipping="per_layer", max_grad_norm=[0.6, 0.6], error_max_grad_norm=0.7)
     engine, _, optimizer = _private(_model(), x, y, batch_size=4, clipping="per_layer", max_grad_norm=[0.6, 0.6],
                                     error_max_grad_norm=0.9)
-    assert optimizer.noise_scale == pytest.approx(math.sqrt(1 + 2 * 0.9 / (0.6 * math.sqrt(2))))
+    c1 = 0.6 * math.sqrt(2)
+    assert optimizer.noise_scale == pytest.approx((2 * c1 + 2 * 0.9) / c1)  # fixed batches: replace-one
 
 
 def test_thresholds_raised_above_c2_later_are_refused_at_the_step():
@@ -267,6 +341,43 @@ def test_thresholds_raised_above_c2_later_are_refused_at_the_step():
     _per_sample_loss(model, x[:4], y[:4]).mean().backward()
     with pytest.raises(ValueError, match="C2=0.6 < C1=0.8"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("paper", "'paper' is not offered"),
+    ("rdp", r"must be one of \('worst_case',\), found 'rdp'"),
+    (None, "found None"),
+])
+def test_unknown_accounting_is_refused(name, message):
+    x, y = _data()
+    with pytest.raises(ValueError, match=message):
+        _private(_model(), x, y, batch_size=4, max_grad_norm=1.0, error_feedback_accounting=name)
+
+
+def test_accounting_without_error_feedback_and_controller_with_it_are_refused():
+    x, y = _data()
+    model = _model()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    with pytest.raises(ValueError, match="only used with error_feedback=True"):
+        dptrain.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            max_grad_norm=1.0, noise_multiplier=1.0, error_feedback_accounting="other")
+    with pytest.raises(ValueError, match="cannot be combined with a controller"):
+        dptrain.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            max_grad_norm=1.0, target_epsilon=2.0, target_delta=1e-5, epochs=1, error_feedback=True,
+            controller=object())
+
+
+def test_checkpoint_of_the_mean_scale_buffer_is_refused():
+    x, y = _data()
+    engine, model, optimizer = _private(_model(), x, y, batch_size=4, max_grad_norm=0.3, error_max_grad_norm=0.6)
+    state = engine.error_feedback.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("error_scale", "accounting", "poisson_sampling")}
+    with pytest.raises(ValueError, match="'mean' scale"):
+        engine.error_feedback.load_state_dict(old)
+    with pytest.raises(ValueError, match="poisson_sampling=True, this run False"):
+        engine.error_feedback.load_state_dict({**state, "poisson_sampling": True})
 
 
 def test_error_feedback_needs_unclipped_sums():
@@ -289,36 +400,55 @@ def _mean_estimation_data(seed, n=400, d=2):
     return x
 
 
-def _mean_estimation_distance(x, *, error_feedback, seed, epochs=8, lr=0.5):
+def _mean_estimation_distance(x, *, error_feedback, seed, steps, lr, c1, c2=None, **privacy):
+    """Full-batch training (sample rate 1: DP-SGD gets no amplification either) from w = 0."""
     n, d = x.shape
     torch.manual_seed(seed)
     model = nn.Linear(1, d, bias=False)  # w = model(1): per-sample gradient w - x_i
     nn.init.zeros_(model.weight)
     ones = torch.ones(n, 1)
     engine = dptrain.PrivacyEngine()
-    kwargs = dict(error_feedback=True) if error_feedback else {}
+    kwargs = dict(error_feedback=True, error_max_grad_norm=c2) if error_feedback else {}
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-        data_loader=DataLoader(TensorDataset(ones, x), batch_size=40), max_grad_norm=1.0,
-        target_epsilon=2.0, target_delta=1e-5, epochs=epochs, noise_seed=seed, sampler_seed=seed, **kwargs,
+        data_loader=DataLoader(TensorDataset(ones, x), batch_size=n), max_grad_norm=c1, noise_seed=seed,
+        sampler_seed=seed, **privacy, **kwargs,
     )
-    for _ in range(epochs):
+    for _ in range(steps):
         for inp, target in loader:
-            if len(inp):
-                (0.5 * (model(inp) - target).pow(2).sum(1)).mean().backward()
+            (0.5 * (model(inp) - target).pow(2).sum(1)).mean().backward()
             optimizer.step()
             optimizer.zero_grad()
-    assert engine.get_epsilon(1e-5) <= 2.0 + 1e-6
+    if "target_epsilon" in privacy:
+        assert engine.get_epsilon(privacy["target_delta"]) <= privacy["target_epsilon"] * (1 + 1e-6)
     w = model.weight.detach()[:, 0]
     return float((w - x.mean(0)).norm())
 
 
-def test_dicesgd_removes_clipping_bias_on_mean_estimation_with_outliers():
+def test_dicesgd_removes_clipping_bias_without_noise():
+    """The algorithm itself: with C2 = 3 C1 B the feedback outruns the clipped gradients' pull to the inliers."""
+    x = _mean_estimation_data(0)
+    common = dict(seed=0, steps=60, lr=0.5, c1=0.1, noise_multiplier=0.0)
+    dp = _mean_estimation_distance(x, error_feedback=False, **common)
+    dice = _mean_estimation_distance(x, error_feedback=True, c2=3 * 0.1 * 400, **common)
+    assert dp > 1.0  # DP-SGD's fixed point sits at the inliers, 1.25 from the mean
+    assert dice < 0.05 * dp
+
+
+def test_dicesgd_beats_dp_sgd_at_the_same_epsilon_where_the_bound_allows():
+    """Acceptance test of issue 5 under the worst-case bound: 5% far points, same (eps, delta), same C1, full batch.
+
+    Under this bound DiceSGD wins only where noise ~ 2 z C2 / B per step is small next to DP-SGD's bias: on this
+    task at eps = 32 (mean distance ~0.4 vs ~1.23); at eps <= 16 it does not reach half of DP-SGD's distance
+    (benchmarks/RESULTS.md, error_feedback). Both runs: 10 full-batch steps, lr 1, C1 = 0.1, C2 = 1.5 C1 B.
+    """
+    privacy = dict(target_epsilon=32.0, target_delta=1e-5, epochs=10)
     dp, dice = [], []
-    for seed in range(3):
+    for seed in range(4):
         x = _mean_estimation_data(seed)
-        dp.append(_mean_estimation_distance(x, error_feedback=False, seed=seed))
-        dice.append(_mean_estimation_distance(x, error_feedback=True, seed=seed))
+        common = dict(seed=seed, steps=10, lr=1.0, c1=0.1, **privacy)
+        dp.append(_mean_estimation_distance(x, error_feedback=False, **common))
+        dice.append(_mean_estimation_distance(x, error_feedback=True, c2=1.5 * 0.1 * 400, **common))
     mean_dp, mean_dice = sum(dp) / len(dp), sum(dice) / len(dice)
-    assert mean_dp > 0.5  # clipping bias is real here: DP-SGD stays near the inliers
+    assert mean_dp > 1.0  # clipping bias is real here: DP-SGD stays near the inliers
     assert mean_dice <= 0.5 * mean_dp, (dp, dice)
