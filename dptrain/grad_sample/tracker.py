@@ -257,28 +257,29 @@ class GradSampleTracker:
             fused = next((p for p, u in pending.items()
                           if len(u) == 1 and isinstance(u[0], Factored) and not u[0].is_index), None)
         factored = {p: u for p, u in pending.items() if p not in dense and p is not fused}
-        sq = torch.zeros(batch, dtype=torch.float32, device=self._device_of(pending))  # (B,)
-        for p, uses in factored.items():
-            sq += self._finite(per_sample_sq_norms(uses), p)
+        parts = {p: per_sample_sq_norms(uses) for p, uses in factored.items()}  # {p: (B,)}
+        sq = sum(parts.values()) if parts else torch.zeros(batch, device=self._device_of(pending))  # (B,)
         if fused is not None:  # norm, clip factor and clipped sum of the big matrix in one pass
             (c,) = pending[fused]
             grad, norms = kernels.fused_clip_linear_grad(c.right, c.left, max_norm, extra_sq_norms=sq)
-            factors = self._factors(self._finite(norms, fused), max_norm, count_as)
+            factors = self._factors(self._finite(norms, parts, blame=fused), max_norm, count_as)
             self._add(fused, grad.reshape(fused.shape), pending[fused])
         elif dense:
             factors = torch.empty_like(sq)
             sums: Dict[nn.Parameter, torch.Tensor] = {}
             for sl in (slice(i, min(batch, i + chunk)) for i in range(0, batch, chunk)):
                 grads = self._densify(dense, pending, sl)  # {p: (b, *p.shape)}
-                chunk_sq = sq[sl] + sum(self._finite(per_sample_sq_norms([d]), p) for p, d in grads.items())
-                factors[sl] = self._factors(chunk_sq.sqrt(), max_norm, count_as)
+                chunk_parts = {p: per_sample_sq_norms([d]) for p, d in grads.items()}
+                chunk_sq = sq[sl] + sum(chunk_parts.values())
+                chunk_parts.update((p, part[sl]) for p, part in parts.items())
+                factors[sl] = self._factors(self._finite(chunk_sq, chunk_parts).sqrt(), max_norm, count_as)
                 for p, d in grads.items():
                     part = weighted_sum([d], factors[sl], p.shape)
                     sums[p] = part if p not in sums else sums[p].add_(part)
             for p in dense:
                 self._add(p, sums[p], pending[p])
         else:
-            factors = self._factors(sq.sqrt(), max_norm, count_as)
+            factors = self._factors(self._finite(sq, parts).sqrt(), max_norm, count_as)
         for p, uses in factored.items():
             self._add(p, weighted_sum(uses, factors, p.shape), uses)
 
@@ -328,13 +329,16 @@ class GradSampleTracker:
             self._arena = torch.empty(numel, dtype=torch.float32)
         return self._arena[:numel]
 
-    def _finite(self, norms: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
-        if not torch.isfinite(norms).all():
-            raise NonFiniteGradientError(
-                f"non-finite per-sample gradient norm in layer(s) {self._param_names[p]} at step {self.step_index}; "
-                "the logical batch was dropped, no parameter changed and nothing was accounted"
-            )
-        return norms
+    def _finite(self, total: torch.Tensor, parts: Dict[nn.Parameter, torch.Tensor],
+                blame: Optional[nn.Parameter] = None) -> torch.Tensor:
+        """``total`` (per-sample, from ``parts``), or an error naming the parameters with non-finite norms."""
+        if torch.isfinite(total).all():  # one check: non-negative parts cannot cancel an inf or a NaN
+            return total
+        bad = [self._param_names[p] for p, part in parts.items() if not torch.isfinite(part).all()]
+        raise NonFiniteGradientError(
+            f"non-finite per-sample gradient norm in layer(s) {', '.join(bad or [self._param_names[blame]])} at step "
+            f"{self.step_index}; the logical batch was dropped, no parameter changed and nothing was accounted"
+        )
 
     def _add(self, p: nn.Parameter, clipped: torch.Tensor, uses: Sequence[Contribution]) -> None:
         clipped = clipped.float()
