@@ -118,10 +118,11 @@ def _init(rank, port):
 
 def _worker(rank, ports, out_dir):
     """Every scenario in one process group (spawning is the slow part); a fresh group after each timeout."""
-    distributed.COLLECTIVE_TIMEOUT_S = TIMEOUT_S
     _init(rank, ports[0])
     try:
         for scenario in SCENARIOS:
+            # short only where a rank is meant to be missing (a loaded machine may delay the others by seconds)
+            distributed.COLLECTIVE_TIMEOUT_S = TIMEOUT_S if scenario.startswith("rank1_") else 60.0
             started = time.perf_counter()
             try:
                 result = _scenario(rank, scenario)

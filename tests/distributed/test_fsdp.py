@@ -17,6 +17,7 @@ from torch import nn
 import dptrain
 from tests.distributed.test_ddp import N, WORLD, _data, _loss, _model, _train
 
+pytestmark = pytest.mark.slow  # spawns 2 processes: ~10 s CPU, 20-35 s on a loaded 2-core machine
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 SCENARIOS = ("plain", "per_layer", "accumulate", "noise")
 

@@ -17,6 +17,7 @@ from dptrain.finetune import FinetuneConfig, finetune
 from dptrain.finetune.api import CHECKPOINT_NAME
 from tests.finetune.helpers import tiny_model_and_tokenizer
 
+pytestmark = pytest.mark.slow  # spawns 2 processes: ~10 s CPU, 20-35 s on a loaded 2-core machine
 WORLD = 2
 TEXTS = [f"Note {i}: follow-up, blood pressure {110 + i % 30}/{70 + i % 15}." for i in range(40)]
 
