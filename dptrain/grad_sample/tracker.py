@@ -334,11 +334,15 @@ class GradSampleTracker:
         """``total`` (per-sample, from ``parts``), or an error naming the parameters with non-finite norms."""
         if torch.isfinite(total).all():  # one check: non-negative parts cannot cancel an inf or a NaN
             return total
-        bad = [self._param_names[p] for p, part in parts.items() if not torch.isfinite(part).all()]
+        bad = [self._name(p) for p, part in parts.items() if not torch.isfinite(part).all()] or [self._name(blame)]
         raise NonFiniteGradientError(
-            f"non-finite per-sample gradient norm in layer(s) {', '.join(bad or [self._param_names[blame]])} at step "
+            f"non-finite per-sample gradient norm in layer(s) {', '.join(bad)} at step "
             f"{self.step_index}; the logical batch was dropped, no parameter changed and nothing was accounted"
         )
+
+    def _name(self, p: nn.Parameter) -> str:
+        """The parameter's name (FSDP2 hands the rules unsharded stand-ins: named by shape then)."""
+        return self._param_names.get(p, f"of shape {tuple(p.shape)}")
 
     def _add(self, p: nn.Parameter, clipped: torch.Tensor, uses: Sequence[Contribution]) -> None:
         clipped = clipped.float()
