@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from dptrain import distributed
-from dptrain.fsdp import shard_like
+from dptrain.fsdp import FSDPView, shard_like
 from dptrain.grad_sample.tracker import GradSampleTracker
 from dptrain.noise import GaussianNoise
 
@@ -142,8 +142,6 @@ class DPOptimizer(torch.optim.Optimizer):
             p.grad = shard_like(s, p) if fsdp is not None else s.to(p.dtype)  # FSDP2: this rank's shard (DTensor)
 
     def _fsdp_view(self):
-        from dptrain.fsdp import FSDPView
-
         return self.tracker.model if isinstance(self.tracker.model, FSDPView) else None
 
     def noise_state_dict(self) -> dict:
