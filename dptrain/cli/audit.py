@@ -13,7 +13,7 @@ Two forms:
   in ``report.json`` as the AUDITOR'S SECRET. Every canary is scored with the saved model (higher = more likely
   trained on), "in" is guessed for the top k and "out" for the bottom k, and the audited epsilon is set
   against the run's own (theoretical) epsilon. k is fixed before any score is seen: ``--guesses K``, or by
-  default the best of a fixed grid with a Bonferroni correction (``dptrain.attacks.scan_one_run_audit``).
+  default the best of a fixed grid of (k+, k-) with a Bonferroni correction (``dptrain.attacks.scan_one_run_audit``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ examples:
 
 
 SCORES = ("loss", "reference")
-GRID_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # total guesses 2k as a fraction of the canaries
+GRID_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # guesses r as a fraction of the canaries (guess_grid)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -176,10 +176,18 @@ def load_audit_secret(folder: Path) -> tuple[dict, list[str], list[bool]]:
 
 
 def guess_grid(num_canaries: int) -> list[tuple[int, int]]:
-    """The fixed (k+, k-) = (k, k) grid searched by default: 2k about m/32 ... m/2 (depends on m only)."""
-    ks = sorted({max(1, int(num_canaries * f / 2)) for f in GRID_FRACTIONS if 2 * max(1, int(num_canaries * f / 2))
-                 <= num_canaries})
-    return [(k, k) for k in ks]
+    """The fixed (k+, k-) grid searched by default; it depends on m only, never on the scores.
+
+    For r = floor(m f), f in 1/32 ... 1/2: "in" for the top r (a memorised canary scores high, while a
+    left-out one looks like any random string, so the top end carries most of the signal), and r/2 top plus
+    r/2 bottom (Steinke et al.'s two-sided guesses)."""
+    pairs = set()
+    for f in GRID_FRACTIONS:
+        r = max(1, int(num_canaries * f))
+        pairs.add((r, 0))
+        if r // 2 >= 1:
+            pairs.add((r // 2, r // 2))
+    return sorted(pairs, key=lambda kk: (kk[1], kk[0]))
 
 
 def _reference_model(config: dict):
@@ -238,7 +246,7 @@ def run_model(args: argparse.Namespace) -> int:
         grid = guess_grid(m)
         res = scan_one_run_audit(scores, mask, guesses=grid, delta=delta, confidence=args.confidence,
                                  method="bonferroni", seed=args.seed)
-        choice = f"best of {len(grid)} fixed (k, k), Bonferroni-corrected"
+        choice = f"best of {len(grid)} fixed (k+, k-), Bonferroni-corrected"
     consistent = res.epsilon <= run_eps
     result = {"audit": "one-run-model", "model": str(folder), "epsilon": res.epsilon, "score": args.score,
               "num_canaries": m, "num_included": int(sum(mask)), "num_guesses_pos": res.num_guesses_pos,

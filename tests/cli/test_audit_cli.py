@@ -127,12 +127,13 @@ def test_audit_model_json_against_oracle_counts(run_dir, capsys):
 
 def test_audit_model_default_grid_is_fixed_and_bonferroni_corrected(run_dir, capsys):
     out = audit_json(capsys, "--model", str(run_dir), "--delta", "0")
-    assert out["guess_grid"] == [list(g) for g in guess_grid(M)] == [[1, 1], [3, 3], [6, 6]]
+    grid = [[1, 0], [3, 0], [6, 0], [12, 0], [1, 1], [3, 3], [6, 6]]  # r = 24/32 -> 1, 1, 3, 6, 12: top r, r/2 + r/2
+    assert out["guess_grid"] == [list(g) for g in guess_grid(M)] == grid
     assert out["delta"] == 0.0
     # the reported bound is at the corrected level: never above the uncorrected audit of the chosen pair
     plain = one_run_audit_epsilon(num_canaries=M, num_guesses=out["num_guesses"], num_correct=out["num_correct"])
     corrected = one_run_audit_epsilon(num_canaries=M, num_guesses=out["num_guesses"], num_correct=out["num_correct"],
-                                      confidence=1 - 0.05 / 3)
+                                      confidence=1 - 0.05 / len(grid))
     assert out["epsilon"] == pytest.approx(corrected, abs=1e-12) and corrected <= plain
     assert main(["audit", "--model", str(run_dir)]) == 0
     text = capsys.readouterr().out
