@@ -1,19 +1,19 @@
 """``dptrain audit``: empirical lower bounds on epsilon from attack outcomes.
 
-Two forms:
+Three forms:
 
 - one-run audit (Steinke, Nasr, Jagielski 2023) as a calculator: m canaries were each inserted with probability
   1/2 in ONE training run, r guesses were made (fixed in advance), v were right -> the epsilon that this outcome
   rules out at the given confidence;
 - multi-run audit from member / non-member scores (e.g. one target example in or out of many runs): the largest
-  log(TPR_lo / FPR_hi) over thresholds, with Clopper-Pearson bounds and a split-half threshold choice.
-
+  log(TPR_lo / FPR_hi) over thresholds, with Clopper-Pearson bounds and a split-half threshold choice;
 - one-run audit of a model folder (``--model D``) written by ``dptrain finetune --audit-canaries M``: the run
   added M random canaries, each trained on once with probability 1/2, and kept the texts and the inclusion mask
   in ``report.json`` as the AUDITOR'S SECRET. Every canary is scored with the saved model (higher = more likely
-  trained on), "in" is guessed for the top k and "out" for the bottom k, and the audited epsilon is set
-  against the run's own (theoretical) epsilon. k is fixed before any score is seen: ``--guesses K``, or by
-  default the best of a fixed grid of (k+, k-) with a Bonferroni correction (``dptrain.attacks.scan_one_run_audit``).
+  trained on), "in" is guessed for the top k+ and "out" for the bottom k-, and the audited epsilon is set
+  against the run's own (theoretical) epsilon, at the run's delta. The guess counts are fixed before any
+  score is seen: ``--guesses K`` (k+ = k- = K), or by default the best of a grid that depends on M only, with
+  a Bonferroni correction (``dptrain.attacks.scan_one_run_audit``).
 """
 
 from __future__ import annotations

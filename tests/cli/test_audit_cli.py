@@ -179,3 +179,41 @@ def test_bad_folders_and_options_exit_2_with_one_line(run_dir, tmp_path, capsys)
         assert fragment in fails_with_one_line(capsys, *argv), argv
     with pytest.raises(ValueError, match="audit-canaries must be an integer"):
         FinetuneConfig(audit_canaries=True).validate()
+
+
+def test_reference_score_rebuilds_the_demo_base_model(tmp_path, capsys):
+    """--score reference on a demo run: the rebuilt base is the run's starting point (oracle: its held-out
+    perplexity equals the report's eval_perplexity_before), and the score is base NLL - fine-tuned NLL."""
+    from dptrain.cli.audit import _reference_model, canary_scores
+    from dptrain.finetune.data import synthetic_private_records
+    from dptrain.finetune.loss import PadCollator, TokenizedTexts, perplexity
+
+    out = tmp_path / "demo"
+    cfg = FinetuneConfig(demo_records=48, demo_eval_records=8, pretrain_steps=2, batch_size=8, max_steps=1,
+                         max_length=48, output_dir=str(out), progress=False, seed=3, audit_canaries=8)
+    finetune(cfg)
+    report = json.loads((out / "report.json").read_text())
+    base = _reference_model(report["config"])
+    from dptrain.cli.attack import load_model
+
+    _, tok = load_model(str(out))
+    held = synthetic_private_records(8, seed=4, canary_repeats=()).records
+    ppl = perplexity(base, TokenizedTexts(held, tok, 48), PadCollator(tok.pad_token_id))
+    assert ppl == pytest.approx(report["eval_perplexity_before"], rel=1e-5)
+    texts = report[AUDIT_SECRET_KEY]["canaries"]
+    ref = canary_scores(out, report["config"], texts, score="reference", batch_size=4)
+    loss = canary_scores(out, report["config"], texts, score="loss", batch_size=4)
+    oracle_base = _oracle_scores_of(base, tok, texts)  # -NLL under the base model
+    np.testing.assert_allclose(ref, loss - oracle_base, atol=2e-6)  # float32 logits in the library
+    out_json = audit_json(capsys, "--model", str(out), "--score", "reference", "--guesses", "2")
+    assert out_json["score"] == "reference" and out_json["num_canaries"] == 8
+
+
+def _oracle_scores_of(model, tok, texts):
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"]])  # (1, T)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)  # (T-1, V)
+            out.append(float(logp.gather(-1, ids[0, 1:, None]).mean()))
+    return np.array(out)
