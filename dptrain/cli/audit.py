@@ -190,18 +190,32 @@ def guess_grid(num_canaries: int) -> list[tuple[int, int]]:
     return sorted(pairs, key=lambda kk: (kk[1], kk[0]))
 
 
-def _reference_model(config: dict):
-    """The model the run started from: the demo's public pretraining rebuilt from the seed, else ``--model``."""
+def _reference_model(config: dict, model, folder: Path):
+    """The model the run started from: the demo's public pretraining rebuilt from the seed, else ``--model``.
+    Refused when its parameter shapes differ from the fine-tuned ``model`` (a base we cannot rebuild)."""
     if config.get("model") is None:
         from dptrain.finetune.demo import demo_model_and_tokenizer, pretrain_public
 
         seed, max_length = int(config.get("seed", 0)), int(config.get("max_length", 128))
-        model, _ = demo_model_and_tokenizer(max_length, seed=seed)
-        pretrain_public(model, _, steps=int(config.get("pretrain_steps", 30)), max_length=max_length, seed=seed)
-        return model.eval()
+        reference, tokenizer = demo_model_and_tokenizer(max_length, seed=seed)
+        _check_same_shapes(reference, model, folder)  # before the (few seconds of) pretraining
+        pretrain_public(reference, tokenizer, steps=int(config.get("pretrain_steps", 30)), max_length=max_length,
+                        seed=seed)
+        return reference.eval()
     from dptrain.cli.attack import load_model
 
-    return load_model(str(config["model"]), must_be_dir=False)[0]
+    reference = load_model(str(config["model"]), must_be_dir=False)[0]
+    _check_same_shapes(reference, model, folder)
+    return reference
+
+
+def _check_same_shapes(reference, model, folder: Path) -> None:
+    def shapes(net) -> dict:
+        return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+    if shapes(reference) != shapes(model):
+        raise CLIError(f"cannot rebuild the base model of {folder} (its architecture differs from the saved model: "
+                       "fine-tuned from a model passed in Python?): use --score loss")
 
 
 def canary_scores(folder: Path, config: dict, texts: list[str], *, score: str, batch_size: int):
@@ -215,12 +229,7 @@ def canary_scores(folder: Path, config: dict, texts: list[str], *, score: str, b
     nll = sequence_nll(model, ids, att, batch_size=batch_size)  # (m,) mean token NLL
     if score == "loss":
         return -nll
-    reference = _reference_model(config)
-    shapes = lambda net: {k: tuple(v.shape) for k, v in net.state_dict().items()}  # noqa: E731
-    if shapes(reference) != shapes(model):
-        raise CLIError(f"cannot rebuild the base model of {folder} (its architecture differs from the saved model: "
-                       "fine-tuned from a model passed in Python?): use --score loss")
-    ref = sequence_nll(reference, ids, att, batch_size=batch_size)  # (m,)
+    ref = sequence_nll(_reference_model(config, model, folder), ids, att, batch_size=batch_size)  # (m,)
     return ref - nll
 
 
@@ -254,16 +263,25 @@ def run_model(args: argparse.Namespace) -> int:
               "num_correct": res.num_correct, "guess_grid": [list(g) for g in grid], "guess_choice": choice,
               "delta": delta, "confidence": args.confidence, "run_epsilon": run_eps, "run_delta": run_delta,
               "run_target_epsilon": report.get("target_epsilon"), "consistent": consistent}
-    verdict = ("consistent: the audit stays below the run's epsilon" if consistent else
-               "AUDIT EXCEEDS THE RUN'S EPSILON: a broken pipeline or accountant (or, at most 1 - confidence of "
-               "the time, chance)")
-    delta_note = "" if delta == run_delta else f"  (note: audited at delta {delta:g}, the run's epsilon is at delta {run_delta:.3g})\n"
+    if consistent:
+        verdict = "consistent: the audit stays below the run's epsilon"
+    elif delta < run_delta:
+        verdict = ("above the run's epsilon, but audited at a smaller delta than the run's: not a contradiction "
+                   "by itself (audit at the run's delta to compare)")
+    else:
+        verdict = ("AUDIT EXCEEDS THE RUN'S EPSILON: a broken pipeline or accountant (or chance, at most "
+                   f"{1 - args.confidence:.0%} of the time)")
+    delta_note = "" if delta == run_delta else (
+        f"  (note: audited at delta {delta:g}, the run's epsilon is at delta {run_delta:.3g})\n")
     human = (
-        f"one-run audit of {folder}: {m} audit canaries, {sum(mask)} trained on once (AUDITOR'S SECRET from report.json)\n"
+        f"one-run audit of {folder}: {m} audit canaries, {sum(mask)} trained on once "
+        "(AUDITOR'S SECRET from report.json)\n"
         f"  score: {args.score}; guesses: 'in' for the top {res.num_guesses_pos}, 'out' for the bottom "
         f"{res.num_guesses_neg} ({choice}): {res.num_correct}/{res.num_guesses} correct\n"
-        f"  audited epsilon >= {res.epsilon:.3f}  ({args.confidence:g} confidence, delta = {delta:.3g}; a lower bound)\n"
-        f"  run's epsilon    = {run_eps:.3f}  (theory, delta = {run_delta:.3g}; target {report.get('target_epsilon')})\n"
+        f"  audited epsilon >= {res.epsilon:.3f}  ({args.confidence:g} confidence, delta = {delta:.3g}; "
+        "a lower bound)\n"
+        f"  run's epsilon    = {run_eps:.3f}  (theory, delta = {run_delta:.3g}; "
+        f"target {report.get('target_epsilon')})\n"
         f"{delta_note}  {verdict}"
     )
     emit(result, human, args.json)

@@ -193,10 +193,10 @@ def test_reference_score_rebuilds_the_demo_base_model(tmp_path, capsys):
                          max_length=48, output_dir=str(out), progress=False, seed=3, audit_canaries=8)
     finetune(cfg)
     report = json.loads((out / "report.json").read_text())
-    base = _reference_model(report["config"])
     from dptrain.cli.attack import load_model
 
-    _, tok = load_model(str(out))
+    tuned, tok = load_model(str(out))
+    base = _reference_model(report["config"], tuned, out)
     held = synthetic_private_records(8, seed=4, canary_repeats=()).records
     ppl = perplexity(base, TokenizedTexts(held, tok, 48), PadCollator(tok.pad_token_id))
     assert ppl == pytest.approx(report["eval_perplexity_before"], rel=1e-5)
@@ -217,3 +217,19 @@ def _oracle_scores_of(model, tok, texts):
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)  # (T-1, V)
             out.append(float(logp.gather(-1, ids[0, 1:, None]).mean()))
     return np.array(out)
+
+
+def test_a_leaking_pipeline_is_flagged(run_dir, tmp_path, capsys):
+    """A forged run whose 'trained on' canaries are exactly the top-scoring half and whose report claims
+    epsilon 0.01: the audit (12 + 12 right at most, 7-point Bonferroni) must exceed it and say so."""
+    folder = tmp_path / "forged"
+    shutil.copytree(run_dir, folder)
+    report = json.loads((folder / "report.json").read_text())
+    scores = _oracle_scores(folder, report[AUDIT_SECRET_KEY]["canaries"], 48)
+    report[AUDIT_SECRET_KEY]["inclusion_mask"] = [int(s > np.median(scores)) for s in scores]
+    report.update(epsilon=0.01, delta=1e-6)
+    (folder / "report.json").write_text(json.dumps(report))
+    out = audit_json(capsys, "--model", str(folder))
+    assert out["num_correct"] == out["num_guesses"] and out["epsilon"] > 0.01 and not out["consistent"]
+    assert main(["audit", "--model", str(folder)]) == 0
+    assert "AUDIT EXCEEDS THE RUN'S EPSILON" in capsys.readouterr().out
