@@ -181,7 +181,7 @@ def test_bad_folders_and_options_exit_2_with_one_line(run_dir, tmp_path, capsys)
         FinetuneConfig(audit_canaries=True).validate()
 
 
-def test_reference_score_rebuilds_the_demo_base_model(tmp_path, capsys):
+def test_reference_score_rebuilds_the_demo_base_model(tmp_path):
     """--score reference on a demo run: the rebuilt base is the run's starting point (oracle: its held-out
     perplexity equals the report's eval_perplexity_before), and the score is base NLL - fine-tuned NLL."""
     from dptrain.cli.audit import _reference_model, canary_scores
@@ -205,8 +205,6 @@ def test_reference_score_rebuilds_the_demo_base_model(tmp_path, capsys):
     loss = canary_scores(out, report["config"], texts, score="loss", batch_size=4)
     oracle_base = _oracle_scores_of(base, tok, texts)  # -NLL under the base model
     np.testing.assert_allclose(ref, loss - oracle_base, atol=2e-6)  # float32 logits in the library
-    out_json = audit_json(capsys, "--model", str(out), "--score", "reference", "--guesses", "2")
-    assert out_json["score"] == "reference" and out_json["num_canaries"] == 8
 
 
 def _oracle_scores_of(model, tok, texts):
