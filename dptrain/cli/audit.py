@@ -79,17 +79,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def load_scores(path: str) -> tuple[list, list]:
-    """``(member, nonmember)`` score lists from a JSON object with keys member/nonmember (or *_scores)."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--scores file not found: {file}")
+def _json_object(file: Path, expected: str) -> dict:
+    """The JSON object in ``file``, or a one-line CLIError naming the file and what was expected."""
     try:
         obj = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CLIError(f"{file} is not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(obj, dict):
-        raise CLIError(f"{file} must hold a JSON object with 'member' and 'nonmember' lists, found {type(obj).__name__}")
+        raise CLIError(f"{file} must hold {expected}, found {type(obj).__name__}")
+    return obj
+
+
+def load_scores(path: str) -> tuple[list, list]:
+    """``(member, nonmember)`` score lists from a JSON object with keys member/nonmember (or *_scores)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--scores file not found: {file}")
+    obj = _json_object(file, "a JSON object with 'member' and 'nonmember' lists")
     out = []
     for key in ("member", "nonmember"):
         value = obj.get(key, obj.get(f"{key}_scores"))
@@ -150,12 +156,7 @@ def load_audit_secret(folder: Path) -> tuple[dict, list[str], list[bool]]:
     file = folder / REPORT_NAME
     if not file.is_file():
         raise CLIError(f"{folder} has no {REPORT_NAME}: expected an output folder of 'dptrain finetune'")
-    try:
-        report = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CLIError(f"{file} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(report, dict):
-        raise CLIError(f"{file} must hold a JSON object (a dptrain finetune report), found {type(report).__name__}")
+    report = _json_object(file, "a JSON object (a dptrain finetune report)")
     secret = report.get(AUDIT_SECRET_KEY)
     if secret is None:
         raise CLIError(f"{file} has no audit canaries ('{AUDIT_SECRET_KEY}'): train with "

@@ -11,6 +11,7 @@ import torch
 
 from dptrain.attacks.metrics import METRIC_KEYS
 from dptrain.cli import main
+from tests.helpers.cli import fails_with_one_line
 from dptrain.cli.attack import demo_canaries, demo_records
 from dptrain.finetune.modeling import tiny_gpt2
 from dptrain.finetune.tokenizer import byte_tokenizer
@@ -40,17 +41,6 @@ def run_json(capsys, *argv):
 def write_jsonl(path, texts):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return str(path)
-
-
-def fails_with_one_line(capsys, *argv):
-    try:
-        status = main(list(argv))
-    except SystemExit as stop:  # argparse usage errors exit from inside the parser
-        status = stop.code
-    assert status == 2, argv
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("dptrain ") and "error" in err and len(err.splitlines()) == 1, err
-    return err
 
 
 # ------------------------------------------------------------------------------------------------------- mia

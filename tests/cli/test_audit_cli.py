@@ -15,6 +15,7 @@ import torch
 
 from dptrain.attacks import one_run_audit_epsilon
 from dptrain.cli import main
+from tests.helpers.cli import fails_with_one_line
 from dptrain.cli.audit import guess_grid
 from dptrain.finetune import FinetuneConfig, finetune
 from dptrain.finetune.data import audit_canaries, with_audit_canaries
@@ -52,17 +53,6 @@ def run_dir(tmp_path_factory):
 def audit_json(capsys, *argv):
     assert main(["audit", *argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
-
-
-def fails_with_one_line(capsys, *argv):
-    try:
-        status = main(list(argv))
-    except SystemExit as stop:  # argparse usage errors exit from inside the parser
-        status = stop.code
-    assert status == 2, argv
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("dptrain ") and "error" in err and len(err.splitlines()) == 1, err
-    return err
 
 
 def _oracle_scores(folder, texts, max_length):
