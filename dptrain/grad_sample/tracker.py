@@ -45,8 +45,8 @@ __all__ = ["GradSampleTracker", "ClipGroup", "NonFiniteGradientError", "CLIPPING
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic")
 
-# Explicit per-sample gradients built at once by one processing call (on CPU, where they beat ghost norms for
-# sequences; the GPU path keeps the fused kernels, which never write them).
+# Bytes of explicit per-sample gradients alive at once (one batch chunk; CPU only, where they beat ghost norms
+# for sequences; the GPU path keeps the fused kernels, which never write them). Also the workspace's usual size.
 DENSE_BUDGET_BYTES = 64 * 2**20
 
 
