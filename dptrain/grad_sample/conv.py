@@ -25,7 +25,7 @@ class ConvRule(HookRule):
             and not isinstance(module.padding, str)
         )
 
-    def contributions(self, module, x, g, scale):
+    def contributions(self, module, x, g):
         if x.dim() == 3:  # treat (B, C, L) as a (B, C, 1, L) image
             x, g = x.unsqueeze(2), g.unsqueeze(2)
             kernel, stride = (1, *module.kernel_size), (1, *module.stride)
@@ -33,7 +33,7 @@ class ConvRule(HookRule):
         else:
             kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
         patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C_in*k, L)
-        g = g.flatten(2) * scale  # (B, C_out, L)
+        g = g.flatten(2)  # (B, C_out, L)
         out = {}
         if module.weight.requires_grad:
             out[module.weight] = Factored(

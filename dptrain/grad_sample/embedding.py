@@ -49,9 +49,9 @@ class EmbeddingRule(FunctionRule):
         report = lambda saved, g: tracker.arrive(module, call, saved, g)  # noqa: E731
         return _TrackedEmbedding.apply(ids, module.weight, module.padding_idx, report)
 
-    def contributions(self, module, ids, g, scale):
+    def contributions(self, module, ids, g):
         ids = ids.reshape(ids.shape[0], -1)  # (B, T)
-        g = g.reshape(ids.shape[0], ids.shape[1], -1) * scale  # (B, T, d)
+        g = g.reshape(ids.shape[0], ids.shape[1], -1)  # (B, T, d)
         if module.padding_idx is not None:  # torch gives the padding row no gradient
             g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
         if not module.weight.requires_grad:

@@ -29,7 +29,7 @@ class FunctorchRule(HookRule):
     def save(self, module, args, kwargs, output):
         return tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()}, output.detach()
 
-    def contributions(self, module, saved, g, scale):
+    def contributions(self, module, saved, g):
         args, kwargs, recorded = saved
         batch = g.shape[0]
         params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
@@ -65,5 +65,5 @@ class FunctorchRule(HookRule):
                 "batch: it mixes samples or is random, so its per-sample gradients are not defined"
             )
         named = dict(module.named_parameters(recurse=False))
-        return {named[n]: Instantiated(grad * scale) for n, grad in grads.items()}
+        return {named[n]: Instantiated(grad) for n, grad in grads.items()}
 

@@ -55,15 +55,13 @@ class _LinearLike(FunctionRule):
         report = lambda saved, g: tracker.arrive(module, call, saved, g)  # noqa: E731
         return _TrackedLinear.apply(x, module.weight, module.bias, self.weight_is_in_out, report)
 
-    def contributions(self, module, x, g, scale):
+    def contributions(self, module, x, g):
         x, g = _as_sequence(x), _as_sequence(g)  # (B, T, d_in), (B, T, d_out)
         if x.dtype != g.dtype:
             x = x.to(g.dtype)
         out = {}
         if module.bias is not None and module.bias.requires_grad:
-            out[module.bias] = Instantiated(g.sum(1) * scale)  # (B, d_out)
-        if scale != 1.0:  # scale the smaller factor of G_i = g_i^T x_i
-            x, g = (x * scale, g) if x.shape[-1] <= g.shape[-1] else (x, g * scale)
+            out[module.bias] = Instantiated(g.sum(1))  # (B, d_out)
         if module.weight.requires_grad:
             if self.weight_is_in_out:  # weight (d_in, d_out): G_i = x_i^T g_i
                 out[module.weight] = Factored(x, g, x.shape[-1], module.weight.shape)

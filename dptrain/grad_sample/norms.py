@@ -35,9 +35,9 @@ class LayerNormRule(HookRule):
     def supports(self, module):
         return type(module).forward is nn.LayerNorm.forward
 
-    def contributions(self, module, x, g, scale):
+    def contributions(self, module, x, g):
         x_hat = F.layer_norm(x.float(), module.normalized_shape, eps=module.eps)
-        return _norm_layer_contributions(module, x_hat, g.float() * scale, torch.Size(module.normalized_shape))
+        return _norm_layer_contributions(module, x_hat, g.float(), torch.Size(module.normalized_shape))
 
 
 if hasattr(nn, "RMSNorm"):
@@ -47,9 +47,9 @@ if hasattr(nn, "RMSNorm"):
         def supports(self, module):
             return type(module).forward is nn.RMSNorm.forward
 
-        def contributions(self, module, x, g, scale):
+        def contributions(self, module, x, g):
             x_hat = F.rms_norm(x.float(), module.normalized_shape, eps=module.eps if module.eps is not None else torch.finfo(x.dtype).eps)
-            return _norm_layer_contributions(module, x_hat, g.float() * scale, torch.Size(module.normalized_shape))
+            return _norm_layer_contributions(module, x_hat, g.float(), torch.Size(module.normalized_shape))
 
 
 # HF RMSNorm classes whose forward is weight * (x / rms(x)).to(input dtype): Llama and its copies
@@ -65,8 +65,8 @@ class HFRMSNormRule(HookRule):
     def supports(self, module):
         return hasattr(module, "variance_epsilon") and own_forward(module, *_HF_RMSNORMS)
 
-    def contributions(self, module, x, g, scale):
+    def contributions(self, module, x, g):
         x32 = x.float()
         x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
         x_hat = x_hat.to(x.dtype).float()  # the layer multiplies the weight by x_hat cast to the input dtype
-        return _norm_layer_contributions(module, x_hat, g.float() * scale, module.weight.shape)
+        return _norm_layer_contributions(module, x_hat, g.float(), module.weight.shape)

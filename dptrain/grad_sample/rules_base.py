@@ -38,13 +38,10 @@ class Rule:
         raise NotImplementedError
 
     def contributions(
-        self, module: nn.Module, saved: Any, grad_output: torch.Tensor, scale: float
+        self, module: nn.Module, saved: Any, grad_output: torch.Tensor
     ) -> Dict[nn.Parameter, Contribution]:
-        """Per-sample gradient contributions of the module's own trainable parameters.
-
-        ``scale`` turns the output gradient of the batch loss into each sample's own (B for a mean loss);
-        rules apply it to their cheapest tensor.
-        """
+        """Per-sample gradient contributions of the module's own trainable parameters, from the gradient of the
+        batch loss (the tracker undoes a mean loss's 1/B in the norms and clip factors, not here)."""
         raise NotImplementedError
 
 

@@ -204,9 +204,8 @@ class GradSampleTracker:
                 f"module '{self._module_names[module]}': gradient batch dimension {batch} differs from the "
                 f"batch size {self.batch_size}; dptrain needs batch-first tensors in every layer"
             )
-        scale = float(batch) if self.loss_reduction == "mean" else 1.0  # a mean loss: undo its 1/B
         self._arrived_batch = batch
-        contributions = self._rules[module].contributions(module, saved, grad_output, scale)
+        contributions = self._rules[module].contributions(module, saved, grad_output)
         group = self._group_of[module]
         for p, c in contributions.items():
             group.pending.setdefault(p, []).append(c)
@@ -251,6 +250,9 @@ class GradSampleTracker:
         path), or factored (norms, then weighted sums from the contributions)."""
         pending = {p: uses for g in groups for p, uses in g.pending.items()}
         batch = batch_size_of(next(iter(pending.values()))[0])
+        # contributions are of the batch loss: a mean loss's per-sample gradients are `scale` times larger; the
+        # scale goes into the norms and clip factors (one scalar) instead of into every activation tensor
+        scale = float(batch) if self.loss_reduction == "mean" and batch else 1.0
         dense, chunk = self._plan_dense(pending, batch)
         fused = None
         if self.clipping == "per_layer" and not dense:
@@ -261,9 +263,9 @@ class GradSampleTracker:
         sq = sum(parts.values()) if parts else torch.zeros(batch, device=self._device_of(pending))  # (B,)
         if fused is not None:  # norm, clip factor and clipped sum of the big matrix in one pass
             (c,) = pending[fused]
-            grad, norms = kernels.fused_clip_linear_grad(c.right, c.left, max_norm, extra_sq_norms=sq)
-            factors = self._factors(self._finite(norms, parts, blame=fused), max_norm, count_as)
-            self._add(fused, grad.reshape(fused.shape), pending[fused])
+            grad, norms = kernels.fused_clip_linear_grad(c.right, c.left, max_norm / scale, extra_sq_norms=sq)
+            factors = self._factors(scale * self._finite(norms, parts, blame=fused), max_norm, count_as)
+            self._add(fused, scale * grad.reshape(fused.shape), pending[fused], scale)
         elif dense:
             factors = torch.empty_like(sq)
             sums: Dict[nn.Parameter, torch.Tensor] = {}
@@ -272,16 +274,16 @@ class GradSampleTracker:
                 chunk_parts = {p: per_sample_sq_norms([d]) for p, d in grads.items()}
                 chunk_sq = sq[sl] + sum(chunk_parts.values())
                 chunk_parts.update((p, part[sl]) for p, part in parts.items())
-                factors[sl] = self._factors(self._finite(chunk_sq, chunk_parts).sqrt(), max_norm, count_as)
+                factors[sl] = self._factors(scale * self._finite(chunk_sq, chunk_parts).sqrt(), max_norm, count_as)
                 for p, d in grads.items():
-                    part = weighted_sum([d], factors[sl], p.shape)
+                    part = weighted_sum([d], scale * factors[sl], p.shape)
                     sums[p] = part if p not in sums else sums[p].add_(part)
             for p in dense:
-                self._add(p, sums[p], pending[p])
+                self._add(p, sums[p], pending[p], scale)
         else:
-            factors = self._factors(self._finite(sq, parts).sqrt(), max_norm, count_as)
+            factors = self._factors(scale * self._finite(sq, parts).sqrt(), max_norm, count_as)
         for p, uses in factored.items():
-            self._add(p, weighted_sum(uses, factors, p.shape), uses)
+            self._add(p, weighted_sum(uses, scale * factors, p.shape), uses, scale)
 
     def _factors(self, norms: torch.Tensor, max_norm: float, count_as: str) -> torch.Tensor:
         """Per-sample scale of the gradients, (B,): clipping (counted) or automatic normalisation."""
@@ -344,13 +346,13 @@ class GradSampleTracker:
         """The parameter's name (FSDP2 hands the rules unsharded stand-ins: named by shape then)."""
         return self._param_names.get(p, f"of shape {tuple(p.shape)}")
 
-    def _add(self, p: nn.Parameter, clipped: torch.Tensor, uses: Sequence[Contribution]) -> None:
+    def _add(self, p: nn.Parameter, clipped: torch.Tensor, uses: Sequence[Contribution], scale: float) -> None:
         clipped = clipped.float()
         self.clipped_sum[p] = clipped if p not in self.clipped_sum else self.clipped_sum[p] + clipped
         if self.track_unclipped:
             batch = batch_size_of(uses[0])
-            ones = torch.ones(batch, dtype=torch.float32, device=clipped.device)
-            full = weighted_sum(uses, ones, p.shape)
+            unclipped = torch.full((batch,), scale, dtype=torch.float32, device=clipped.device)
+            full = weighted_sum(uses, unclipped, p.shape)
             self.unclipped_sum[p] = full if p not in self.unclipped_sum else self.unclipped_sum[p] + full
 
     def reset(self) -> None:
