@@ -275,15 +275,17 @@ class GradSampleTracker:
                 chunk_sq = sq[sl] + sum(chunk_parts.values())
                 chunk_parts.update((p, part[sl]) for p, part in parts.items())
                 factors[sl] = self._factors(scale * self._finite(chunk_sq, chunk_parts).sqrt(), max_norm, count_as)
+                weights = scale * factors[sl]  # (b,) clip factor times the loss scale
                 for p, d in grads.items():
-                    part = weighted_sum([d], scale * factors[sl], p.shape)
+                    part = weighted_sum([d], weights, p.shape)
                     sums[p] = part if p not in sums else sums[p].add_(part)
             for p in dense:
                 self._add(p, sums[p], pending[p], scale)
         else:
             factors = self._factors(scale * self._finite(sq, parts).sqrt(), max_norm, count_as)
+        weights = scale * factors  # (B,)
         for p, uses in factored.items():
-            self._add(p, weighted_sum(uses, scale * factors, p.shape), uses, scale)
+            self._add(p, weighted_sum(uses, weights, p.shape), uses, scale)
 
     def _factors(self, norms: torch.Tensor, max_norm: float, count_as: str) -> torch.Tensor:
         """Per-sample scale of the gradients, (B,): clipping (counted) or automatic normalisation."""
