@@ -168,10 +168,9 @@ def densify(uses: Sequence[Contribution], out: torch.Tensor) -> Instantiated:
             offsets = torch.arange(batch, device=c.left.device)[:, None] * c.rows  # (B, 1)
             rows_view.view(batch * c.rows, -1).index_add_(0, (c.left + offsets).flatten(), right.flatten(0, 1))
             continue
-        left = c.left.float()
-        for i in range(batch):  # left_i^T right_i; one GEMM per sample runs at full GEMM speed on CPU, bmm does not
-            if first:
-                torch.mm(left[i].T, right[i], out=rows_view[i])
-            else:
-                rows_view[i].addmm_(left[i].T, right[i])
+        left_t = c.left.float().transpose(1, 2)  # (B, rows, T)
+        if first:  # left_i^T right_i, straight into the reused buffer (a fresh result costs page faults)
+            torch.bmm(left_t, right, out=rows_view)
+        else:
+            rows_view.baddbmm_(left_t, right)
     return Instantiated(out)
