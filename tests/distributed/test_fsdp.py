@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dptrain
-from tests.distributed.test_ddp import N, WORLD, _data, _loss, _model, _train
+from tests.distributed.test_ddp import WORLD, _data, _loss, _model, _train
 
 pytestmark = pytest.mark.slow  # spawns 2 processes: ~10 s CPU, 20-35 s on a loaded 2-core machine
 fsdp = pytest.importorskip("torch.distributed.fsdp")
