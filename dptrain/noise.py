@@ -54,8 +54,10 @@ class GaussianNoise:
         return self._streams[key]
 
     def add_(self, tensors: Sequence[torch.Tensor], std: float,
-             workspace: Optional[Callable[[int, torch.device], Optional[torch.Tensor]]] = None) -> None:
-        """tensor += N(0, std^2 I) for every tensor (fp32, in place), one shared draw per device.
+             workspace: Optional[Callable[[int, torch.device], Optional[torch.Tensor]]] = None,
+             *, scale: float = 1.0) -> None:
+        """tensor <- scale * tensor + N(0, std^2 I) for every tensor (fp32, in place, one pass each), one shared
+        draw per device.
 
         ``workspace(numel, device)`` may lend a scratch fp32 buffer for the draw (None: keep one here)."""
         by_device: Dict[str, List[torch.Tensor]] = {}
@@ -73,7 +75,7 @@ class GaussianNoise:
             self._fill(buffer, self._generators(group[0].device), std)
             start = 0
             for t in group:
-                t.add_(buffer[start : start + t.numel()].view_as(t))
+                torch.add(buffer[start : start + t.numel()].view_as(t), t, alpha=scale, out=t)
                 start += t.numel()
 
     def _fill(self, buffer: torch.Tensor, gens: List[torch.Generator], std: float) -> None:

@@ -132,13 +132,16 @@ class DPOptimizer(torch.optim.Optimizer):
             sums = [self.tracker.clipped_sum.get(p) for p in params]
         sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if s is None else s for p, s in zip(params, sums)]
         rank, world = distributed.rank_and_world()
-        std = self.noise_std() / world**0.5  # each rank's share; the all-reduced sum has std sigma * C
+        # grad = sum / B + N(0, (sigma C / B)^2): each rank adds its share of the noise, in place, with the
+        # division folded into the same pass; the all-reduced shares have std sigma * C / B
+        std = self.noise_std() / world**0.5 / self.expected_batch_size
         if std > 0:
-            self._noise.add_(sums, std, workspace=self.tracker.workspace)  # in place: the tracker's sums
+            self._noise.add_(sums, std, workspace=self.tracker.workspace, scale=1.0 / self.expected_batch_size)
+        else:
+            sums = [s.div_(self.expected_batch_size) for s in sums]
         if world > 1:
             sums = distributed.all_reduce_sum(sums)
         for p, s in zip(params, sums):
-            s = s.div_(self.expected_batch_size)
             p.grad = shard_like(s, p) if fsdp is not None else s.to(p.dtype)  # FSDP2: this rank's shard (DTensor)
 
     def _fsdp_view(self):

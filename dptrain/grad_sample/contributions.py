@@ -21,7 +21,7 @@ densify only within a byte budget (``densify_gain`` says whether it pays).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -120,19 +120,22 @@ def per_sample_sq_norms(uses: Sequence[Contribution]) -> torch.Tensor:
     return total
 
 
-def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """sum_i scale_i G_i over samples and uses, shaped ``shape`` (fp32)."""
-    out = None
+def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch.Size,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sum_i scale_i G_i over samples and uses, shaped ``shape`` (fp32); added into ``out`` in place if given
+    (one pass per use, no temporary of the parameter's size for dense or index uses)."""
     for c in uses:
         if isinstance(c, Instantiated):
-            part = torch.mv(c.grad.reshape(len(scale), shape.numel()).float().T, scale)  # (numel,) one BLAS pass
+            grad = c.grad.reshape(len(scale), shape.numel()).float().T  # (numel, B)
+            out = torch.mv(grad, scale).view(shape) if out is None else out.view(-1).addmv_(grad, scale).view(shape)
         elif c.is_index:
-            part = torch.zeros(c.rows, c.right.shape[-1], dtype=torch.float32, device=c.right.device)
-            part.index_add_(0, c.left.flatten(), (c.right.float() * scale[:, None, None]).flatten(0, 1))
+            if out is None:
+                out = torch.zeros(shape, dtype=torch.float32, device=c.right.device)
+            rows = (c.right.float() * scale[:, None, None]).flatten(0, 1)  # (B*T, cols)
+            out.view(c.rows, -1).index_add_(0, c.left.flatten(), rows)
         else:
-            part = kernels.scaled_linear_grad(c.right, c.left, scale).float()  # (rows, cols)
-        part = part.reshape(shape)
-        out = part if out is None else out + part
+            part = kernels.scaled_linear_grad(c.right, c.left, scale).float().reshape(shape)  # one GEMM
+            out = part if out is None else out.add_(part)
     return out
 
 

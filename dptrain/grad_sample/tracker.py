@@ -260,32 +260,33 @@ class GradSampleTracker:
                           if len(u) == 1 and isinstance(u[0], Factored) and not u[0].is_index), None)
         factored = {p: u for p, u in pending.items() if p not in dense and p is not fused}
         parts = {p: per_sample_sq_norms(uses) for p, uses in factored.items()}  # {p: (B,)}
-        sq = sum(parts.values()) if parts else torch.zeros(batch, device=self._device_of(pending))  # (B,)
+        sq = _total(parts.values()) if parts else torch.zeros(batch, device=self._device_of(pending))  # (B,)
         if fused is not None:  # norm, clip factor and clipped sum of the big matrix in one pass
             (c,) = pending[fused]
             grad, norms = kernels.fused_clip_linear_grad(c.right, c.left, max_norm / scale, extra_sq_norms=sq)
             factors = self._factors(scale * self._finite(norms, parts, blame=fused), max_norm, count_as)
-            self._add(fused, scale * grad.reshape(fused.shape), pending[fused], scale)
+            self._add(fused, grad.reshape(fused.shape).float().mul_(scale), pending[fused], scale)
         elif dense:
             factors = torch.empty_like(sq)
-            sums: Dict[nn.Parameter, torch.Tensor] = {}
             for sl in (slice(i, min(batch, i + chunk)) for i in range(0, batch, chunk)):
                 grads = self._densify(dense, pending, sl)  # {p: (b, *p.shape)}
                 chunk_parts = {p: per_sample_sq_norms([d]) for p, d in grads.items()}
-                chunk_sq = sq[sl] + sum(chunk_parts.values())
+                chunk_sq = _total(chunk_parts.values(), sq[sl])
                 chunk_parts.update((p, part[sl]) for p, part in parts.items())
                 factors[sl] = self._factors(scale * self._finite(chunk_sq, chunk_parts).sqrt(), max_norm, count_as)
                 weights = scale * factors[sl]  # (b,) clip factor times the loss scale
                 for p, d in grads.items():
-                    part = weighted_sum([d], weights, p.shape)
-                    sums[p] = part if p not in sums else sums[p].add_(part)
-            for p in dense:
-                self._add(p, sums[p], pending[p], scale)
+                    self._accumulate(p, [d], weights)
+            if self.track_unclipped:
+                for p in dense:
+                    self._accumulate_unclipped(p, pending[p], scale)
         else:
             factors = self._factors(scale * self._finite(sq, parts).sqrt(), max_norm, count_as)
         weights = scale * factors  # (B,)
         for p, uses in factored.items():
-            self._add(p, weighted_sum(uses, weights, p.shape), uses, scale)
+            self._accumulate(p, uses, weights)
+            if self.track_unclipped:
+                self._accumulate_unclipped(p, uses, scale)
 
     def _factors(self, norms: torch.Tensor, max_norm: float, count_as: str) -> torch.Tensor:
         """Per-sample scale of the gradients, (B,): clipping (counted) or automatic normalisation."""
@@ -336,7 +337,7 @@ class GradSampleTracker:
     def _finite(self, total: torch.Tensor, parts: Dict[nn.Parameter, torch.Tensor],
                 blame: Optional[nn.Parameter] = None) -> torch.Tensor:
         """``total`` (per-sample, from ``parts``), or an error naming the parameters with non-finite norms."""
-        if torch.isfinite(total).all():  # one check: non-negative parts cannot cancel an inf or a NaN
+        if math.isfinite(total.sum(dtype=torch.float64)):  # parts are >= 0: an inf or a NaN cannot cancel out
             return total
         bad = [self._name(p) for p, part in parts.items() if not torch.isfinite(part).all()] or [self._name(blame)]
         raise NonFiniteGradientError(
@@ -348,14 +349,19 @@ class GradSampleTracker:
         """The parameter's name (FSDP2 hands the rules unsharded stand-ins: named by shape then)."""
         return self._param_names.get(p, f"of shape {tuple(p.shape)}")
 
+    def _accumulate(self, p: nn.Parameter, uses: Sequence[Contribution], weights: torch.Tensor) -> None:
+        """clipped_sum[p] += sum_i weights_i G_i (in place after the first)."""
+        self.clipped_sum[p] = weighted_sum(uses, weights, p.shape, out=self.clipped_sum.get(p))
+
     def _add(self, p: nn.Parameter, clipped: torch.Tensor, uses: Sequence[Contribution], scale: float) -> None:
-        clipped = clipped.float()
-        self.clipped_sum[p] = clipped if p not in self.clipped_sum else self.clipped_sum[p] + clipped
+        self.clipped_sum[p] = clipped if p not in self.clipped_sum else self.clipped_sum[p].add_(clipped)
         if self.track_unclipped:
-            batch = batch_size_of(uses[0])
-            unclipped = torch.full((batch,), scale, dtype=torch.float32, device=clipped.device)
-            full = weighted_sum(uses, unclipped, p.shape)
-            self.unclipped_sum[p] = full if p not in self.unclipped_sum else self.unclipped_sum[p] + full
+            self._accumulate_unclipped(p, uses, scale)
+
+    def _accumulate_unclipped(self, p: nn.Parameter, uses: Sequence[Contribution], scale: float) -> None:
+        """unclipped_sum[p] += the batch's unclipped per-sample gradient sum (error feedback's input)."""
+        ones = torch.full((batch_size_of(uses[0]),), scale, dtype=torch.float32, device=p.device)
+        self.unclipped_sum[p] = weighted_sum(uses, ones, p.shape, out=self.unclipped_sum.get(p))
 
     def reset(self) -> None:
         """Forget everything accumulated (after the optimizer consumed it, or after an error)."""
@@ -367,6 +373,15 @@ class GradSampleTracker:
     def reset_statistics(self) -> None:
         self.num_samples = 0
         self.clipped_count = {g.name: 0 for g in self.groups}
+
+
+def _total(parts, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum of per-sample tensors without the extra op that ``sum()``'s integer start costs."""
+    parts = iter(parts)
+    total = next(parts) if start is None else start + next(parts)
+    for part in parts:
+        total = total + part
+    return total
 
 
 def _drop_grad(p: torch.Tensor) -> None:

@@ -50,6 +50,18 @@ def test_densify_equals_the_sum_of_definitions(order):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["dense", "index", "inst"])
+def test_weighted_sum_adds_into_out_in_place(kind):
+    uses, shape = _uses(seed=1)
+    scale = torch.tensor([0.5, -1.0, 2.0])
+    start = torch.randn(shape)
+    out = start.clone()
+    result = weighted_sum([uses[kind]], scale, shape, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    expected = start + torch.einsum("b,brc->rc", scale, _definition(uses[kind]))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_densify_gain_prefers_long_sequences_and_skips_index_only_uses():
     shape = torch.Size([256, 256])
     short = Factored(torch.zeros(1, 1, 256), torch.zeros(1, 1, 256), 256, shape)

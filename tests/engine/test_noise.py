@@ -28,6 +28,14 @@ def test_noise_is_added_in_place_to_the_existing_values():
     assert abs(float(t.mean()) - 5.0) < 0.01 and 0.005 < float(t.std()) < 0.015
 
 
+def test_scale_multiplies_the_existing_values_in_the_same_pass():
+    values = torch.linspace(-3.0, 3.0, 2000)
+    scaled, plain = values.clone(), values.clone()
+    GaussianNoise(seed=5).add_([scaled], 0.2, scale=0.25)
+    GaussianNoise(seed=5).add_([plain], 0.2)
+    torch.testing.assert_close(scaled - plain, values * (0.25 - 1.0), rtol=0, atol=1e-6)  # same draw, t scaled
+
+
 def test_same_seed_same_noise_whatever_the_thread_count():
     shapes = [(4000,), (50, 60)]
     before = torch.get_num_threads()
