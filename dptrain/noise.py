@@ -1,18 +1,20 @@
 """Gaussian noise for the privatised gradient sums, drawn in place from independent parallel streams.
 
 One CPU generator fills roughly 250M normals a second, so for a model of a few million trainable parameters
-the draw alone is several percent of a training step, and a fresh noise tensor per parameter adds page-fault
-cost on top. Here the noise of all tensors on one device is drawn into one reused flat buffer, cut into
-``STREAMS`` fixed slices, each filled by its own generator on a thread pool. The numbers depend only on the
-seed, the rank and the total size, never on the thread count; streams are seeded independently, so the noise
-is i.i.d. N(0, std^2) per coordinate as DP-SGD requires.
+the draw alone is several percent of a training step, and a full-size noise buffer costs a cold extra pass on
+top. Here the tensors of one device are treated as one flat vector cut into ``STREAMS`` fixed slices; each
+slice is drawn by its own generator on a thread pool, ``CHUNK`` values at a time into a small scratch buffer,
+and each chunk is added to its tensors while it is still in cache. The numbers depend only on the seed, the
+rank and the total size, never on the thread count; streams are seeded independently, so the noise is i.i.d.
+N(0, std^2) per coordinate as DP-SGD requires.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -32,6 +34,7 @@ class GaussianNoise:
     """Adds N(0, std^2) noise in place to lists of fp32 tensors; ``seed=None`` seeds from OS entropy."""
 
     STREAMS = 4  # per CPU device; a CUDA device uses one stream (the kernel is parallel already)
+    CHUNK = 1 << 17  # values drawn at a time per CPU stream (512 KiB: still in the core's cache when added)
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0):
         self.seed, self.rank = seed, rank
@@ -53,40 +56,43 @@ class GaussianNoise:
             self._streams[key] = gens
         return self._streams[key]
 
-    def add_(self, tensors: Sequence[torch.Tensor], std: float,
-             workspace: Optional[Callable[[int, torch.device], Optional[torch.Tensor]]] = None,
-             *, scale: float = 1.0) -> None:
-        """tensor <- scale * tensor + N(0, std^2 I) for every tensor (fp32, in place, one pass each), one shared
-        draw per device.
-
-        ``workspace(numel, device)`` may lend a scratch fp32 buffer for the draw (None: keep one here)."""
+    def add_(self, tensors: Sequence[torch.Tensor], std: float, *, scale: float = 1.0) -> None:
+        """tensor <- scale * tensor + N(0, std^2 I) for every tensor (fp32, contiguous; in place, one pass)."""
         by_device: Dict[str, List[torch.Tensor]] = {}
         for t in tensors:
-            if t.dtype != torch.float32:
-                raise TypeError(f"noise is added to fp32 sums, found a {t.dtype} tensor of shape {tuple(t.shape)}")
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise TypeError(f"noise is added in place to contiguous fp32 sums, found a {t.dtype} tensor of "
+                                f"shape {tuple(t.shape)} (contiguous: {t.is_contiguous()})")
             by_device.setdefault(str(t.device), []).append(t)
         for key, group in by_device.items():
-            total = sum(t.numel() for t in group)
-            buffer = workspace(total, group[0].device) if workspace is not None else None
-            if buffer is None:
-                buffer = self._buffers.get(key)
-                if buffer is None or buffer.numel() != total:
-                    buffer = self._buffers[key] = torch.empty(total, dtype=torch.float32, device=group[0].device)
-            self._fill(buffer, self._generators(group[0].device), std)
-            start = 0
-            for t in group:
-                torch.add(buffer[start : start + t.numel()].view_as(t), t, alpha=scale, out=t)
-                start += t.numel()
+            device, flat = group[0].device, _FlatView(group)
+            gens = self._generators(device)
+            if device.type != "cpu":  # one draw: the device kernel is parallel already
+                buffer = self._scratch(key, flat.numel, device)
+                buffer.normal_(0.0, std, generator=gens[0])
+                flat.add_(0, buffer, scale)
+                continue
+            scratch = self._scratch(key, len(gens) * self.CHUNK, device).view(len(gens), self.CHUNK)
+            cuts = [flat.numel * k // len(gens) for k in range(len(gens) + 1)]  # fixed: independent of threads
 
-    def _fill(self, buffer: torch.Tensor, gens: List[torch.Generator], std: float) -> None:
-        slices = buffer.tensor_split(len(gens))  # fixed cut: the draw does not depend on the thread count
-        jobs = [(s, g) for s, g in zip(slices, gens) if s.numel()]
-        workers = min(len(jobs), torch.get_num_threads())
-        if workers <= 1:
-            for s, g in jobs:
-                s.normal_(0.0, std, generator=g)
-            return
-        list(_pool().map(lambda job: job[0].normal_(0.0, std, generator=job[1]), jobs))
+            def job(k: int) -> None:
+                for lo in range(cuts[k], cuts[k + 1], self.CHUNK):
+                    chunk = scratch[k, : min(self.CHUNK, cuts[k + 1] - lo)]
+                    chunk.normal_(0.0, std, generator=gens[k])
+                    flat.add_(lo, chunk, scale)  # while the chunk is still in cache
+
+            jobs = [k for k in range(len(gens)) if cuts[k + 1] > cuts[k]]
+            if min(len(jobs), torch.get_num_threads()) <= 1:
+                for k in jobs:
+                    job(k)
+            else:
+                list(_pool().map(job, jobs))
+
+    def _scratch(self, key: str, numel: int, device: torch.device) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=torch.float32, device=device)
+        return buffer[:numel]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -99,3 +105,25 @@ class GaussianNoise:
                 raise ValueError(f"checkpoint has {len(states)} noise streams for {key}, this version uses {len(gens)}")
             for gen, s in zip(gens, states):
                 gen.set_state(s)
+
+
+class _FlatView:
+    """Several tensors seen as one flat vector; ``add_(start, values, scale)`` sets t <- scale * t + values on
+    the positions [start, start + len(values)), across tensor boundaries."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.parts = [t.view(-1) for t in tensors]
+        self.offsets = [0]
+        for t in self.parts:
+            self.offsets.append(self.offsets[-1] + t.numel())
+        self.numel = self.offsets[-1]
+
+    def add_(self, start: int, values: torch.Tensor, scale: float) -> None:
+        first, end = start, start + values.numel()
+        i = bisect.bisect_right(self.offsets, start) - 1
+        while start < end:
+            part, offset = self.parts[i], self.offsets[i]
+            stop = min(end, offset + part.numel())
+            target = part[start - offset : stop - offset]
+            torch.add(values[start - first : stop - first], target, alpha=scale, out=target)
+            start, i = stop, i + 1

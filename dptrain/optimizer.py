@@ -136,7 +136,7 @@ class DPOptimizer(torch.optim.Optimizer):
         # division folded into the same pass; the all-reduced shares have std sigma * C / B
         std = self.noise_std() / world**0.5 / self.expected_batch_size
         if std > 0:
-            self._noise.add_(sums, std, workspace=self.tracker.workspace, scale=1.0 / self.expected_batch_size)
+            self._noise.add_(sums, std, scale=1.0 / self.expected_batch_size)
         else:
             sums = [s.div_(self.expected_batch_size) for s in sums]
         if world > 1:

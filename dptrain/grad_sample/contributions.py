@@ -28,7 +28,8 @@ import torch
 from dptrain import kernels
 
 __all__ = [
-    "Factored", "Instantiated", "Contribution", "per_sample_sq_norms", "weighted_sum", "batch_size_of", "densify",
+    "Factored", "Instantiated", "Contribution", "per_sample_sq_norms", "weighted_sum", "batch_size_of", "device_of",
+    "densify",
     "select_samples",
     "densify_gain",
 ]
@@ -64,6 +65,10 @@ Contribution = Union[Factored, Instantiated]
 
 def batch_size_of(c: Contribution) -> int:
     return (c.left if isinstance(c, Factored) else c.grad).shape[0]
+
+
+def device_of(c: Contribution) -> torch.device:
+    return (c.right if isinstance(c, Factored) else c.grad).device
 
 
 def select_samples(c: Contribution, sl: slice) -> Contribution:

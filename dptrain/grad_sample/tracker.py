@@ -25,8 +25,8 @@ from dptrain import kernels
 from dptrain.grad_sample.contributions import (
     Contribution,
     Factored,
-    Instantiated,
     batch_size_of,
+    device_of,
     densify,
     densify_gain,
     per_sample_sq_norms,
@@ -46,7 +46,7 @@ __all__ = ["GradSampleTracker", "ClipGroup", "NonFiniteGradientError", "CLIPPING
 CLIPPING_MODES = ("flat", "per_layer", "automatic")
 
 # Bytes of explicit per-sample gradients alive at once (one batch chunk; CPU only, where they beat ghost norms
-# for sequences; the GPU path keeps the fused kernels, which never write them). Also the workspace's usual size.
+# for sequences; the GPU path keeps the fused kernels, which never write them). The size of the reused arena.
 DENSE_BUDGET_BYTES = 64 * 2**20
 
 
@@ -89,7 +89,7 @@ class GradSampleTracker:
         self.loss_reduction = loss_reduction
         self.automatic_gamma = automatic_gamma
         self.track_unclipped = track_unclipped
-        self._arena: Optional[torch.Tensor] = None  # see workspace()
+        self._arena: Optional[torch.Tensor] = None  # see _workspace()
         self.batch_size: Optional[int] = None  # of the current forward pass
         self.step_index = 0  # set by the optimizer, for error messages
         self._enabled = True
@@ -297,8 +297,7 @@ class GradSampleTracker:
 
     @staticmethod
     def _device_of(pending) -> torch.device:
-        first = next(iter(pending.values()))[0]
-        return (first.grad if isinstance(first, Instantiated) else first.right).device
+        return device_of(next(iter(pending.values()))[0])
 
     def _plan_dense(self, pending, batch: int) -> tuple:
         """Parameters worth densifying (CPU only, most work saved per byte first) and the samples per chunk."""
@@ -316,7 +315,7 @@ class GradSampleTracker:
         """Explicit per-sample gradients of the samples ``sl``, in one reused fp32 arena (a fresh multi-MB buffer
         every step costs page faults)."""
         b = sl.stop - sl.start
-        arena = self.workspace(b * sum(p.numel() for p in dense), torch.device("cpu"))
+        arena = self._workspace(b * sum(p.numel() for p in dense))
         grads, start = {}, 0
         for p in dense:
             out = arena[start : start + b * p.numel()].view(b, *p.shape)
@@ -324,11 +323,8 @@ class GradSampleTracker:
             start += b * p.numel()
         return grads
 
-    def workspace(self, numel: int, device: torch.device) -> Optional[torch.Tensor]:
-        """A reused fp32 scratch buffer of at least ``numel`` elements on CPU (None elsewhere), shared by the
-        densified gradients and the optimizer's noise draw, which never overlap in time."""
-        if device.type != "cpu":
-            return None
+    def _workspace(self, numel: int) -> torch.Tensor:
+        """The reused CPU fp32 buffer of the densified gradients, at least ``numel`` elements."""
         if self._arena is None or self._arena.numel() < numel:
             self._arena = None  # free the old one first
             self._arena = torch.empty(numel, dtype=torch.float32)
@@ -360,8 +356,8 @@ class GradSampleTracker:
 
     def _accumulate_unclipped(self, p: nn.Parameter, uses: Sequence[Contribution], scale: float) -> None:
         """unclipped_sum[p] += the batch's unclipped per-sample gradient sum (error feedback's input)."""
-        ones = torch.full((batch_size_of(uses[0]),), scale, dtype=torch.float32, device=p.device)
-        self.unclipped_sum[p] = weighted_sum(uses, ones, p.shape, out=self.unclipped_sum.get(p))
+        weights = torch.full((batch_size_of(uses[0]),), scale, dtype=torch.float32, device=device_of(uses[0]))
+        self.unclipped_sum[p] = weighted_sum(uses, weights, p.shape, out=self.unclipped_sum.get(p))
 
     def reset(self) -> None:
         """Forget everything accumulated (after the optimizer consumed it, or after an error)."""
