@@ -265,7 +265,8 @@ class GradSampleTracker:
             (c,) = pending[fused]
             grad, norms = kernels.fused_clip_linear_grad(c.right, c.left, max_norm / scale, extra_sq_norms=sq)
             factors = self._factors(scale * self._finite(norms, parts, blame=fused), max_norm, count_as)
-            self._add(fused, grad.reshape(fused.shape).float().mul_(scale), pending[fused], scale)
+            clipped = grad.reshape(fused.shape).float().mul_(scale)
+            self.clipped_sum[fused] = self.clipped_sum[fused].add_(clipped) if fused in self.clipped_sum else clipped
         elif dense:
             factors = torch.empty_like(sq)
             for sl in (slice(i, min(batch, i + chunk)) for i in range(0, batch, chunk)):
@@ -277,16 +278,15 @@ class GradSampleTracker:
                 weights = scale * factors[sl]  # (b,) clip factor times the loss scale
                 for p, d in grads.items():
                     self._accumulate(p, [d], weights)
-            if self.track_unclipped:
-                for p in dense:
-                    self._accumulate_unclipped(p, pending[p], scale)
         else:
             factors = self._factors(scale * self._finite(sq, parts).sqrt(), max_norm, count_as)
         weights = scale * factors  # (B,)
         for p, uses in factored.items():
             self._accumulate(p, uses, weights)
-            if self.track_unclipped:
-                self._accumulate_unclipped(p, uses, scale)
+        if self.track_unclipped:  # error feedback's input: the batch's unclipped per-sample gradient sums
+            for p, uses in pending.items():
+                full = torch.full((batch,), scale, dtype=torch.float32, device=device_of(uses[0]))
+                self.unclipped_sum[p] = weighted_sum(uses, full, p.shape, out=self.unclipped_sum.get(p))
 
     def _factors(self, norms: torch.Tensor, max_norm: float, count_as: str) -> torch.Tensor:
         """Per-sample scale of the gradients, (B,): clipping (counted) or automatic normalisation."""
@@ -348,16 +348,6 @@ class GradSampleTracker:
     def _accumulate(self, p: nn.Parameter, uses: Sequence[Contribution], weights: torch.Tensor) -> None:
         """clipped_sum[p] += sum_i weights_i G_i (in place after the first)."""
         self.clipped_sum[p] = weighted_sum(uses, weights, p.shape, out=self.clipped_sum.get(p))
-
-    def _add(self, p: nn.Parameter, clipped: torch.Tensor, uses: Sequence[Contribution], scale: float) -> None:
-        self.clipped_sum[p] = clipped if p not in self.clipped_sum else self.clipped_sum[p].add_(clipped)
-        if self.track_unclipped:
-            self._accumulate_unclipped(p, uses, scale)
-
-    def _accumulate_unclipped(self, p: nn.Parameter, uses: Sequence[Contribution], scale: float) -> None:
-        """unclipped_sum[p] += the batch's unclipped per-sample gradient sum (error feedback's input)."""
-        weights = torch.full((batch_size_of(uses[0]),), scale, dtype=torch.float32, device=device_of(uses[0]))
-        self.unclipped_sum[p] = weighted_sum(uses, weights, p.shape, out=self.unclipped_sum.get(p))
 
     def reset(self) -> None:
         """Forget everything accumulated (after the optimizer consumed it, or after an error)."""
