@@ -1,18 +1,28 @@
 """Gaussian noise for the privatised gradient sums, drawn in place from independent parallel streams.
 
 One CPU generator fills roughly 250M normals a second, so for a model of a few million trainable parameters
-the draw alone is several percent of a training step, and a full-size noise buffer costs a cold extra pass on
-top. Here the tensors of one device are treated as one flat vector cut into ``STREAMS`` fixed slices; each
-slice is drawn by its own generator on a thread pool, ``CHUNK`` values at a time into a small scratch buffer,
-and each chunk is added to its tensors while it is still in cache. The numbers depend only on the seed, the
-rank and the total size, never on the thread count; streams are seeded independently, so the noise is i.i.d.
-N(0, std^2) per coordinate as DP-SGD requires.
+the draw alone is several percent of a training step. Two things hide that cost on a CPU:
+
+- Parallel streams: the tensors of one device are one flat vector cut into ``STREAMS`` fixed slices, each drawn
+  by its own generator, ``CHUNK`` values at a call (on a thread pool, each chunk added while still in cache).
+- Prefetch: the noise does not depend on the data, so right after one step's noise is added, the next step's
+  (same size and std) is drawn into a buffer by a thread of the lowest scheduling class (Linux ``SCHED_IDLE``),
+  which runs only on cycles the training step leaves idle (Python, small ops, waits between parallel regions).
+  The next ``add_`` uses it if the size and std still match; otherwise the streams are rewound and drawn anew.
+
+Either way the numbers depend only on the seed, the rank, the std and the total size, never on the thread
+count or on whether the prefetch was used (the same generator calls in the same order); streams are seeded
+independently, so the noise is i.i.d. N(0, std^2) per coordinate as DP-SGD requires. A prefetched draw is never
+released: the checkpoint state is the generators' state from before it.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import hashlib
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
@@ -34,12 +44,15 @@ class GaussianNoise:
     """Adds N(0, std^2) noise in place to lists of fp32 tensors; ``seed=None`` seeds from OS entropy."""
 
     STREAMS = 4  # per CPU device; a CUDA device uses one stream (the kernel is parallel already)
-    CHUNK = 1 << 17  # values drawn at a time per CPU stream (512 KiB: still in the core's cache when added)
+    CHUNK = 1 << 17  # values drawn per generator call (512 KiB: still in the core's cache when added)
+    PREFETCH = hasattr(os, "SCHED_IDLE")  # CPU only; needs an idle-class thread or it would steal compute
+    PREFETCH_MAX_NUMEL = 1 << 25  # 128 MiB: larger models draw synchronously rather than hold a second copy
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0):
         self.seed, self.rank = seed, rank
         self._streams: Dict[str, List[torch.Generator]] = {}
         self._buffers: Dict[str, torch.Tensor] = {}
+        self._prefetch: Dict[str, _Prefetch] = {}
 
     def _generators(self, device: torch.device) -> List[torch.Generator]:
         key = str(device)
@@ -72,39 +85,158 @@ class GaussianNoise:
                 buffer.normal_(0.0, std, generator=gens[0])
                 flat.add_(0, buffer, scale)
                 continue
-            scratch = self._scratch(key, len(gens) * self.CHUNK, device).view(len(gens), self.CHUNK)
-            cuts = [flat.numel * k // len(gens) for k in range(len(gens) + 1)]  # fixed: independent of threads
-
-            def job(k: int) -> None:
-                for lo in range(cuts[k], cuts[k + 1], self.CHUNK):
-                    chunk = scratch[k, : min(self.CHUNK, cuts[k + 1] - lo)]
-                    chunk.normal_(0.0, std, generator=gens[k])
-                    flat.add_(lo, chunk, scale)  # while the chunk is still in cache
-
-            jobs = [k for k in range(len(gens)) if cuts[k + 1] > cuts[k]]
-            if min(len(jobs), torch.get_num_threads()) <= 1:
-                for k in jobs:
-                    job(k)
+            prefetched = self._take_prefetch(key, flat.numel, std)
+            if prefetched is not None:
+                flat.add_(0, prefetched, scale)
             else:
-                list(_pool().map(job, jobs))
+                self._draw_and_add(gens, flat, std, scale, key)
+            if self.PREFETCH and 0 < flat.numel <= self.PREFETCH_MAX_NUMEL:
+                self._prefetch[key] = _Prefetch(gens, self._cuts(flat.numel, len(gens)), std,
+                                                self._scratch(key, flat.numel, device), self.CHUNK)
+
+    def _draw_and_add(self, gens, flat: "_FlatView", std: float, scale: float, key: str) -> None:
+        """The synchronous path: each stream draws CHUNK values at a time and adds them while in cache."""
+        scratch = self._scratch(key, len(gens) * self.CHUNK, torch.device("cpu")).view(len(gens), self.CHUNK)
+        cuts = self._cuts(flat.numel, len(gens))
+
+        def job(k: int) -> None:
+            for lo, hi in _chunks(cuts[k], cuts[k + 1], self.CHUNK):
+                chunk = scratch[k, : hi - lo]
+                chunk.normal_(0.0, std, generator=gens[k])
+                flat.add_(lo, chunk, scale)
+
+        jobs = [k for k in range(len(gens)) if cuts[k + 1] > cuts[k]]
+        if min(len(jobs), torch.get_num_threads()) <= 1:
+            for k in jobs:
+                job(k)
+        else:
+            list(_pool().map(job, jobs))
+
+    @staticmethod
+    def _cuts(numel: int, streams: int) -> List[int]:
+        """Fixed stream boundaries of the flat vector: independent of threads."""
+        return [numel * k // streams for k in range(streams + 1)]
+
+    def _take_prefetch(self, key: str, numel: int, std: float) -> Optional[torch.Tensor]:
+        """The prefetched draw if it was made for this size and std; else the streams rewound to before it."""
+        prefetch = self._prefetch.pop(key, None)
+        if prefetch is None:
+            return None
+        if prefetch.matches(numel, std):
+            return prefetch.finish()
+        prefetch.cancel()
+        return None
 
     def _scratch(self, key: str, numel: int, device: torch.device) -> torch.Tensor:
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
+            self._buffers.pop(key, None)  # free the old one first
             buffer = self._buffers[key] = torch.empty(numel, dtype=torch.float32, device=device)
         return buffer[:numel]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {key: [g.get_state() for g in gens] for key, gens in self._streams.items()}
+        """Generator states; a pending prefetch is not part of them (it is redrawn after a resume)."""
+        return {key: (self._prefetch[key].states if key in self._prefetch else [g.get_state() for g in gens])
+                for key, gens in self._streams.items()}
 
     def load_state_dict(self, state: dict) -> None:
         for key, states in state.items():
             gens = self._generators(torch.device(key))
             if len(states) != len(gens):
                 raise ValueError(f"checkpoint has {len(states)} noise streams for {key}, this version uses {len(gens)}")
+            prefetch = self._prefetch.pop(key, None)
+            if prefetch is not None:
+                prefetch.cancel()
             for gen, s in zip(gens, states):
                 gen.set_state(s)
+
+
+def _chunks(lo: int, hi: int, size: int):
+    """[lo, hi) in pieces of ``size`` (the last one shorter): the generator calls of one stream."""
+    return ((start, min(start + size, hi)) for start in range(lo, hi, size))
+
+
+class _Prefetch:
+    """The next step's draw, made by an idle-class thread that the training thread never waits for.
+
+    The thread takes streams in order and draws each chunk into its own scratch, committing it to ``buffer``
+    (with the generator state after it) under a lock unless the prefetch was stopped. ``finish`` stops it and
+    draws whatever is uncommitted itself, continuing a stream in progress on a fresh generator set to the last
+    committed state (the thread may still hold the old one). Same calls, same order as the synchronous path,
+    so the same numbers. ``states`` are the generators' states before the prefetch (rewind, checkpoints).
+    """
+
+    def __init__(self, gens: List[torch.Generator], cuts: List[int], std: float, buffer: torch.Tensor, chunk: int):
+        self.gens, self.cuts, self.std, self.buffer, self.chunk = gens, cuts, std, buffer, chunk
+        self.states = [g.get_state() for g in gens]
+        self._done = list(cuts[:-1])  # per stream: drawn and committed up to here
+        self._resume = list(self.states)  # per stream: generator state at _done
+        self._untaken = collections.deque(k for k in range(len(gens)) if cuts[k + 1] > cuts[k])
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="dptrain-noise-prefetch")
+        self._thread.start()
+
+    def matches(self, numel: int, std: float) -> bool:
+        return numel == self.cuts[-1] and std == self.std
+
+    def _take(self) -> Optional[int]:
+        with self._lock:
+            return None if self._stopped or not self._untaken else self._untaken.popleft()
+
+    def _run(self) -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread only: runs on idle cycles
+        except OSError:  # not allowed here: leave the whole draw to finish()
+            return
+        scratch = torch.empty(self.chunk, dtype=torch.float32)
+        main = threading.main_thread()
+        while (k := self._take()) is not None:
+            gen = self.gens[k]
+            for lo, hi in _chunks(self.cuts[k], self.cuts[k + 1], self.chunk):
+                if self._stopped or not main.is_alive():  # consumed, cancelled, or the interpreter is exiting
+                    return
+                scratch[: hi - lo].normal_(0.0, self.std, generator=gen)
+                with self._lock:
+                    if self._stopped:
+                        return
+                    self.buffer[lo:hi].copy_(scratch[: hi - lo])
+                    self._done[k], self._resume[k] = hi, gen.get_state()
+
+    def finish(self) -> torch.Tensor:
+        """The whole draw, completing what the thread has not committed (without waiting for it)."""
+        with self._lock:
+            self._stopped = True
+            taken = [k for k in range(len(self.gens)) if k not in self._untaken]
+        for k in taken:  # the thread may still be inside a call on these generators: continue on fresh ones
+            if self._done[k] < self.cuts[k + 1]:
+                self.gens[k] = _generator_at(self._resume[k])
+        jobs = [k for k in range(len(self.gens)) if self._done[k] < self.cuts[k + 1]]
+
+        def job(k: int) -> None:
+            for lo, hi in _chunks(self._done[k], self.cuts[k + 1], self.chunk):
+                self.buffer[lo:hi].normal_(0.0, self.std, generator=self.gens[k])
+
+        if min(len(jobs), torch.get_num_threads()) <= 1:
+            for k in jobs:
+                job(k)
+        else:
+            list(_pool().map(job, jobs))
+        return self.buffer
+
+    def cancel(self) -> None:
+        """Stop, and rewind the streams to before this draw (on fresh generators, for the same reason)."""
+        with self._lock:
+            self._stopped = True
+        for k, state in enumerate(self.states):
+            self.gens[k] = _generator_at(state)
+
+
+def _generator_at(state: torch.Tensor) -> torch.Generator:
+    gen = torch.Generator()
+    gen.set_state(state)
+    return gen
 
 
 class _FlatView:

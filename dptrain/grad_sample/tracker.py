@@ -47,7 +47,7 @@ CLIPPING_MODES = ("flat", "per_layer", "automatic")
 
 # Bytes of explicit per-sample gradients alive at once (one batch chunk; CPU only, where they beat ghost norms
 # for sequences; the GPU path keeps the fused kernels, which never write them). The size of the reused arena.
-DENSE_BUDGET_BYTES = 64 * 2**20
+DENSE_BUDGET_BYTES = 48 * 2**20
 
 
 class NonFiniteGradientError(FloatingPointError):

@@ -1,9 +1,14 @@
 """The parallel in-place noise source: right distribution, independent streams, reproducible, resumable."""
 
+import os
+import threading
+import time
+
 import pytest
 import torch
 from scipy import stats
 
+from dptrain import noise as noise_module
 from dptrain.noise import GaussianNoise
 
 
@@ -81,3 +86,75 @@ def test_noise_depends_on_the_total_size_only_not_on_how_it_is_split(monkeypatch
 def test_strided_sums_are_refused():
     with pytest.raises(TypeError, match="contiguous"):
         GaussianNoise(seed=0).add_([torch.zeros(4, 3).T], 1.0)
+
+
+def _steps(prefetch, calls, monkeypatch, seed=3):
+    """One source, several add_ calls of (size, std, pause after); the drawn noise of each."""
+    monkeypatch.setattr(GaussianNoise, "PREFETCH", prefetch)
+    source, out = GaussianNoise(seed=seed), []
+    for size, std, pause in calls:
+        out.append(_draw(source, [(size,)], std))
+        time.sleep(pause)
+    return out
+
+
+# (size, std, pause): taken over mid-draw (no pause), finished in the background, a new std, a new size
+PREFETCH_CALLS = [(300_007, 1.0, 0.0), (300_007, 1.0, 0.2), (300_007, 1.0, 0.0), (300_007, 2.0, 0.01),
+                  (100_000, 2.0, 0.0), (100_000, 2.0, 0.0)]
+
+
+@pytest.mark.skipif(not GaussianNoise.PREFETCH, reason="prefetch needs Linux SCHED_IDLE")
+def test_prefetched_noise_is_the_noise_drawn_on_demand(monkeypatch):
+    monkeypatch.setattr(GaussianNoise, "CHUNK", 1 << 12)  # many chunks: the takeover lands mid-stream
+    on_demand = _steps(False, PREFETCH_CALLS, monkeypatch)
+    prefetched = _steps(True, PREFETCH_CALLS, monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(on_demand, prefetched))
+
+
+@pytest.mark.skipif(not GaussianNoise.PREFETCH, reason="prefetch needs Linux SCHED_IDLE")
+def test_a_stream_the_prefetch_left_half_done_is_continued_where_it_stopped(monkeypatch):
+    monkeypatch.setattr(GaussianNoise, "CHUNK", 1000)  # 4 streams of 2500: 3 chunks each
+    committed, release = threading.Event(), threading.Event()
+    chunks = noise_module._chunks
+
+    def pausing_chunks(lo, hi, size):  # the prefetch thread stops after committing stream 0's first chunk
+        for i, piece in enumerate(chunks(lo, hi, size)):
+            if i == 1 and threading.current_thread().name == "dptrain-noise-prefetch":
+                committed.set()
+                release.wait(10)
+            yield piece
+
+    monkeypatch.setattr(noise_module, "_chunks", pausing_chunks)
+    on_demand = _steps(False, [(10_000, 1.0, 0.0)] * 2, monkeypatch)
+    monkeypatch.setattr(GaussianNoise, "PREFETCH", True)
+    source = GaussianNoise(seed=3)
+    first = _draw(source, [(10_000,)])
+    assert committed.wait(10)
+    second = _draw(source, [(10_000,)])  # takes stream 0 over from its second chunk, on a fresh generator
+    release.set()
+    assert torch.equal(first, on_demand[0]) and torch.equal(second, on_demand[1])
+
+
+@pytest.mark.skipif(not GaussianNoise.PREFETCH, reason="prefetch needs Linux SCHED_IDLE")
+def test_prefetch_runs_in_the_idle_class_or_not_at_all(monkeypatch):
+    policies = []
+
+    def refuse(pid, policy, param):
+        policies.append(policy)
+        raise PermissionError("not here")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    on_demand = _steps(False, PREFETCH_CALLS[:3], monkeypatch)
+    refused = _steps(True, PREFETCH_CALLS[:3], monkeypatch)  # the training thread draws it all itself
+    assert policies and set(policies) == {os.SCHED_IDLE}
+    assert all(torch.equal(a, b) for a, b in zip(on_demand, refused))
+
+
+def test_checkpoint_taken_while_a_prefetch_is_pending_resumes_exactly():
+    source = GaussianNoise(seed=11)
+    _draw(source, [(400_000,)])  # starts prefetching the next draw
+    state = source.state_dict()
+    expected = _draw(source, [(400_000,)])
+    resumed = GaussianNoise(seed=None)
+    resumed.load_state_dict(state)
+    assert torch.equal(_draw(resumed, [(400_000,)]), expected)
