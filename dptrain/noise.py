@@ -18,11 +18,14 @@ released: the checkpoint state is the generators' state from before it.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import collections
 import hashlib
 import os
+import queue
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
@@ -53,6 +56,7 @@ class GaussianNoise:
         self._streams: Dict[str, List[torch.Generator]] = {}
         self._buffers: Dict[str, torch.Tensor] = {}
         self._prefetch: Dict[str, _Prefetch] = {}
+        self._worker: Optional[_IdleWorker] = None
 
     def _generators(self, device: torch.device) -> List[torch.Generator]:
         key = str(device)
@@ -91,8 +95,12 @@ class GaussianNoise:
             else:
                 self._draw_and_add(gens, flat, std, scale, key)
             if self.PREFETCH and 0 < flat.numel <= self.PREFETCH_MAX_NUMEL:
-                self._prefetch[key] = _Prefetch(gens, self._cuts(flat.numel, len(gens)), std,
-                                                self._scratch(key, flat.numel, device), self.CHUNK)
+                prefetch = _Prefetch(gens, self._cuts(flat.numel, len(gens)), std,
+                                     self._scratch(key, flat.numel, device), self.CHUNK)
+                if self._worker is None:
+                    self._worker = _IdleWorker(self)
+                self._worker.submit(prefetch.run)
+                self._prefetch[key] = prefetch
 
     def _draw_and_add(self, gens, flat: "_FlatView", std: float, scale: float, key: str) -> None:
         """The synchronous path: each stream draws CHUNK values at a time and adds them while in cache."""
@@ -157,6 +165,50 @@ def _chunks(lo: int, hi: int, size: int):
     return ((start, min(start + size, hi)) for start in range(lo, hi, size))
 
 
+class _IdleWorker:
+    """A thread in the idle scheduling class that runs prefetch jobs in order. Started once per noise source
+    (starting a thread costs milliseconds on a busy machine); it ends with its source, and at exit between two
+    chunks, before the interpreter is torn down. If the idle class is refused, jobs are left to ``finish``."""
+
+    _live: "weakref.WeakSet[_IdleWorker]" = weakref.WeakSet()
+
+    def __init__(self, owner: "GaussianNoise"):
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, args=(self._jobs,), name="dptrain-noise-prefetch",
+                                        daemon=True)
+        self._thread.start()
+        weakref.finalize(owner, self._jobs.put, None)
+        _IdleWorker._live.add(self)
+
+    def submit(self, job) -> None:
+        self._jobs.put(job)
+
+    @staticmethod
+    def _loop(jobs: "queue.SimpleQueue") -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread only: runs on idle cycles
+            idle = True
+        except OSError:  # not allowed here: never compete with training, skip the jobs
+            idle = False
+        while (job := jobs.get()) is not None:
+            if idle and not _EXITING.is_set():
+                job()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+_EXITING = threading.Event()  # jobs stop between chunks once set
+
+
+@atexit.register
+def _stop_workers() -> None:
+    _EXITING.set()
+    for worker in list(_IdleWorker._live):
+        worker.stop()
+
+
 class _Prefetch:
     """The next step's draw, made by an idle-class thread that the training thread never waits for.
 
@@ -175,8 +227,6 @@ class _Prefetch:
         self._untaken = collections.deque(k for k in range(len(gens)) if cuts[k + 1] > cuts[k])
         self._lock = threading.Lock()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="dptrain-noise-prefetch")
-        self._thread.start()
 
     def matches(self, numel: int, std: float) -> bool:
         return numel == self.cuts[-1] and std == self.std
@@ -185,17 +235,13 @@ class _Prefetch:
         with self._lock:
             return None if self._stopped or not self._untaken else self._untaken.popleft()
 
-    def _run(self) -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread only: runs on idle cycles
-        except OSError:  # not allowed here: leave the whole draw to finish()
-            return
+    def run(self) -> None:
+        """The idle thread's part: stream after stream, chunk after chunk, until stopped."""
         scratch = torch.empty(self.chunk, dtype=torch.float32)
-        main = threading.main_thread()
         while (k := self._take()) is not None:
             gen = self.gens[k]
             for lo, hi in _chunks(self.cuts[k], self.cuts[k + 1], self.chunk):
-                if self._stopped or not main.is_alive():  # consumed, cancelled, or the interpreter is exiting
+                if self._stopped or _EXITING.is_set():  # consumed, cancelled, or the interpreter is exiting
                     return
                 scratch[: hi - lo].normal_(0.0, self.std, generator=gen)
                 with self._lock:

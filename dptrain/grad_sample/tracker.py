@@ -104,6 +104,7 @@ class GradSampleTracker:
         self.clipped_sum: Dict[nn.Parameter, torch.Tensor] = {}
         self.unclipped_sum: Dict[nn.Parameter, torch.Tensor] = {}
         self._arrived_batch = 0
+        self._norm_log: List[tuple] = []  # this micro-batch's (group, threshold, norms, parts, blame): see _check_norms
         self.num_samples = 0  # samples processed since the last reset (private: never released as is)
         self.clipped_count: Dict[str, int] = {g.name: 0 for g in self.groups}  # per group, ditto
 
@@ -217,9 +218,10 @@ class GradSampleTracker:
         return None
 
     def flush(self) -> None:
-        """Process whatever contributions are still pending (end of a micro-batch)."""
+        """Process whatever contributions are still pending and check the norms (end of a micro-batch)."""
         self._process(self.groups)
         self._outstanding.clear()
+        self._check_norms()
         self.num_samples += self._arrived_batch
         self._arrived_batch = 0
 
@@ -234,10 +236,6 @@ class GradSampleTracker:
                     self._clip([g], g.max_norm, g.name)
             else:  # one norm per sample over every group
                 self._clip(groups, groups[0].max_norm, groups[0].name)
-        except NonFiniteGradientError:
-            self.reset()
-            self.reset_statistics()  # a dropped batch must not reach later statistic releases
-            raise
         finally:
             for g in groups:
                 g.pending = {}
@@ -264,23 +262,22 @@ class GradSampleTracker:
         if fused is not None:  # norm, clip factor and clipped sum of the big matrix in one pass
             (c,) = pending[fused]
             grad, norms = kernels.fused_clip_linear_grad(c.right, c.left, max_norm / scale, extra_sq_norms=sq)
-            factors = self._factors(scale * self._finite(norms, parts, blame=fused), max_norm, count_as)
+            weights = self._weights(scale * norms, scale, max_norm, count_as, parts, blame=fused)
             clipped = grad.reshape(fused.shape).float().mul_(scale)
             self.clipped_sum[fused] = self.clipped_sum[fused].add_(clipped) if fused in self.clipped_sum else clipped
         elif dense:
-            factors = torch.empty_like(sq)
+            chunk_weights = []
             for sl in (slice(i, min(batch, i + chunk)) for i in range(0, batch, chunk)):
                 grads = self._densify(dense, pending, sl)  # {p: (b, *p.shape)}
                 chunk_parts = {p: per_sample_sq_norms([d]) for p, d in grads.items()}
                 chunk_sq = _total(chunk_parts.values(), sq[sl])
                 chunk_parts.update((p, part[sl]) for p, part in parts.items())
-                factors[sl] = self._factors(scale * self._finite(chunk_sq, chunk_parts).sqrt(), max_norm, count_as)
-                weights = scale * factors[sl]  # (b,) clip factor times the loss scale
+                chunk_weights.append(self._weights(chunk_sq.sqrt_().mul_(scale), scale, max_norm, count_as, chunk_parts))
                 for p, d in grads.items():
-                    self._accumulate(p, [d], weights)
+                    self._accumulate(p, [d], chunk_weights[-1])
+            weights = torch.cat(chunk_weights) if len(chunk_weights) > 1 else chunk_weights[0]  # (B,)
         else:
-            factors = self._factors(scale * self._finite(sq, parts).sqrt(), max_norm, count_as)
-        weights = scale * factors  # (B,)
+            weights = self._weights(sq.sqrt() * scale, scale, max_norm, count_as, parts)  # (B,)
         for p, uses in factored.items():
             self._accumulate(p, uses, weights)
         if self.track_unclipped:  # error feedback's input: the batch's unclipped per-sample gradient sums
@@ -288,12 +285,43 @@ class GradSampleTracker:
                 full = torch.full((batch,), scale, dtype=torch.float32, device=device_of(uses[0]))
                 self.unclipped_sum[p] = weighted_sum(uses, full, p.shape, out=self.unclipped_sum.get(p))
 
-    def _factors(self, norms: torch.Tensor, max_norm: float, count_as: str) -> torch.Tensor:
-        """Per-sample scale of the gradients, (B,): clipping (counted) or automatic normalisation."""
+    def _weights(self, norms: torch.Tensor, scale: float, max_norm: float, count_as: str,
+                 parts: Dict[nn.Parameter, torch.Tensor], blame: Optional[nn.Parameter] = None) -> torch.Tensor:
+        """Per-sample weights of the gradients, (b,): the clip factor (or automatic normalisation) times the loss
+        scale. The norms are logged for ``_check_norms`` (NaN/inf, clip counts) at the end of the micro-batch,
+        where one check replaces a synchronising check per group."""
+        self._norm_log.append((count_as, max_norm, norms, parts, blame))
         if self.clipping == "automatic":
-            return max_norm / (norms + self.automatic_gamma)
-        self.clipped_count[count_as] += int((norms > max_norm).sum())
-        return kernels.clip_factors(norms, max_norm)
+            return (max_norm * scale) / (norms + self.automatic_gamma)
+        return kernels.clip_factors(norms, max_norm).mul_(scale)
+
+    def _check_norms(self) -> None:
+        """The micro-batch's per-sample norms, all at once: an error naming the layers if any is NaN or inf (the
+        logical batch is dropped: nothing applied, nothing accounted), else the clipped samples counted per group."""
+        log, self._norm_log = self._norm_log, []
+        if not log:
+            return
+        norms = torch.cat([n for _, _, n, _, _ in log])  # (entries * b,)
+        if not math.isfinite(norms.sum(dtype=torch.float64)):  # norms are >= 0: an inf or a NaN cannot cancel out
+            bad = []
+            for _, _, n, parts, blame in log:
+                if not torch.isfinite(n).all():
+                    named = [self._name(p) for p, part in parts.items() if not torch.isfinite(part).all()]
+                    bad += named or ([self._name(blame)] if blame is not None else [])
+            self.reset()
+            self.reset_statistics()  # a dropped batch must not reach later statistic releases
+            raise NonFiniteGradientError(
+                f"non-finite per-sample gradient norm in layer(s) {', '.join(dict.fromkeys(bad))} at step "
+                f"{self.step_index}; the logical batch was dropped, no parameter changed and nothing was accounted"
+            )
+        if self.clipping == "automatic":
+            return
+        entry = torch.repeat_interleave(torch.arange(len(log)), torch.tensor([len(n) for _, _, n, _, _ in log]))
+        limits = torch.tensor([c for _, c, _, _, _ in log], dtype=norms.dtype)[entry].to(norms.device)
+        clipped = torch.zeros(len(log), device=norms.device).index_add_(0, entry.to(norms.device),
+                                                                       (norms > limits).float())
+        for (name, *_), k in zip(log, clipped.tolist()):
+            self.clipped_count[name] += int(k)
 
     @staticmethod
     def _device_of(pending) -> torch.device:
@@ -330,17 +358,6 @@ class GradSampleTracker:
             self._arena = torch.empty(numel, dtype=torch.float32)
         return self._arena[:numel]
 
-    def _finite(self, total: torch.Tensor, parts: Dict[nn.Parameter, torch.Tensor],
-                blame: Optional[nn.Parameter] = None) -> torch.Tensor:
-        """``total`` (per-sample, from ``parts``), or an error naming the parameters with non-finite norms."""
-        if math.isfinite(total.sum(dtype=torch.float64)):  # parts are >= 0: an inf or a NaN cannot cancel out
-            return total
-        bad = [self._name(p) for p, part in parts.items() if not torch.isfinite(part).all()] or [self._name(blame)]
-        raise NonFiniteGradientError(
-            f"non-finite per-sample gradient norm in layer(s) {', '.join(bad)} at step "
-            f"{self.step_index}; the logical batch was dropped, no parameter changed and nothing was accounted"
-        )
-
     def _name(self, p: nn.Parameter) -> str:
         """The parameter's name (FSDP2 hands the rules unsharded stand-ins: named by shape then)."""
         return self._param_names.get(p, f"of shape {tuple(p.shape)}")
@@ -352,6 +369,7 @@ class GradSampleTracker:
     def reset(self) -> None:
         """Forget everything accumulated (after the optimizer consumed it, or after an error)."""
         self.clipped_sum, self.unclipped_sum = {}, {}
+        self._norm_log = []
         self._outstanding.clear()
         for g in self.groups:
             g.pending = {}

@@ -254,15 +254,22 @@ def test_secure_mode_refuses_user_seeds():
         )
 
 
-def test_non_finite_norm_names_layer_and_step_and_changes_nothing():
+@pytest.mark.parametrize("clipping", ["flat", "per_layer", "automatic"])
+def test_non_finite_norm_names_layer_and_step_and_changes_nothing(clipping):
     data = _regression_data()
     model = _mlp()
-    engine, model, optimizer, loader = _private(model, data, noise_multiplier=1.0, poisson_sampling=False)
+    engine, model, optimizer, loader = _private(model, data, noise_multiplier=1.0, poisson_sampling=False,
+                                                clipping=clipping)
+    x, y = data.tensors[0][:8], data.tensors[1][:8]
+    _mse_per_sample(model, x, y).mean().backward()
+    optimizer.step()  # one good step: its counts and ledger entry must survive the bad one
     before = [p.detach().clone() for p in model.parameters()]
-    x, y = data.tensors[0][:8].clone(), data.tensors[1][:8]
+    counted = dict(optimizer.tracker.clipped_count)
+    x = x.clone()
     x[2, 0] = float("inf")
-    with pytest.raises(FloatingPointError, match=r"layer\(s\) 0\.weight at step 0"):
-        _mse_per_sample(model, x, y).mean().backward()  # flat clipping processes at the end of backward
-        optimizer.step()
+    _mse_per_sample(model, x, y).mean().backward()  # per-layer clipping processes during backward
+    with pytest.raises(FloatingPointError, match=r"layer\(s\) 0\.weight at step 1"):
+        optimizer.step()  # the norms are checked when the micro-batch is flushed
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert len(engine.accountant.history) == 0
+    assert len(engine.accountant.history) == 1
+    assert optimizer.tracker.clipped_count == {name: 0 for name in counted}, "statistics of the dropped batch reset"
