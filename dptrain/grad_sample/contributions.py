@@ -73,9 +73,16 @@ def device_of(c: Contribution) -> torch.device:
 
 def select_samples(c: Contribution, sl: slice) -> Contribution:
     """The contribution of the samples ``sl`` only."""
+    if sl == slice(0, batch_size_of(c)):
+        return c
     if isinstance(c, Instantiated):
         return Instantiated(c.grad[sl])
     return Factored(c.left[sl], c.right[sl], c.rows, c.shape)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()`` without the dispatch when it is fp32 already (the usual case, on the per-layer hot path)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _self_sq_norm(c: Contribution) -> torch.Tensor:
@@ -131,12 +138,12 @@ def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch
     (one pass per use, no temporary of the parameter's size for dense or index uses)."""
     for c in uses:
         if isinstance(c, Instantiated):
-            grad = c.grad.reshape(len(scale), shape.numel()).float().T  # (numel, B)
+            grad = _fp32(c.grad.reshape(len(scale), shape.numel())).T  # (numel, B)
             out = torch.mv(grad, scale).view(shape) if out is None else out.view(-1).addmv_(grad, scale).view(shape)
         elif c.is_index:
             if out is None:
                 out = torch.zeros(shape, dtype=torch.float32, device=c.right.device)
-            rows = (c.right.float() * scale[:, None, None]).flatten(0, 1)  # (B*T, cols)
+            rows = (_fp32(c.right) * scale[:, None, None]).flatten(0, 1)  # (B*T, cols)
             out.view(c.rows, -1).index_add_(0, c.left.flatten(), rows)
         else:
             part = kernels.scaled_linear_grad(c.right, c.left, scale).float().reshape(shape)  # one GEMM
@@ -171,12 +178,12 @@ def densify(uses: Sequence[Contribution], out: torch.Tensor) -> Instantiated:
         if first and c.is_index:
             out.zero_()
         rows_view = out.view(batch, c.rows, -1)  # (B, rows, cols)
-        right = c.right.float()
+        right = _fp32(c.right)
         if c.is_index:  # row ids_t of sample i gets right_i[t]
             offsets = torch.arange(batch, device=c.left.device)[:, None] * c.rows  # (B, 1)
             rows_view.view(batch * c.rows, -1).index_add_(0, (c.left + offsets).flatten(), right.flatten(0, 1))
             continue
-        left_t = c.left.float().transpose(1, 2)  # (B, rows, T)
+        left_t = _fp32(c.left).transpose(1, 2)  # (B, rows, T)
         if first:  # left_i^T right_i, straight into the reused buffer (a fresh result costs page faults)
             torch.bmm(left_t, right, out=rows_view)
         else:

@@ -268,10 +268,11 @@ class GradSampleTracker:
         elif dense:
             chunk_weights = []
             for sl in (slice(i, min(batch, i + chunk)) for i in range(0, batch, chunk)):
+                whole = chunk >= batch  # one chunk: no slicing
                 grads = self._densify(dense, pending, sl)  # {p: (b, *p.shape)}
                 chunk_parts = {p: per_sample_sq_norms([d]) for p, d in grads.items()}
-                chunk_sq = _total(chunk_parts.values(), sq[sl])
-                chunk_parts.update((p, part[sl]) for p, part in parts.items())
+                chunk_sq = _total(chunk_parts.values(), sq if whole else sq[sl])
+                chunk_parts.update((p, part if whole else part[sl]) for p, part in parts.items())
                 chunk_weights.append(self._weights(chunk_sq.sqrt_().mul_(scale), scale, max_norm, count_as, chunk_parts))
                 for p, d in grads.items():
                     self._accumulate(p, [d], chunk_weights[-1])
