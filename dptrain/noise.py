@@ -49,7 +49,7 @@ class GaussianNoise:
     STREAMS = 4  # per CPU device; a CUDA device uses one stream (the kernel is parallel already)
     CHUNK = 1 << 17  # values drawn per generator call (512 KiB: still in the core's cache when added)
     PREFETCH = hasattr(os, "SCHED_IDLE")  # CPU only; needs an idle-class thread or it would steal compute
-    PREFETCH_MAX_NUMEL = 1 << 25  # 128 MiB: larger models draw synchronously rather than hold a second copy
+    PREFETCH_MAX_NUMEL = 1 << 24  # 64 MiB: larger models draw synchronously rather than hold a second copy
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0):
         self.seed, self.rank = seed, rank
@@ -113,12 +113,7 @@ class GaussianNoise:
                 chunk.normal_(0.0, std, generator=gens[k])
                 flat.add_(lo, chunk, scale)
 
-        jobs = [k for k in range(len(gens)) if cuts[k + 1] > cuts[k]]
-        if min(len(jobs), torch.get_num_threads()) <= 1:
-            for k in jobs:
-                job(k)
-        else:
-            list(_pool().map(job, jobs))
+        _run_streams(job, [k for k in range(len(gens)) if cuts[k + 1] > cuts[k]])
 
     @staticmethod
     def _cuts(numel: int, streams: int) -> List[int]:
@@ -158,6 +153,15 @@ class GaussianNoise:
                 prefetch.cancel()
             for gen, s in zip(gens, states):
                 gen.set_state(s)
+
+
+def _run_streams(job, streams: List[int]) -> None:
+    """``job(k)`` for every stream k: on the thread pool when more than one can run at a time."""
+    if min(len(streams), torch.get_num_threads()) <= 1:
+        for k in streams:
+            job(k)
+    else:
+        list(_pool().map(job, streams))
 
 
 def _chunks(lo: int, hi: int, size: int):
@@ -258,17 +262,11 @@ class _Prefetch:
         for k in taken:  # the thread may still be inside a call on these generators: continue on fresh ones
             if self._done[k] < self.cuts[k + 1]:
                 self.gens[k] = _generator_at(self._resume[k])
-        jobs = [k for k in range(len(self.gens)) if self._done[k] < self.cuts[k + 1]]
-
         def job(k: int) -> None:
             for lo, hi in _chunks(self._done[k], self.cuts[k + 1], self.chunk):
                 self.buffer[lo:hi].normal_(0.0, self.std, generator=self.gens[k])
 
-        if min(len(jobs), torch.get_num_threads()) <= 1:
-            for k in jobs:
-                job(k)
-        else:
-            list(_pool().map(job, jobs))
+        _run_streams(job, [k for k in range(len(self.gens)) if self._done[k] < self.cuts[k + 1]])
         return self.buffer
 
     def cancel(self) -> None:

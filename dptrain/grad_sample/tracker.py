@@ -266,9 +266,8 @@ class GradSampleTracker:
             clipped = grad.reshape(fused.shape).float().mul_(scale)
             self.clipped_sum[fused] = self.clipped_sum[fused].add_(clipped) if fused in self.clipped_sum else clipped
         elif dense:
-            chunk_weights = []
+            chunk_weights, whole = [], chunk >= batch  # one chunk: no slicing
             for sl in (slice(i, min(batch, i + chunk)) for i in range(0, batch, chunk)):
-                whole = chunk >= batch  # one chunk: no slicing
                 grads = self._densify(dense, pending, sl)  # {p: (b, *p.shape)}
                 chunk_parts = {p: per_sample_sq_norms([d]) for p, d in grads.items()}
                 chunk_sq = _total(chunk_parts.values(), sq if whole else sq[sl])
