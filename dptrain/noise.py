@@ -262,6 +262,7 @@ class _Prefetch:
         for k in taken:  # the thread may still be inside a call on these generators: continue on fresh ones
             if self._done[k] < self.cuts[k + 1]:
                 self.gens[k] = _generator_at(self._resume[k])
+
         def job(k: int) -> None:
             for lo, hi in _chunks(self._done[k], self.cuts[k + 1], self.chunk):
                 self.buffer[lo:hi].normal_(0.0, self.std, generator=self.gens[k])
