@@ -143,10 +143,14 @@ def test_prefetch_runs_in_the_idle_class_or_not_at_all(monkeypatch):
         policies.append(policy)
         raise PermissionError("not here")
 
+    background_draws = []
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    monkeypatch.setattr(noise_module._Prefetch, "run", lambda self: background_draws.append(self))
     on_demand = _steps(False, PREFETCH_CALLS[:3], monkeypatch)
     refused = _steps(True, PREFETCH_CALLS[:3], monkeypatch)  # the training thread draws it all itself
+    time.sleep(0.1)  # time for a worker that ignored the refusal to run its jobs
     assert policies and set(policies) == {os.SCHED_IDLE}
+    assert background_draws == [], "a worker outside the idle class must not compete with training"
     assert all(torch.equal(a, b) for a, b in zip(on_demand, refused))
 
 
