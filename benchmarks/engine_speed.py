@@ -3,7 +3,9 @@
     python benchmarks/engine_speed.py            # all configurations, writes the "engine_speed" section
     python benchmarks/engine_speed.py --quick    # fewer steps
 
-Each (model, method) runs in its own subprocess so peak memory (VmHWM, reset after set-up) is its own.
+Each (model, method) runs in its own subprocess so peak memory (VmHWM, reset after set-up) is its own; the
+processes of one model are alive together and take turns step by step, so that the slow and quick phases of a
+shared machine hit every method alike (ratios are taken turn by turn).
 Models: a 4-layer GPT-2 (d=256, vocab 8192, batch 8, length 128) with tied embeddings (stock HF) and the
 same model untied with explicit per-sample position ids (the variant Opacus can run), and a 4-layer
 Llama-style model with LoRA adapters (r=8 on q_proj/v_proj). The loss is the per-sample mean over tokens,
@@ -18,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 BATCH, LENGTH, VOCAB = 8, 128, 8192
@@ -48,7 +51,7 @@ def _build(model_name: str):
     return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
 
 
-def worker(model_name: str, method: str, steps: int) -> dict:
+def worker(model_name: str, method: str) -> None:
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
@@ -100,21 +103,75 @@ def worker(model_name: str, method: str, steps: int) -> dict:
     step()
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS counter after set-up
         f.write("5")
-    times = []
-    for _ in range(steps):
+    _reply({"ready": True})
+    for command in sys.stdin:  # one turn per line, until "end"
+        if command.strip() == "end":
+            break
+        step()  # untimed: the timed step follows a step of its own model, as in training
         start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "peak_mb": _rss_peak_mb()}
+        elapsed = time.perf_counter() - start
+        time.sleep(SETTLE_S)  # background work (dptrain's noise prefetch) ends before another process's turn
+        _reply({"step_s": elapsed})
+    _reply({"peak_mb": _rss_peak_mb()})
 
 
-def _run(model_name: str, method: str, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", model_name, method, "--steps", str(steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:160]
-        return {"error": reason}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+SETTLE_S = 0.15  # idle time after every timed step, the same for every method
+_TAG = "@@ "  # protocol lines on stdout (libraries may print there too)
+
+
+def _reply(message: dict) -> None:
+    print(_TAG + json.dumps(message), flush=True)
+
+
+class _Worker:
+    """One (model, method) in its own process, stepping when told to."""
+
+    def __init__(self, model_name: str, method: str):
+        cmd = [sys.executable, __file__, "--worker", model_name, method]
+        self.stderr = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill up and block the worker
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        self.error: str | None = None
+
+    def ask(self, command: str | None) -> dict:
+        """Send ``command`` (None: just read) and wait for the reply; a dead worker records its last error line."""
+        if self.error is None:
+            try:
+                if command is not None:
+                    self.proc.stdin.write(command + "\n")
+                    self.proc.stdin.flush()
+                for line in self.proc.stdout:
+                    if line.startswith(_TAG):
+                        return json.loads(line[len(_TAG):])
+            except BrokenPipeError:
+                pass
+            self.proc.wait()
+            self.stderr.seek(0)
+            self.error = (self.stderr.read().strip().splitlines() or ["failed"])[-1][:160]
+        return {"error": self.error}
+
+
+def _run_interleaved(model_name: str, methods: list, turns: int) -> dict:
+    """All methods of one model alive at once; each turn every method runs one timed step, in rotating order,
+    so that a slow phase of a shared machine hits every method alike. Returns per method the timed steps (or
+    the error) and the peak RSS."""
+    workers = {m: _Worker(model_name, m) for m in methods}
+    for w in workers.values():
+        w.ask(None)  # ready (or failed during set-up)
+    times = {m: [] for m in methods}
+    for turn in range(turns):
+        order = methods[turn % len(methods):] + methods[: turn % len(methods)]
+        for m in order:
+            reply = workers[m].ask("step")
+            if "step_s" in reply:
+                times[m].append(reply["step_s"])
+    out = {}
+    for m, w in workers.items():
+        reply = w.ask("end")
+        w.proc.wait()
+        out[m] = {"error": reply["error"]} if "error" in reply else {"times": times[m], "peak_mb": reply["peak_mb"]}
+    return out
 
 
 PLAN = {
@@ -125,53 +182,52 @@ PLAN = {
 
 
 def _combine(runs: list, base_runs: list) -> dict:
-    """One row from several rounds: the median step time (and range), the median over rounds of the ratio to the
-    same round's non-DP run (rounds are adjacent in time, so a slow phase of the machine hits both), the largest
-    peak."""
+    """One row from several sets of processes: the median step time (and the range of the per-set medians), the
+    median over all turns of the ratio to the same turn's non-DP step, and the largest peak."""
     failed = [r for r in runs if "error" in r]
     if failed:
         return failed[0]
-    times = [r["step_s"] for r in runs]
-    return {"step_s": statistics.median(times), "spread": (min(times), max(times)),
-            "ratio": statistics.median(r["step_s"] / b["step_s"] for r, b in zip(runs, base_runs)),
-            "peak_mb": max(r["peak_mb"] for r in runs)}
+    medians = [statistics.median(r["times"]) for r in runs]
+    ratios = [t / b for r, base in zip(runs, base_runs) for t, b in zip(r["times"], base["times"])]
+    return {"step_s": statistics.median(t for r in runs for t in r["times"]), "spread": (min(medians), max(medians)),
+            "ratio": statistics.median(ratios), "peak_mb": max(r["peak_mb"] for r in runs)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"))
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5, help="processes per (model, method), methods interleaved")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per method and set of processes")
+    parser.add_argument("--rounds", type=int, default=2, help="sets of fresh processes per model")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps)))
+        worker(*args.worker)
         return
     steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
     rows = []
     for model_name, methods in PLAN.items():
-        runs = {m: [] for m in methods}
-        for _ in range(rounds):  # interleaved, so that slow phases of a shared machine hit every method
-            for m in methods:
-                if not any("error" in r for r in runs[m]):
-                    runs[m].append(_run(model_name, m, steps))
-        results = {m: _combine(r, runs["nondp"]) for m, r in runs.items()}
-        base = results["nondp"]
-        for method, r in results.items():
+        sets = [_run_interleaved(model_name, methods, steps) for _ in range(rounds)]
+        base_runs = [s["nondp"] for s in sets]
+        for method in methods:
+            r = _combine([s[method] for s in sets], base_runs)
             if "error" in r:
                 rows.append(f"| {model_name} | {method} | failed: {r['error']} | | | | |")
                 continue
             low, high = r["spread"]
+            base_peak = max(b["peak_mb"] for b in base_runs)
             rows.append(
                 f"| {model_name} | {method} | {r['step_s'] * 1000:.0f} | {low * 1000:.0f}-{high * 1000:.0f} "
-                f"| {r['ratio']:.2f}x | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f}x |"
+                f"| {r['ratio']:.2f}x | {r['peak_mb']:.0f} | {r['peak_mb'] / base_peak:.2f}x |"
             )
             print(rows[-1], flush=True)
     body = (
-        f"Batch {BATCH}, length {LENGTH}, vocab {VOCAB}, AdamW, sigma=1, C=1, 2 threads. Each (model, method) runs in "
-        f"{rounds} separate process(es), methods interleaved; per process the median of {steps} timed steps after 2 "
-        "warm-up steps; the table shows the median over processes (and their range), the median over rounds of the "
-        "ratio to the same round's non-DP process, and the largest peak (VmHWM during the timed steps).\n\n"
+        f"Batch {BATCH}, length {LENGTH}, vocab {VOCAB}, AdamW, sigma=1, C=1, 2 threads. Every (model, method) runs "
+        f"in its own process (so peak memory is its own), all methods of a model alive at once and stepping in "
+        f"turns: each turn, in rotating order, every method runs one untimed and one timed step, then idles "
+        f"{SETTLE_S * 1000:.0f} ms; the others wait blocked. {rounds} set(s) of fresh processes x {steps} turns. "
+        "Columns: the median timed step (and the range of the per-set medians), the median over turns of the ratio "
+        "to the same turn's non-DP step (a slow phase of the shared machine hits both), and the largest peak RSS "
+        "(VmHWM during the timed turns).\n\n"
         "| model | method | step ms | range ms | vs non-DP | peak RSS MB | vs non-DP |\n|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
     )
