@@ -196,8 +196,8 @@ def _combine(runs: list, base_runs: list) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"))
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per method and set of processes")
-    parser.add_argument("--rounds", type=int, default=2, help="sets of fresh processes per model")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method and set of processes")
+    parser.add_argument("--rounds", type=int, default=3, help="sets of fresh processes per model")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.worker:
