@@ -153,9 +153,9 @@ class _Worker:
 
 
 def _run_interleaved(model_name: str, methods: list, turns: int) -> dict:
-    """All methods of one model alive at once; each turn every method runs one timed step, in rotating order,
-    so that a slow phase of a shared machine hits every method alike. Returns per method the timed steps (or
-    the error) and the peak RSS."""
+    """All methods of one model alive at once; each turn every method, in rotating order, runs an untimed and a
+    timed step, so that a slow phase of a shared machine hits every method alike. Returns per method the timed
+    steps (or the error) and the peak RSS."""
     workers = {m: _Worker(model_name, m) for m in methods}
     for w in workers.values():
         w.ask(None)  # ready (or failed during set-up)
@@ -208,6 +208,8 @@ def main() -> None:
     for model_name, methods in PLAN.items():
         sets = [_run_interleaved(model_name, methods, steps) for _ in range(rounds)]
         base_runs = [s["nondp"] for s in sets]
+        if any("error" in b for b in base_runs):
+            raise RuntimeError(f"the non-DP baseline of {model_name} failed: {base_runs}")
         for method in methods:
             r = _combine([s[method] for s in sets], base_runs)
             if "error" in r:
