@@ -170,6 +170,7 @@ def _run_interleaved(model_name: str, methods: list, turns: int) -> dict:
     for m, w in workers.items():
         reply = w.ask("end")
         w.proc.wait()
+        w.stderr.close()
         out[m] = {"error": reply["error"]} if "error" in reply else {"times": times[m], "peak_mb": reply["peak_mb"]}
     return out
 
