@@ -82,7 +82,7 @@ def run(method: str, seed: int, *, epsilon: float, epochs: int, batch_size: int,
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
         data_loader=DataLoader(TensorDataset(xtr, ytr), batch_size=batch_size), max_grad_norm=max_grad_norm,
         target_epsilon=epsilon, target_delta=DELTA, epochs=epochs, clipping="per_layer", controller=ctrl,
-        noise_seed=seed, sampler_seed=seed,
+        insecure_noise_seed=seed, insecure_sampler_seed=seed,
     )
     sigma0 = optimizer.noise_multiplier
     started = time.perf_counter()

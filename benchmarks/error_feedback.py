@@ -95,7 +95,7 @@ def train(task: str, inputs, targets, *, dice: bool, c1: float, lr: float, seed:
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
         data_loader=DataLoader(TensorDataset(inputs, targets), batch_size=batch), max_grad_norm=c1,
-        target_epsilon=epsilon, target_delta=DELTA, epochs=epochs, noise_seed=seed, sampler_seed=seed, **extra,
+        target_epsilon=epsilon, target_delta=DELTA, epochs=epochs, insecure_noise_seed=seed, insecure_sampler_seed=seed, **extra,
     )
     for _ in range(epochs):
         for xb, yb in loader:

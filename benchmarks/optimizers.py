@@ -184,7 +184,7 @@ def run_lm_part(steps: int, lrs: dict[str, list[float]], *, batch: int = 64, con
             engine = PrivacyEngine()
             model, dp_opt, dp_loader = engine.make_private(module=model, optimizer=cls(model.parameters(), lr=lr),
                                                            data_loader=loader, max_grad_norm=clip,
-                                                           noise_multiplier=sigma, noise_seed=seed, sampler_seed=seed)
+                                                           noise_multiplier=sigma, insecure_noise_seed=seed, insecure_sampler_seed=seed)
             t0, done = time.perf_counter(), 0
             while done < steps:
                 for (xb,) in dp_loader:

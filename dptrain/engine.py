@@ -4,6 +4,12 @@ The gradient convention (a promise): the user's loss is the MEAN of per-sample l
 "mean"``; or their SUM with ``"sum"``), ``loss.backward()`` then ``optimizer.step()``. The update uses
 ``(sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected`` with g_i the gradient of sample i's own loss and
 ``B_expected = sample_rate * len(dataset)`` (Poisson) or the loader's batch size.
+
+Secrets: the noise and the Poisson sampler draw from OS entropy; their generator states (in ``state_dict()``)
+are secret. ``secure_mode=True`` reseeds both from fresh OS entropy at every draw and saves no state of them.
+``insecure_noise_seed``/``insecure_sampler_seed`` fix them for tests and debugging: such a run is NOT private.
+Ledger: every logical step composes the event of the mechanism its noise was drawn from (``dptrain.mechanism``);
+fixed batches (``poisson_sampling=False``) get no amplification: one full Gaussian step per epoch, replace-one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch.utils.data import DataLoader
 from dptrain import distributed
 from dptrain.accountants import calibrate_noise, make_accountant
 from dptrain.grad_sample.tracker import GradSampleTracker
+from dptrain.mechanism import StepMechanism
 from dptrain.optimizer import DPOptimizer
 from dptrain.sampling import DPDataLoader
 
@@ -39,7 +46,8 @@ class PrivacyEngine:
         self.optimizer: Optional[DPOptimizer] = None
         self.data_loader: Optional[DPDataLoader] = None
         self.sample_rate: Optional[float] = None
-        self.ledger_sample_rate: Optional[float] = None  # sample rate of the ledger's events (1 with error feedback)
+        self.insecure_seeds: tuple = ()  # names of the insecure seeds this run was given
+        self._epoch_charge: Optional[float] = None  # fixed batches: smallest multiplier charged this epoch
 
     def make_private(
         self,
@@ -57,8 +65,8 @@ class PrivacyEngine:
         max_physical_batch_size: Optional[int] = None,
         loss_reduction: str = "mean",
         automatic_gamma: float = 0.01,
-        noise_seed: Optional[int] = None,
-        sampler_seed: Optional[int] = None,
+        insecure_noise_seed: Optional[int] = None,
+        insecure_sampler_seed: Optional[int] = None,
         error_feedback: bool = False,
         error_max_grad_norm: Optional[float] = None,
         error_feedback_accounting: str = "worst_case",
@@ -73,6 +81,10 @@ class PrivacyEngine:
         default C1 * batch size); ``error_feedback_accounting="worst_case"`` (the only bound offered, proven in
         ``dptrain.error_feedback``) records every step as a full-batch Gaussian with the noise multiplier, so
         ``target_epsilon`` calibrates it at sample rate 1, and the noise std on the sum is z * (C1 + 2 C2).
+        ``poisson_sampling=False``: the loader's own fixed batches, accounted without amplification (each record
+        in one batch per epoch, replace-one adjacency: sensitivity 2C); ``target_epsilon`` calibrates under that.
+        ``insecure_noise_seed``/``insecure_sampler_seed``: fixed seeds for tests and debugging; the run is then
+        NOT private (anyone with the seed can subtract the noise or recompute the batches).
         """
         if self.tracker is not None:
             raise ValueError("this PrivacyEngine already made a model private; create one engine per training run")
@@ -82,12 +94,20 @@ class PrivacyEngine:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, found {type(optimizer).__name__}")
         if not isinstance(data_loader, DataLoader):
             raise TypeError(f"data_loader must be a torch.utils.data.DataLoader, found {type(data_loader).__name__}")
-        if self.secure_mode and (noise_seed is not None or sampler_seed is not None):
-            raise ValueError("secure_mode draws seeds from OS entropy: do not pass noise_seed or sampler_seed")
+        seeds = {"insecure_noise_seed": insecure_noise_seed, "insecure_sampler_seed": insecure_sampler_seed}
+        for name, seed in seeds.items():
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+                raise TypeError(f"{name} must be an integer or None, found {seed!r}")
+        given = tuple(name for name, seed in seeds.items() if seed is not None)
+        if self.secure_mode and given:
+            raise ValueError(f"secure_mode draws fresh OS entropy for noise and sampling: do not pass {given[0]}")
+        if not poisson_sampling and controller is not None:
+            raise ValueError("a controller needs poisson_sampling=True: its budget plan and statistic releases "
+                             "assume Poisson-sampled batches")
         if error_max_grad_norm is not None and not error_feedback:
             raise ValueError("error_max_grad_norm is only used with error_feedback=True")
         if error_feedback:
-            from dptrain.error_feedback import LEDGER_SAMPLE_RATE, check_accounting
+            from dptrain.error_feedback import check_accounting
 
             check_accounting(error_feedback_accounting)
             if controller is not None:
@@ -115,11 +135,17 @@ class PrivacyEngine:
             )
         sample_rate = batch_size / dataset_size
         steps_per_epoch = math.ceil(1 / sample_rate) if poisson_sampling else len(data_loader)
-        # the sample rate of the ledger's events: error feedback's bound gets no amplification
-        ledger_sample_rate = LEDGER_SAMPLE_RATE if error_feedback else sample_rate
+        self.steps_per_epoch = steps_per_epoch
+        sampling = "full" if error_feedback else ("poisson" if poisson_sampling else "fixed")
         noise_multiplier = self._resolve_noise(
-            noise_multiplier, target_epsilon, target_delta, epochs, ledger_sample_rate, steps_per_epoch
+            noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch, sampling
         )
+        if not poisson_sampling:
+            logger.warning(
+                "poisson_sampling=False: fixed batches get no privacy amplification by subsampling; each epoch is "
+                "accounted as one full-batch Gaussian step at sensitivity 2C (replace-one adjacency), which needs "
+                "far more noise than Poisson sampling for the same epsilon"
+            )
 
         tracker = GradSampleTracker(
             module, clipping=clipping, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
@@ -134,27 +160,26 @@ class PrivacyEngine:
         if world > 1 and wrapped is module:
             raise ValueError("torch.distributed is initialised with several ranks but the model is not wrapped in "
                              "DistributedDataParallel; wrap it (same on every rank) before make_private")
-        if self.secure_mode:
-            noise_seed = int.from_bytes(os.urandom(8), "little") >> 1
-            sampler_seed = int.from_bytes(os.urandom(8), "little") >> 1
-        generator = torch.Generator()
-        if sampler_seed is not None:  # ranks sample their shards independently
-            generator.manual_seed(sampler_seed + 1_000_003 * rank)
-        else:
-            generator.seed()
+        generator = None
+        if insecure_sampler_seed is not None:  # ranks sample their shards independently
+            generator = torch.Generator().manual_seed(insecure_sampler_seed + 1_000_003 * rank)
         dp_optimizer = DPOptimizer(
             optimizer, tracker, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
-            noise_seed=noise_seed,
+            sample_rate=sample_rate, sampling="fixed" if not poisson_sampling else "poisson",
+            secure_mode=self.secure_mode, insecure_noise_seed=insecure_noise_seed,
         )
         dp_loader = DPDataLoader(
             data_loader, poisson_sampling=poisson_sampling, sample_rate=sample_rate, generator=generator,
-            max_physical_batch_size=max_physical_batch_size, shard=(rank, world),
+            max_physical_batch_size=max_physical_batch_size, shard=(rank, world), secure=self.secure_mode,
         )
+        self.insecure_seeds = given
+        if given:
+            logger.warning("%s given: this run is NOT PRIVATE (the noise or the batches can be regenerated from "
+                           "it); use it for tests and debugging only", " and ".join(given))
         dp_loader.optimizer = dp_optimizer
         dp_optimizer.step_callbacks.append(self._account_step)
         self.tracker, self.optimizer, self.data_loader, self.sample_rate = tracker, dp_optimizer, dp_loader, sample_rate
         self.poisson_sampling = poisson_sampling
-        self.ledger_sample_rate = ledger_sample_rate
         self.error_feedback = None
         if error_feedback:
             from dptrain.error_feedback import ErrorFeedback
@@ -163,7 +188,6 @@ class PrivacyEngine:
                 dp_optimizer, error_max_grad_norm=error_max_grad_norm, poisson_sampling=poisson_sampling,
                 accounting=error_feedback_accounting,
             )
-            dp_optimizer.gradient_transforms.append(self.error_feedback)
         self.controller = controller
         if controller is not None:
             controller.attach(self, target_epsilon=target_epsilon, target_delta=target_delta,
@@ -174,7 +198,8 @@ class PrivacyEngine:
         )
         return wrapped, dp_optimizer, dp_loader
 
-    def _resolve_noise(self, noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch):
+    def _resolve_noise(self, noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch,
+                       sampling):
         if noise_multiplier is not None:
             if target_epsilon is not None:
                 raise ValueError("give either noise_multiplier or target_epsilon, not both")
@@ -195,13 +220,44 @@ class PrivacyEngine:
         if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0:
             raise ValueError(f"epochs must be > 0, found {epochs!r}")
         steps = math.ceil(epochs * steps_per_epoch)
+        if sampling == "fixed":  # one charged step per (started) epoch, at multiplier sigma / 2 (sensitivity 2C)
+            charged = math.ceil(steps / steps_per_epoch)
+            return 2 * calibrate_noise(target_epsilon=target_epsilon, sample_rate=1.0, steps=charged,
+                                       delta=target_delta, accountant=self.accountant_name)
         return calibrate_noise(
-            target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps, delta=target_delta,
-            accountant=self.accountant_name,
+            target_epsilon=target_epsilon, sample_rate=sample_rate if sampling == "poisson" else 1.0, steps=steps,
+            delta=target_delta, accountant=self.accountant_name,
         )
 
-    def _account_step(self, optimizer: DPOptimizer) -> None:
-        self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.ledger_sample_rate)
+    def _account_step(self, optimizer: DPOptimizer, mechanism: StepMechanism) -> None:
+        """Ledger the step's mechanism. Fixed batches: a record is in one batch per epoch, so the epoch's first
+        step is charged, and a later step of the epoch only if its noise is smaller than what was charged."""
+        if mechanism.sampling == "fixed":
+            multiplier = mechanism.noise_multiplier
+            if optimizer.steps_taken % self.steps_per_epoch == 0:
+                self._epoch_charge = None
+            if self._epoch_charge is not None and multiplier >= self._epoch_charge:
+                return
+            self._epoch_charge = multiplier
+        self.accountant.compose(mechanism.event())
+
+    def trust_model(self) -> dict:
+        """What this run's guarantee rests on (public facts, for reports)."""
+        if self.optimizer is None:
+            raise ValueError("trust_model() before make_private(): nothing to describe")
+        sampling = self.optimizer.sampling
+        return {
+            "private": not self.insecure_seeds and self.optimizer.noise_multiplier > 0,
+            "secure_mode": self.secure_mode,
+            "noise_seed_given": "insecure_noise_seed" in self.insecure_seeds,
+            "sampler_seed_given": "insecure_sampler_seed" in self.insecure_seeds,
+            "entropy": "fresh OS entropy per draw, no state saved" if self.secure_mode else
+                       ("fixed insecure seed" if self.insecure_seeds else "OS entropy; generator states are secret"),
+            "sampling": "poisson" if self.poisson_sampling else "fixed batches (no amplification)",
+            "adjacency": "replace one record" if sampling == "fixed" else "add or remove one record",
+            "error_feedback": self.error_feedback is not None,
+            "ranks_trusted": distributed.rank_and_world()[1] > 1,
+        }
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta``."""
@@ -211,8 +267,10 @@ class PrivacyEngine:
         """Accountant ledger, sampler RNG, noise RNG and step counters (the model and optimizer are the user's)."""
         if self.optimizer is None:
             raise ValueError("state_dict() before make_private(): nothing to save")
-        return {
+        return {  # SECRET unless secure_mode: the sampler and noise generator states
             "accountant_name": self.accountant_name,
+            "secure_mode": self.secure_mode,
+            "epoch_charge": self._epoch_charge,
             "accountant": self.accountant.state_dict(),
             "sampler": self.data_loader.state_dict(),
             "noise": self.optimizer.noise_state_dict(),
@@ -232,7 +290,11 @@ class PrivacyEngine:
             raise ValueError(
                 f"checkpoint has {len(state['max_grad_norms'])} clipping groups, this model {len(self.tracker.groups)}"
             )
+        if bool(state.get("secure_mode")) != self.secure_mode:
+            raise ValueError(f"checkpoint was written with secure_mode={bool(state.get('secure_mode'))}, this engine "
+                             f"has secure_mode={self.secure_mode}: resume with the same setting")
         self.accountant.load_state_dict(state["accountant"])
+        self._epoch_charge = state.get("epoch_charge")
         self.data_loader.load_state_dict(state["sampler"])
         self.optimizer.load_noise_state_dict(state["noise"])
         self.tracker.set_max_norms(state["max_grad_norms"])

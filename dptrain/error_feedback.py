@@ -74,6 +74,7 @@ In high dimension (language models) or at small epsilon, plain DP-SGD is better.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Dict, List, Optional
@@ -81,13 +82,13 @@ from typing import Dict, List, Optional
 import torch
 
 from dptrain import distributed
+from dptrain.mechanism import StepMechanism
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ACCOUNTING_METHODS", "ErrorFeedback", "check_accounting", "dice_noise_scale", "sensitivity"]
 
 ACCOUNTING_METHODS = ("worst_case",)
-LEDGER_SAMPLE_RATE = 1.0  # the worst-case bound: every logical step is a full-batch Gaussian mechanism
 
 
 def check_accounting(name) -> str:
@@ -134,10 +135,11 @@ def _check_thresholds(c1: float, c2: float) -> None:
 class ErrorFeedback:
     """Gradient transform of a ``DPOptimizer``: DiceSGD's clipped error feedback, once per logical step.
 
-    Rewrites ``tracker.clipped_sum[p]`` to V (the sum above) and updates the fp32 sum-scale error buffer E (one
-    per trainable parameter) from ``tracker.unclipped_sum``; sets ``optimizer.noise_scale`` so that the noise
-    std on the sum is z * sensitivity(C1, C2). ``error_max_grad_norm=None`` means C2 = C1 * B (the current
-    total threshold times the expected batch size, also after C1 changes).
+    Registers two hooks on the optimizer: a mechanism hook making each step a full-batch Gaussian of sensitivity
+    ``sensitivity(C1, C2)`` and noise std z times that, and a pre-noise hook that rewrites
+    ``tracker.clipped_sum[p]`` to V (the sum above) and updates the fp32 sum-scale error buffer E (one per
+    trainable parameter, SECRET) from ``tracker.unclipped_sum``. ``error_max_grad_norm=None`` means C2 = C1 * B
+    (the current total threshold times the expected batch size, also after C1 changes).
     """
 
     def __init__(self, optimizer, error_max_grad_norm: Optional[float] = None, *, poisson_sampling: bool = True,
@@ -159,11 +161,12 @@ class ErrorFeedback:
             p: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params
         }  # sum scale
         self.steps = 0
-        optimizer.noise_scale = self.noise_scale(optimizer)
         c1, c2 = self.thresholds(optimizer)
         logger.info("error feedback (DiceSGD): C1=%.4g, C2=%.4g per logical batch, noise std on the sum "
-                    "z * %.4g (%s adjacency), ledger: full-batch Gaussian steps", c1, c2, c1 * optimizer.noise_scale,
+                    "z * %.4g (%s adjacency), ledger: full-batch Gaussian steps", c1, c2, c1 * self.noise_scale(optimizer),
                     "add/remove" if self.poisson_sampling else "replace-one")
+        optimizer.mechanism_hooks.append(self.mechanism)
+        optimizer.pre_noise_hooks.append(self)
 
     def thresholds(self, optimizer) -> tuple:
         """(C1, C2) at this step; C2 on the sum scale (feedback per logical batch)."""
@@ -179,10 +182,15 @@ class ErrorFeedback:
         """Norm of the whole (sum-scale) buffer (private: for tests and debugging only, never release it)."""
         return math.sqrt(sum(float(e.double().pow(2).sum()) for e in self.error.values()))
 
+    def mechanism(self, optimizer, mechanism: StepMechanism) -> StepMechanism:
+        """Every step a full-batch Gaussian with the step's multiplier z at this bound's sensitivity."""
+        bound = sensitivity(*self.thresholds(optimizer), poisson_sampling=self.poisson_sampling)  # raises if C1 > C2
+        return dataclasses.replace(mechanism, noise_std=optimizer.noise_multiplier * bound, sensitivity=bound,
+                                   sample_rate=1.0, sampling="full")
+
     @torch.no_grad()
-    def __call__(self, optimizer) -> None:
+    def __call__(self, optimizer, mechanism: StepMechanism) -> None:
         c1, c2 = self.thresholds(optimizer)
-        optimizer.noise_scale = self.noise_scale(optimizer)  # raises if C1 was pushed above C2
         tracker = optimizer.tracker
         clipped, full = [], []
         for p in self.params:

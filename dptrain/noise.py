@@ -10,10 +10,15 @@ the draw alone is several percent of a training step. Two things hide that cost 
   which runs only on cycles the training step leaves idle (Python, small ops, waits between parallel regions).
   The next ``add_`` uses it if the size and std still match; otherwise the streams are rewound and drawn anew.
 
-Either way the numbers depend only on the seed, the rank, the std and the total size, never on the thread
+Either way the numbers depend only on the generators' states, the std and the total size, never on the thread
 count or on whether the prefetch was used (the same generator calls in the same order); streams are seeded
 independently, so the noise is i.i.d. N(0, std^2) per coordinate as DP-SGD requires. A prefetched draw is never
 released: the checkpoint state is the generators' state from before it.
+
+Entropy: every stream is seeded from the operating system's entropy (``os.urandom``) unless an insecure seed is
+given (tests and debugging only: whoever knows it can subtract the noise). The generator states are SECRET:
+they let anyone regenerate every later draw. With ``secure=True`` each draw (one per logical step) reseeds its
+streams from fresh OS entropy and no state is ever saved, so no file can reproduce the noise.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["GaussianNoise"]
+__all__ = ["GaussianNoise", "entropy_seed"]
 
 _POOL: Optional[ThreadPoolExecutor] = None
 
@@ -43,16 +48,25 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def entropy_seed() -> int:
+    """A 63-bit seed from the operating system's entropy source."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
 class GaussianNoise:
-    """Adds N(0, std^2) noise in place to lists of fp32 tensors; ``seed=None`` seeds from OS entropy."""
+    """Adds N(0, std^2) noise in place to lists of fp32 tensors; ``seed=None`` seeds from OS entropy.
+
+    ``secure=True``: fresh OS entropy for every draw, no saved state (``seed`` must then be None)."""
 
     STREAMS = 4  # per CPU device; a CUDA device uses one stream (the kernel is parallel already)
     CHUNK = 1 << 17  # values drawn per generator call (512 KiB: still in the core's cache when added)
     PREFETCH = hasattr(os, "SCHED_IDLE")  # CPU only; needs an idle-class thread or it would steal compute
     PREFETCH_MAX_NUMEL = 1 << 24  # 64 MiB: larger models draw synchronously rather than hold a second copy
 
-    def __init__(self, seed: Optional[int] = None, rank: int = 0):
-        self.seed, self.rank = seed, rank
+    def __init__(self, seed: Optional[int] = None, rank: int = 0, *, secure: bool = False):
+        if secure and seed is not None:
+            raise ValueError(f"secure noise draws fresh OS entropy for every step; found a fixed seed {seed!r}")
+        self.seed, self.rank, self.secure = seed, rank, bool(secure)
         self._streams: Dict[str, List[torch.Generator]] = {}
         self._buffers: Dict[str, torch.Tensor] = {}
         self._prefetch: Dict[str, _Prefetch] = {}
@@ -65,12 +79,30 @@ class GaussianNoise:
             for k in range(self.STREAMS if device.type == "cpu" else 1):
                 gen = torch.Generator(device=device)
                 if self.seed is None:
-                    gen.seed()
+                    gen.manual_seed(entropy_seed())
                 else:  # a distinct seed per (seed, rank, device, stream): ranks and streams never share noise
-                    digest = hashlib.sha256(f"{self.seed}/{self.rank}/{key}/{k}".encode()).digest()
-                    gen.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                    gen.manual_seed(_derived_seed(self.seed, self.rank, key, k))
                 gens.append(gen)
             self._streams[key] = gens
+        return self._streams[key]
+
+    def _fresh(self, gens: List[torch.Generator]) -> List[torch.Generator]:
+        """Secure mode: every stream reseeded from OS entropy before a draw (no state to save or recover)."""
+        if self.secure:
+            for gen in gens:
+                gen.manual_seed(entropy_seed())
+        return gens
+
+    def sample(self, n: int, std: float) -> torch.Tensor:
+        """n values of N(0, std^2) in float64 on the CPU from a stream of their own (released statistics)."""
+        (gen,) = self._fresh(self._generators_named("release"))
+        return std * torch.randn(n, generator=gen, dtype=torch.float64)
+
+    def _generators_named(self, key: str) -> List[torch.Generator]:
+        if key not in self._streams:
+            gen = torch.Generator()
+            gen.manual_seed(entropy_seed() if self.seed is None else _derived_seed(self.seed, self.rank, key, 0))
+            self._streams[key] = [gen]
         return self._streams[key]
 
     def add_(self, tensors: Sequence[torch.Tensor], std: float, *, scale: float = 1.0) -> None:
@@ -85,6 +117,7 @@ class GaussianNoise:
             device, flat = group[0].device, _FlatView(group)
             gens = self._generators(device)
             if device.type != "cpu":  # one draw: the device kernel is parallel already
+                self._fresh(gens)
                 buffer = self._scratch(key, flat.numel, device)
                 buffer.normal_(0.0, std, generator=gens[0])
                 flat.add_(0, buffer, scale)
@@ -93,9 +126,9 @@ class GaussianNoise:
             if prefetched is not None:
                 flat.add_(0, prefetched, scale)
             else:
-                self._draw_and_add(gens, flat, std, scale, key)
+                self._draw_and_add(self._fresh(gens), flat, std, scale, key)
             if self.PREFETCH and 0 < flat.numel <= self.PREFETCH_MAX_NUMEL:
-                prefetch = _Prefetch(gens, self._cuts(flat.numel, len(gens)), std,
+                prefetch = _Prefetch(self._fresh(gens), self._cuts(flat.numel, len(gens)), std,
                                      self._scratch(key, flat.numel, device), self.CHUNK)
                 if self._worker is None:
                     self._worker = _IdleWorker(self)
@@ -139,13 +172,18 @@ class GaussianNoise:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Generator states; a pending prefetch is not part of them (it is redrawn after a resume)."""
+        """Generator states (SECRET); a pending prefetch is not part of them (it is redrawn after a resume).
+        Empty in secure mode: nothing that could regenerate the noise is ever saved."""
+        if self.secure:
+            return {}
         return {key: (self._prefetch[key].states if key in self._prefetch else [g.get_state() for g in gens])
                 for key, gens in self._streams.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.secure:  # fresh entropy anyway: a saved state (if any) is not used
+            return
         for key, states in state.items():
-            gens = self._generators(torch.device(key))
+            gens = self._generators_named(key) if key == "release" else self._generators(torch.device(key))
             if len(states) != len(gens):
                 raise ValueError(f"checkpoint has {len(states)} noise streams for {key}, this version uses {len(gens)}")
             prefetch = self._prefetch.pop(key, None)
@@ -153,6 +191,11 @@ class GaussianNoise:
                 prefetch.cancel()
             for gen, s in zip(gens, states):
                 gen.set_state(s)
+
+
+def _derived_seed(seed: int, rank: int, key: str, stream: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{rank}/{key}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _run_streams(job, streams: List[int]) -> None:

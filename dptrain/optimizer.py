@@ -5,6 +5,11 @@
 Virtual steps: call ``step()`` after every micro-batch. Whether a micro-batch ends its logical batch is
 told by the DP data loader (``signal_skip_step``), or explicitly by the user with ``accumulate()`` (clip
 and accumulate, never step). Noise is drawn and the accountant stepped only at the logical-batch end.
+
+A logical step: ``plan_step()`` builds the step's ``StepMechanism`` (``mechanism_hooks`` may return a changed
+copy), ``pre_noise_hooks`` see it before any noise (error feedback rewrites the sums; a budget guard may
+refuse the step), the noise is drawn from it, ``step_callbacks`` receive it (the ledger, statistic releases),
+then the inner optimizer steps. Hooks are ``(optimizer, mechanism)`` callables.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from dptrain import distributed
 from dptrain.fsdp import FSDPView, shard_like
 from dptrain.grad_sample.tracker import GradSampleTracker
+from dptrain.mechanism import SAMPLING_SCHEMES, StepMechanism
 from dptrain.noise import GaussianNoise
 
 logger = logging.getLogger(__name__)
@@ -36,21 +42,31 @@ class DPOptimizer(torch.optim.Optimizer):
         *,
         noise_multiplier: float,
         expected_batch_size: float,
-        noise_seed: Optional[int] = None,
+        sample_rate: float = 1.0,
+        sampling: str = "poisson",
+        secure_mode: bool = False,
+        insecure_noise_seed: Optional[int] = None,
     ):
+        """``sample_rate``/``sampling``: how batches are drawn (see ``dptrain.mechanism``). The noise comes from
+        OS entropy; ``insecure_noise_seed`` fixes it (NOT PRIVATE: tests and debugging only)."""
+        if sampling not in SAMPLING_SCHEMES:
+            raise ValueError(f"sampling must be one of {SAMPLING_SCHEMES}, found {sampling!r}")
         # no super().__init__: state and param groups are the inner optimizer's
         self.original_optimizer = optimizer
         self.tracker = tracker
         self.noise_multiplier = noise_multiplier
         self.expected_batch_size = float(expected_batch_size)
+        self.sample_rate, self.sampling = float(sample_rate), sampling
         self.params: List[torch.nn.Parameter] = [p for g in optimizer.param_groups for p in g["params"]]
-        self._noise = GaussianNoise(noise_seed, rank=distributed.rank_and_world()[0])  # ranks never share noise
+        rank = distributed.rank_and_world()[0]  # ranks never share noise
+        self._noise = GaussianNoise(insecure_noise_seed, rank=rank, secure=secure_mode)
         self._skip_next = False
         self.steps_taken = 0  # logical steps
-        self.step_callbacks: List[Callable[["DPOptimizer"], None]] = []  # run after noise, before the inner step
-        # (optimizer) -> None, run before the noise; may rewrite tracker.clipped_sum (error feedback)
-        self.gradient_transforms: List[Callable[["DPOptimizer"], None]] = []
-        self.noise_scale = 1.0  # extra factor on the noise std required by a transform's privacy analysis
+        Hook = Callable[["DPOptimizer", StepMechanism], None]
+        self.mechanism_hooks: List[Callable[["DPOptimizer", StepMechanism], StepMechanism]] = []
+        self.pre_noise_hooks: List[Hook] = []  # may rewrite tracker.clipped_sum (error feedback) or refuse
+        self.step_callbacks: List[Hook] = []  # after the noise, before the inner step
+        self.last_mechanism: Optional[StepMechanism] = None
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
 
@@ -106,25 +122,41 @@ class DPOptimizer(torch.optim.Optimizer):
         if self._skip_next:
             self._skip_next = False
             return loss
-        self._privatise()
+        mechanism = self.plan_step()
+        self._privatise(mechanism)
         for callback in self.step_callbacks:
-            callback(self)
+            callback(self, mechanism)
+        self.last_mechanism = mechanism
         self.original_optimizer.step()
         self.tracker.reset()
         self.steps_taken += 1
         return loss
 
     # ------------------------------------------------------------------ noise
-    def noise_std(self) -> float:
-        """Std of the noise added to the clipped SUM (before dividing by the expected batch size)."""
-        return self.noise_multiplier * self.tracker.total_max_norm * self.noise_scale
+    def plan_step(self) -> StepMechanism:
+        """The mechanism of the next logical step: noise std sigma * C on the clipped sum, sensitivity C (2C
+        for fixed batches: replace-one adjacency), changed by ``mechanism_hooks`` in order."""
+        c = self.tracker.total_max_norm
+        mechanism = StepMechanism(noise_std=self.noise_multiplier * c, sensitivity=2 * c if self.sampling == "fixed"
+                                  else c, sample_rate=self.sample_rate, sampling=self.sampling)
+        for hook in self.mechanism_hooks:
+            mechanism = hook(self, mechanism)
+        return mechanism
 
-    def _privatise(self) -> None:
+    def noise_std(self) -> float:
+        """Std of the noise the next step adds to the clipped SUM (before dividing by the expected batch size)."""
+        return self.plan_step().noise_std
+
+    def release_noise(self, n: int, std: float) -> torch.Tensor:
+        """n values of N(0, std^2), float64, from this optimizer's secret noise source (statistic releases)."""
+        return self._noise.sample(n, std)
+
+    def _privatise(self, mechanism: StepMechanism) -> None:
         fsdp = self._fsdp_view()
-        if fsdp is not None and self.gradient_transforms:
+        if fsdp is not None and self.pre_noise_hooks and self.tracker.track_unclipped:
             raise ValueError("error feedback is not supported with FSDP2 models yet; use DDP or turn it off")
-        for transform in self.gradient_transforms:
-            transform(self)
+        for hook in self.pre_noise_hooks:
+            hook(self, mechanism)
         params = [p for p in self.params if p.requires_grad]
         if fsdp is not None:  # FSDP2: sums are filed under the unsharded tensors; full-size, like the DDP path
             sums = fsdp.clipped_sums(self.tracker.clipped_sum, params)
@@ -132,9 +164,9 @@ class DPOptimizer(torch.optim.Optimizer):
             sums = [self.tracker.clipped_sum.get(p) for p in params]
         sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if s is None else s for p, s in zip(params, sums)]
         rank, world = distributed.rank_and_world()
-        # grad = sum / B + N(0, (sigma C / B)^2): each rank adds its share of the noise, in place, with the
-        # division folded into the same pass; the all-reduced shares have std sigma * C / B
-        std = self.noise_std() / world**0.5 / self.expected_batch_size
+        # grad = sum / B + N(0, (std / B)^2): each rank adds its share of the noise, in place, with the
+        # division folded into the same pass; the all-reduced shares have std mechanism.noise_std / B
+        std = mechanism.noise_std / world**0.5 / self.expected_batch_size
         if std > 0:
             self._noise.add_(sums, std, scale=1.0 / self.expected_batch_size)
         else:
@@ -148,6 +180,7 @@ class DPOptimizer(torch.optim.Optimizer):
         return self.tracker.model if isinstance(self.tracker.model, FSDPView) else None
 
     def noise_state_dict(self) -> dict:
+        """SECRET: the generator states regenerate every later noise draw (empty in secure mode)."""
         return {"generators": self._noise.state_dict(), "steps_taken": self.steps_taken,
                 "noise_multiplier": self.noise_multiplier}
 

@@ -15,6 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
+from dptrain.noise import entropy_seed
+
 __all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length"]
 
 
@@ -22,37 +24,52 @@ class PoissonBatchSampler(Sampler[List[int]]):
     """Yields index lists; each index is in a batch independently with probability ``sample_rate``."""
 
     def __init__(self, num_samples: int, sample_rate: float, *, steps: Optional[int] = None, generator=None,
-                 indices: Optional[List[int]] = None):
-        """``indices``: sample only from these dataset indices (this rank's shard); default all."""
+                 indices: Optional[List[int]] = None, secure: bool = False):
+        """``indices``: sample only from these dataset indices (this rank's shard); default all. ``generator``:
+        the SECRET source of the batches (default: seeded from OS entropy); ``secure=True`` reseeds it from
+        fresh OS entropy before every batch and saves no state of it."""
         self.indices = torch.as_tensor(indices if indices is not None else range(num_samples), dtype=torch.long)
         num_samples = len(self.indices)
         if num_samples <= 0:
             raise ValueError(f"the dataset must not be empty, found {num_samples} samples")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], found {sample_rate}")
-        self.num_samples, self.sample_rate = num_samples, sample_rate
+        if secure and generator is not None:
+            raise ValueError("a secure sampler draws fresh OS entropy for every batch: do not pass a generator")
+        self.num_samples, self.sample_rate, self.secure = num_samples, sample_rate, bool(secure)
         self.steps = steps if steps is not None else math.ceil(1 / sample_rate)
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(
-            int(torch.empty((), dtype=torch.int64).random_().item())
-        )
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(entropy_seed())
         self.drawn = 0  # batches drawn in the current epoch
+        self._resuming = False  # load_state_dict: the next iteration continues the saved epoch
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[List[int]]:
+        """One epoch of ``steps`` batches. Every iteration starts a new epoch (also after one abandoned midway,
+        as the HF Trainer does), except the first after ``load_state_dict``, which finishes the saved one."""
+        if not self._resuming:
+            self.drawn = 0
+        self._resuming = False
         while self.drawn < self.steps:
+            if self.secure:
+                self.generator.manual_seed(entropy_seed())
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate  # (N,)
             self.drawn += 1
             yield self.indices[mask].tolist()
-        self.drawn = 0
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "drawn": self.drawn}
+        """The generator state is SECRET (it determines every batch); none is saved in secure mode."""
+        return {"drawn": self.drawn} if self.secure else {"generator": self.generator.get_state(), "drawn": self.drawn}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        if not self.secure:
+            if "generator" not in state:
+                raise ValueError("the checkpoint holds no sampler state (written in secure mode): resume it with "
+                                 "secure_mode=True")
+            self.generator.set_state(state["generator"])
         self.drawn = int(state["drawn"])
+        self._resuming = True
 
 
 def batch_length(batch: Any) -> Optional[int]:
@@ -106,6 +123,7 @@ class DPDataLoader:
         generator: Optional[torch.Generator] = None,
         max_physical_batch_size: Optional[int] = None,
         shard: Optional[tuple] = None,
+        secure: bool = False,
     ):
         """``shard=(rank, world)``: Poisson-sample only this rank's indices rank, rank + world, ..."""
         if max_physical_batch_size is not None and (
@@ -118,7 +136,8 @@ class DPDataLoader:
         if poisson_sampling:
             rank, world = shard or (0, 1)
             self.sampler = PoissonBatchSampler(
-                len(self.dataset), sample_rate, generator=generator, indices=list(range(rank, len(self.dataset), world))
+                len(self.dataset), sample_rate, generator=generator, indices=list(range(rank, len(self.dataset), world)),
+                secure=secure,
             )
             collate = data_loader.collate_fn or default_collate
             self.loader = DataLoader(

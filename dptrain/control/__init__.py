@@ -3,12 +3,11 @@
 - ``SAC``: the agent on its own (``sac.py``).
 - ``SACController``: attached with ``make_private(..., controller=ctrl)`` (``controller.py``).
 - ``sigma_floor`` / ``planned_epsilon``: the budget guard (privacy filter) over an accountant's ledger.
-- ``release_event``: the privacy event of one noisy statistic release.
 """
 
 from dptrain.control.budget import BudgetExhaustedError, planned_epsilon, sigma_floor
 from dptrain.control.controller import SACController
-from dptrain.control.release import release_event, release_noise_multiplier
+from dptrain.control.release import release_noise_multiplier
 from dptrain.control.sac import SAC, ReplayBuffer
 
 __all__ = [
@@ -18,6 +17,5 @@ __all__ = [
     "BudgetExhaustedError",
     "planned_epsilon",
     "sigma_floor",
-    "release_event",
     "release_noise_multiplier",
 ]

@@ -16,6 +16,7 @@ import math
 import warnings
 
 from dptrain.accountants import GaussianEvent, PoissonSampledEvent
+from dptrain.mechanism import joint_noise_multiplier
 
 __all__ = ["BudgetExhaustedError", "planned_epsilon", "sigma_floor"]
 
@@ -28,15 +29,22 @@ def planned_epsilon(
     accountant, delta: float, *, sample_rate: float, noise_multiplier: float, steps: int,
     release_noise_multiplier: float = 0.0, releases: int = 0,
 ) -> float:
-    """Epsilon of the ledger so far plus ``steps`` gradient steps and ``releases`` statistic releases.
+    """Epsilon of the ledger so far plus ``steps`` gradient steps, ``releases`` of which also release statistics
+    of their batch (one joint subsampled Gaussian each, as ``StepMechanism`` ledgers them).
 
     Works on a copy: the accountant itself is left unchanged.
     """
+    if releases > max(steps, 0):
+        raise ValueError(f"releases ({releases}) ride on gradient steps, so at most steps={steps}")
     trial = copy.deepcopy(accountant)
-    if steps > 0:
-        trial.compose(PoissonSampledEvent(sample_rate, GaussianEvent(noise_multiplier)), count=int(steps))
+
+    def compose(multiplier: float, count: int) -> None:
+        if count > 0:
+            trial.compose(PoissonSampledEvent(sample_rate, GaussianEvent(multiplier)), count=int(count))
+
+    compose(noise_multiplier, steps - releases)
     if releases > 0:
-        trial.compose(PoissonSampledEvent(sample_rate, GaussianEvent(release_noise_multiplier)), count=int(releases))
+        compose(joint_noise_multiplier(noise_multiplier, release_noise_multiplier), releases)
     return trial.get_epsilon(delta)
 
 

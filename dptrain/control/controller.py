@@ -4,9 +4,10 @@ Attach it with ``engine.make_private(..., controller=ctrl, target_epsilon=, targ
 ``interval`` logical steps it observes, acts and learns:
 
 What it observes (obs vector, dim 2G + 5 for G clipping groups) and how each part is privatised:
-- per-group unclipped fraction b_g of the LAST logical batch: PRIVATE, released with Gaussian noise (see
-  ``release.py``; Andrew et al. 2021, s = m/20 by default) and composed into ``engine.accountant`` as one
-  ``PoissonSampledEvent(q, GaussianEvent(s / sqrt(k)))`` per release (k released coordinates);
+- per-group unclipped fraction b_g of the LAST logical batch: PRIVATE, released with Gaussian noise from the
+  optimizer's secret source (see ``release.py``; Andrew et al. 2021, s = m/20 by default). It is computed on
+  the SAME Poisson batch as that step's gradient, so the step's ``StepMechanism`` carries it: the ledger
+  records one subsampled Gaussian with z = (sigma^-2 + (s / sqrt(k))^-2)^(-1/2) (k released coordinates);
 - loss: ``validation_loss()`` if given (the user promises it is PUBLIC data: not accounted), else with
   ``loss_bound=L`` a noisy mean of the batch's per-sample losses clipped to [0, L] (PRIVATE: one more
   coordinate of the same release, so it is in the same accounted event), else none (reward 0);
@@ -38,7 +39,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
@@ -47,7 +47,7 @@ import torch
 from dptrain import distributed
 from dptrain.accountants import RDPAccountant
 from dptrain.control.budget import BudgetExhaustedError, planned_epsilon, sigma_floor
-from dptrain.control.release import release_event, release_noise_multiplier, release_statistics
+from dptrain.control.release import release_noise_multiplier, release_statistics
 from dptrain.control.sac import SAC
 
 logger = logging.getLogger(__name__)
@@ -190,16 +190,12 @@ class SACController:
         self._planned_sigma = optimizer.noise_multiplier
         self._eps_fair = self.target_epsilon / max(1, total_steps // self.interval)
 
-        self.generator = torch.Generator()  # release noise
-        if engine.secure_mode or self.seed is None:
-            self.generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        else:
-            self.generator.manual_seed(self.seed + 7_777_777)
         self.agent = SAC(2 * self.num_groups + 5, self.num_groups + 1, seed=self.seed, **self.sac_kwargs)
         self._prev = None  # (obs, action, loss, epsilon) at the last action
         self._loss_scale = None
         tracker.reset_statistics()
-        optimizer.gradient_transforms.insert(0, self._guard)  # before the noise: a refused step releases nothing
+        optimizer.mechanism_hooks.append(self._add_release)
+        optimizer.pre_noise_hooks.insert(0, self._guard)  # before the noise: a refused step releases nothing
         optimizer.step_callbacks.append(self._on_step)
         self.history.append(self._entry(done, reward=None, epsilon=self._epsilon(),
                                         floor=floor, released=None, loss=None, action=None))
@@ -211,6 +207,10 @@ class SACController:
     def releases_planned(self) -> int:
         """Statistic releases in the whole planned run (one per action)."""
         return (self.total_steps - 1) // self.interval
+
+    def _is_release_step(self, done: int) -> bool:
+        """Whether the step that brings the count to ``done`` ends with an action (and its release)."""
+        return done < self.total_steps and done % self.interval == 0
 
     def _releases_after(self, done: int) -> int:
         return (self.total_steps - 1) // self.interval - min(done, self.total_steps - 1) // self.interval
@@ -255,7 +255,13 @@ class SACController:
         self._loss_sum += float(losses.detach().float().clamp(0, self.loss_bound).sum())
 
     # ------------------------------------------------------------------ hooks on the optimizer
-    def _guard(self, optimizer) -> None:
+    def _add_release(self, optimizer, mechanism):
+        """A release step's statistics come from the step's own batch: one joint mechanism with the gradient."""
+        if self._is_release_step(optimizer.steps_taken + 1):
+            return mechanism.with_release(self.release_sigma)
+        return mechanism
+
+    def _guard(self, optimizer, mechanism) -> None:
         """Refuses a step that would leave the budget (runs before the noise is drawn)."""
         done, sigma = optimizer.steps_taken, optimizer.noise_multiplier
         if done < self.total_steps and sigma >= self._planned_sigma:
@@ -273,10 +279,13 @@ class SACController:
                 f"{self.target_epsilon} (planned steps: {self.total_steps}); the batch was dropped, nothing released"
             )
 
-    def _on_step(self, optimizer) -> None:
+    def _on_step(self, optimizer, mechanism) -> None:
         done = optimizer.steps_taken + 1  # this step is accounted, its inner update not yet applied
         try:
-            if done < self.total_steps and done % self.interval == 0:
+            if self._is_release_step(done):
+                if len(mechanism.releases) != 1 or mechanism.releases[0] != self.release_sigma:
+                    raise RuntimeError(f"step {done}'s mechanism does not carry the controller's release "
+                                       f"({mechanism.releases}); refusing to release unaccounted statistics")
                 self._act(done)
         finally:
             self.engine.tracker.reset_statistics()
@@ -286,12 +295,10 @@ class SACController:
     def _release(self):
         tracker = self.engine.tracker
         counts = [tracker.num_samples - tracker.clipped_count[g.name] for g in tracker.groups]  # private
-        self.engine.accountant.compose(release_event(self.sample_rate, self.release_noise_std_used,
-                                                     self.release_coordinates))
-        return release_statistics(
-            counts, expected_batch_size=self.expected_batch_size, noise_std=self.release_noise_std_used,
-            generator=self.generator, loss_sum=self._loss_sum if self.loss_bound is not None else None,
-            loss_bound=self.loss_bound,
+        noise = self.engine.optimizer.release_noise(self.release_coordinates, self.release_noise_std_used)
+        return release_statistics(  # accounted with this step's gradient (its mechanism carries the release)
+            counts, expected_batch_size=self.expected_batch_size, noise=noise,
+            loss_sum=self._loss_sum if self.loss_bound is not None else None, loss_bound=self.loss_bound,
         )
 
     def _observe_loss(self, released) -> Optional[float]:
@@ -384,7 +391,7 @@ class SACController:
             raise ValueError("state_dict() before attach(): nothing to save")
         return copy.deepcopy({
             "settings": {"interval": self.interval, "total_steps": self.total_steps, "num_groups": self.num_groups},
-            "agent": self.agent.state_dict(), "generator": self.generator.get_state(), "history": self.history,
+            "agent": self.agent.state_dict(), "history": self.history,
             "prev": self._prev, "loss_scale": self._loss_scale, "planned_sigma": self._planned_sigma,
             "sigma_ref": self.sigma_ref, "sigma_bounds": (self.sigma_min_used, self.sigma_max_used),
             "initial_max_norms": self.initial_max_norms,
@@ -398,7 +405,6 @@ class SACController:
             raise ValueError(f"checkpoint controller settings {state['settings']} differ from this run's {mine}")
         state = copy.deepcopy(state)
         self.agent.load_state_dict(state["agent"])
-        self.generator.set_state(state["generator"])
         self.history, self._prev, self._loss_scale = state["history"], state["prev"], state["loss_scale"]
         self._planned_sigma, self.sigma_ref = state["planned_sigma"], state["sigma_ref"]
         self.sigma_min_used, self.sigma_max_used = state["sigma_bounds"]

@@ -5,10 +5,11 @@ For one logical (Poisson-sampled) batch, the released vector is
     v = [u_1, ..., u_G, (l)] + N(0, s^2 I),   u_g = #{i : ||g_i||_g <= C_g},  l = sum_i min(max(loss_i, 0), L) / L
 
 (Andrew et al. 2021 release u_g with s = m/20, m the expected batch size). Adding or removing one sample
-changes each coordinate by at most 1, so the L2 sensitivity of the k-coordinate vector is sqrt(k): one
-Gaussian mechanism with noise multiplier s / sqrt(k), run on a Poisson sample of rate q. That event,
-``PoissonSampledEvent(q, GaussianEvent(s / sqrt(k)))``, is composed into the accountant once per release.
-The estimates divide by the public expected batch size m, never by the private actual batch size.
+changes each coordinate by at most 1, so the L2 sensitivity of the k-coordinate vector is sqrt(k): a Gaussian
+mechanism with noise multiplier s / sqrt(k) on the SAME Poisson batch as that step's gradient. The two are
+accounted as one subsampled Gaussian (``StepMechanism.with_release``; Andrew et al. 2021, Thm 1), never as
+independently sampled events. The noise comes from the DP optimizer's secret source. The estimates divide by
+the public expected batch size m, never by the private actual batch size.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from dptrain.accountants import GaussianEvent, PoissonSampledEvent
-
-__all__ = ["StatisticRelease", "release_event", "release_noise_multiplier", "release_statistics"]
+__all__ = ["StatisticRelease", "release_noise_multiplier", "release_statistics"]
 
 
 def release_noise_multiplier(noise_std: float, coordinates: int) -> float:
@@ -29,11 +28,6 @@ def release_noise_multiplier(noise_std: float, coordinates: int) -> float:
     if coordinates <= 0:
         raise ValueError(f"coordinates must be > 0, found {coordinates}")
     return noise_std / math.sqrt(coordinates)
-
-
-def release_event(sample_rate: float, noise_std: float, coordinates: int) -> PoissonSampledEvent:
-    """The privacy event of one release."""
-    return PoissonSampledEvent(sample_rate, GaussianEvent(release_noise_multiplier(noise_std, coordinates)))
 
 
 @dataclass
@@ -45,16 +39,17 @@ class StatisticRelease:
 
 
 def release_statistics(
-    unclipped_counts: Sequence[int], *, expected_batch_size: float, noise_std: float, generator: torch.Generator,
+    unclipped_counts: Sequence[int], *, expected_batch_size: float, noise: torch.Tensor,
     loss_sum: Optional[float] = None, loss_bound: Optional[float] = None,
 ) -> StatisticRelease:
-    """Add Gaussian noise to the private counts (and the bounded loss sum) and normalise by the expected batch."""
+    """Add the Gaussian ``noise`` (k,) to the private counts (and the bounded loss sum); normalise by the
+    expected batch."""
     values = [float(u) for u in unclipped_counts]
     if loss_sum is not None:
         values.append(loss_sum / loss_bound)  # sensitivity 1 after dividing by the per-sample bound
-    noisy = torch.tensor(values, dtype=torch.float64) + noise_std * torch.randn(
-        len(values), generator=generator, dtype=torch.float64
-    )  # (k,)
+    if noise.shape != (len(values),):
+        raise ValueError(f"noise must have shape ({len(values)},), found {tuple(noise.shape)}")
+    noisy = torch.tensor(values, dtype=torch.float64) + noise.to(torch.float64)  # (k,)
     noisy = (noisy / expected_batch_size).tolist()
     if loss_sum is None:
         return StatisticRelease(noisy, None)

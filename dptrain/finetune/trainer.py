@@ -125,7 +125,7 @@ class PrivateLMTrainer:
                 module=net, optimizer=inner, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
                 target_epsilon=cfg.target_epsilon, target_delta=self.delta, epochs=(total - 0.5) / steps_per_epoch,
                 clipping=cfg.clipping, poisson_sampling=True, max_physical_batch_size=physical, loss_reduction="mean",
-                noise_seed=cfg.seed, sampler_seed=cfg.seed + 1, error_feedback=cfg.error_feedback,
+                error_feedback=cfg.error_feedback,
                 controller=self.controller,
             )
         except ImportError as err:  # an optional engine part (e.g. error feedback) missing from this build

@@ -47,8 +47,8 @@ class DPTrainer(Trainer):
     def __init__(self, *args, target_epsilon: Optional[float] = None, target_delta: Optional[float] = None,
                  noise_multiplier: Optional[float] = None, max_grad_norm: float = 1.0, clipping: str = "flat",
                  accountant: str = "rdp", dp_batch_size: Optional[int] = None,
-                 max_physical_batch_size: Optional[int] = None, noise_seed: Optional[int] = None,
-                 sampler_seed: Optional[int] = None, **kwargs):
+                 max_physical_batch_size: Optional[int] = None, insecure_noise_seed: Optional[int] = None,
+                 insecure_sampler_seed: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ValueError("give exactly one of target_epsilon or noise_multiplier, found "
@@ -66,8 +66,8 @@ class DPTrainer(Trainer):
 
         self.engine = dptrain.PrivacyEngine(accountant=accountant)
         self.dp_settings = dict(target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
-                                max_grad_norm=max_grad_norm, clipping=clipping, noise_seed=noise_seed,
-                                sampler_seed=sampler_seed, max_physical_batch_size=max_physical_batch_size)
+                                max_grad_norm=max_grad_norm, clipping=clipping, insecure_noise_seed=insecure_noise_seed,
+                                insecure_sampler_seed=insecure_sampler_seed, max_physical_batch_size=max_physical_batch_size)
         self.dp_batch_size = dp_batch_size or self.args.per_device_train_batch_size
         n = len(self.train_dataset)
         self.target_delta = target_delta if target_delta is not None else 1.0 / n**1.1
@@ -94,7 +94,8 @@ class DPTrainer(Trainer):
         self.model, self.optimizer, self._dp_loader = self.engine.make_private(
             module=self.model, optimizer=self.optimizer, data_loader=loader, max_grad_norm=s["max_grad_norm"],
             clipping=s["clipping"], poisson_sampling=True, max_physical_batch_size=s["max_physical_batch_size"],
-            loss_reduction="mean", noise_seed=s["noise_seed"], sampler_seed=s["sampler_seed"], **calibration,
+            loss_reduction="mean", insecure_noise_seed=s["insecure_noise_seed"],
+            insecure_sampler_seed=s["insecure_sampler_seed"], **calibration,
         )
         return self._dp_loader
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dptrain.accountants import GaussianEvent, PoissonSampledEvent, RDPAccountant
-from dptrain.control import BudgetExhaustedError, planned_epsilon, release_event, sigma_floor
+from dptrain.control import BudgetExhaustedError, planned_epsilon, sigma_floor
 
 DELTA = 1e-5
 
@@ -21,7 +21,7 @@ def _ledger(spent):
 
 @settings(max_examples=8, deadline=None)
 @given(spent=st.lists(st.tuples(st.floats(0.8, 3.0), st.integers(1, 50)), max_size=3),
-       steps=st.integers(1, 300), releases=st.integers(0, 30), target=st.floats(1.0, 8.0))
+       steps=st.integers(30, 300), releases=st.integers(0, 30), target=st.floats(1.0, 8.0))
 def test_floor_is_the_smallest_sigma_that_fits(spent, steps, releases, target):
     acc = _ledger(spent)
     before = acc.history
@@ -37,17 +37,20 @@ def test_floor_is_the_smallest_sigma_that_fits(spent, steps, releases, target):
         assert planned_epsilon(acc, noise_multiplier=floor / 1.02, **kw) > target  # minimal to rtol = 1%
 
 
-def test_planned_epsilon_composes_steps_and_releases_like_the_accountant():
+def test_planned_epsilon_composes_release_steps_as_joint_mechanisms():
     acc = _ledger([(1.5, 10)])
     eps = planned_epsilon(acc, DELTA, sample_rate=0.02, noise_multiplier=1.1, steps=40, release_noise_multiplier=2.0,
                           releases=5)
     manual = _ledger([(1.5, 10)])
-    manual.compose(PoissonSampledEvent(0.02, GaussianEvent(1.1)), count=40)
-    manual.compose(release_event(0.02, noise_std=4.0, coordinates=4), count=5)  # 4 / sqrt(4) = 2
+    manual.compose(PoissonSampledEvent(0.02, GaussianEvent(1.1)), count=35)
+    joint = (1.1**-2 + 2.0**-2) ** -0.5  # gradient and statistics of the same batch: one Gaussian (closed form)
+    manual.compose(PoissonSampledEvent(0.02, GaussianEvent(joint)), count=5)
     assert math.isclose(eps, manual.get_epsilon(DELTA), rel_tol=1e-12)
-    # heterogeneous composition: more than the gradient steps alone, less than all steps at the smaller sigma
     steps_only = planned_epsilon(acc, DELTA, sample_rate=0.02, noise_multiplier=1.1, steps=40)
     assert steps_only < eps
+    with pytest.raises(ValueError, match="releases"):
+        planned_epsilon(acc, DELTA, sample_rate=0.02, noise_multiplier=1.1, steps=3, release_noise_multiplier=2.0,
+                        releases=4)
 
 
 def test_no_steps_left_gives_floor_zero_or_an_error():

@@ -37,7 +37,7 @@ def _setup(ctrl, *, target_epsilon=4.0, epochs=3, clipping="per_layer", seed=0, 
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(_data(seed), batch_size=BATCH),
         max_grad_norm=max_grad_norm, target_epsilon=target_epsilon, target_delta=DELTA, epochs=epochs,
-        clipping=clipping, controller=ctrl, noise_seed=seed, sampler_seed=seed,
+        clipping=clipping, controller=ctrl, insecure_noise_seed=seed, insecure_sampler_seed=seed,
     )
     return engine, model, optimizer, loader
 
@@ -86,11 +86,18 @@ def test_clip_fraction_releases_are_in_the_ledger():
     ctrl = SACController(release_noise_std=S, interval=4, seed=1, validation_loss=lambda: 0.0)
     engine, model, optimizer, loader = _setup(ctrl, clipping="per_layer", max_grad_norm=0.2)
     _train(model, optimizer, loader, epochs=3)
-    ledger = engine.accountant.history
     release_sigma = ctrl.release_noise_std_used / math.sqrt(2)  # two groups released together
-    releases = [e for e in ledger if math.isclose(e[0], release_sigma)]
-    assert sum(e[2] for e in releases) == ctrl.releases_planned == 5
-    assert sum(e[2] for e in ledger) == 24 + 5
+    assert ctrl.releases_planned == 5
+    # expected ledger, step by step: the sigma in force; release steps (4, 8, ..., 20) joint with their statistics
+    expected, in_force = [], ctrl.history[0]["noise_multiplier"]
+    actions = {h["step"]: h["noise_multiplier"] for h in ctrl.history[1:]}
+    for step in range(1, 25):
+        joint = step in actions
+        expected.append((in_force ** -2 + release_sigma ** -2) ** -0.5 if joint else in_force)
+        in_force = actions.get(step, in_force)
+    ledger = [sigma for sigma, q, steps in engine.accountant.history for _ in range(steps)]
+    assert all(q == engine.sample_rate for _, q, _ in engine.accountant.history)
+    np.testing.assert_allclose(ledger, expected, rtol=1e-12)
     assert engine.get_epsilon(DELTA) > _gradient_steps_only_epsilon(engine, ctrl) * 1.001
     fractions = [h["clip_fraction"] for h in ctrl.history[1:]]
     assert all(len(f) == 2 for f in fractions)
@@ -153,7 +160,7 @@ def test_release_noise_matches_its_calibration():
     from dptrain.control.release import release_statistics
 
     g = torch.Generator().manual_seed(0)
-    draws = np.array([release_statistics([6, 2], expected_batch_size=8.0, noise_std=0.4, generator=g,
+    draws = np.array([release_statistics([6, 2], expected_batch_size=8.0, noise=0.4 * torch.randn(3, generator=g),
                                          loss_sum=3.0, loss_bound=2.0) for _ in range(4000)], dtype=object)
     fractions = np.array([d.unclipped_fraction for d in draws])  # (4000, 2)
     losses = np.array([d.loss for d in draws])

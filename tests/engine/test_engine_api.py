@@ -93,7 +93,7 @@ def test_noise_std_is_sigma_c_over_expected_batch(sigma, c, batch):
     model = nn.Linear(100, 200, bias=False)
     data = TensorDataset(torch.randn(64, 100))
     engine, model, optimizer, _ = _private(
-        model, data, batch_size=batch, noise_multiplier=sigma, max_grad_norm=c, poisson_sampling=False, noise_seed=1
+        model, data, batch_size=batch, noise_multiplier=sigma, max_grad_norm=c, poisson_sampling=False, insecure_noise_seed=1
     )
     (model(data.tensors[0][:batch]) * 0.0).sum().backward()  # every per-sample gradient is zero
     optimizer.step()
@@ -126,7 +126,7 @@ def test_poisson_batches_are_uneven_and_empty_batches_still_step():
     data = _regression_data(n=40)
     model = _mlp()
     engine, model, optimizer, loader = _private(
-        model, data, batch_size=1, noise_multiplier=1.0, sampler_seed=0, noise_seed=0
+        model, data, batch_size=1, noise_multiplier=1.0, insecure_sampler_seed=0, insecure_noise_seed=0
     )  # q = 1/40: many empty batches
     sizes = []
     for x, y in loader:
@@ -145,7 +145,7 @@ def test_resume_reproduces_the_uninterrupted_run():
 
     def run(steps, state=None):
         model = _mlp()
-        engine, model, optimizer, loader = _private(model, data, noise_multiplier=1.0, sampler_seed=3, noise_seed=4)
+        engine, model, optimizer, loader = _private(model, data, noise_multiplier=1.0, insecure_sampler_seed=3, insecure_noise_seed=4)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -190,7 +190,7 @@ def test_bf16_autocast_matches_fp32_oracle_loosely():
 def test_target_epsilon_calibrates_sigma_and_the_ledger_stays_under_it():
     data = _regression_data(n=40)
     engine, model, optimizer, loader = _private(
-        _mlp(), data, noise_multiplier=None, target_epsilon=2.0, target_delta=1e-5, epochs=1, sampler_seed=0
+        _mlp(), data, noise_multiplier=None, target_epsilon=2.0, target_delta=1e-5, epochs=1, insecure_sampler_seed=0
     )
     assert optimizer.noise_multiplier > 0
     for x, y in loader:
@@ -250,7 +250,7 @@ def test_secure_mode_refuses_user_seeds():
         engine.make_private(
             module=_mlp(), optimizer=torch.optim.SGD(_mlp().parameters(), lr=0.1),
             data_loader=DataLoader(_regression_data(), batch_size=4), max_grad_norm=1.0, noise_multiplier=1.0,
-            noise_seed=3,
+            insecure_noise_seed=3,
         )
 
 

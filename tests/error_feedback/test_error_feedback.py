@@ -177,7 +177,7 @@ def test_sums_out_of_step_are_refused():
     p = next(model.parameters())
     engine.tracker.clipped_sum[p] = torch.zeros(p.shape)
     with pytest.raises(RuntimeError, match="unclipped"):
-        engine.error_feedback(optimizer)
+        engine.error_feedback(optimizer, optimizer.plan_step())
 
 
 # ---------------------------------------------------------------------- noise and accounting
@@ -199,7 +199,7 @@ def test_noise_std_is_z_times_sensitivity_on_zero_gradient_data(poisson, factor_
     x, y = torch.zeros(n, 100), torch.zeros(n, 100)
     model = nn.Linear(100, 100)
     engine, model, optimizer = _private(model, x, y, batch_size=batch, noise_multiplier=z, max_grad_norm=c1,
-                                        error_max_grad_norm=c2, noise_seed=1, poisson_sampling=poisson)
+                                        error_max_grad_norm=c2, insecure_noise_seed=1, poisson_sampling=poisson)
     expected_std = z * (factor_c1 * c1 + 2 * c2)
     assert optimizer.noise_std() == pytest.approx(expected_std)
     assert sensitivity(c1, c2, poisson_sampling=poisson) == pytest.approx(factor_c1 * c1 + 2 * c2)
@@ -224,7 +224,7 @@ def test_ledger_is_full_batch_gaussian_and_matches_independent_accounting(accoun
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=DataLoader(TensorDataset(x, y), batch_size=batch), max_grad_norm=1.0, noise_multiplier=z,
-        error_feedback=True, sampler_seed=0, noise_seed=0,
+        error_feedback=True, insecure_sampler_seed=0, insecure_noise_seed=0,
     )
     for _ in range(steps):
         optimizer.step()
@@ -253,7 +253,7 @@ def test_target_epsilon_calibrates_z_at_sample_rate_one():
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=DataLoader(TensorDataset(x, y), batch_size=batch), max_grad_norm=0.5, target_epsilon=target,
-        target_delta=delta, epochs=epochs, error_feedback=True, error_max_grad_norm=2.0, sampler_seed=0,
+        target_delta=delta, epochs=epochs, error_feedback=True, error_max_grad_norm=2.0, insecure_sampler_seed=0,
     )
     steps = epochs * math.ceil(n / batch)
     z = calibrate_noise(target_epsilon=target, sample_rate=1.0, steps=steps, delta=delta)
@@ -280,7 +280,7 @@ def _train(model, optimizer, x, y, batches):
 def test_state_dict_round_trip_resumes_exactly():
     x, y = _data()
     batches = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [0, 5, 10, 15], [1, 2, 3, 4]]
-    settings = dict(batch_size=4, noise_multiplier=0.7, max_grad_norm=0.3, error_max_grad_norm=0.6, noise_seed=5)
+    settings = dict(batch_size=4, noise_multiplier=0.7, max_grad_norm=0.3, error_max_grad_norm=0.6, insecure_noise_seed=5)
     engine_a, model_a, opt_a = _private(_model(), x, y, **settings)
     _train(model_a, opt_a, x, y, batches)
 
@@ -331,7 +331,10 @@ def test_per_layer_c2_is_compared_with_the_total_threshold():
     engine, _, optimizer = _private(_model(), x, y, batch_size=4, clipping="per_layer", max_grad_norm=[0.6, 0.6],
                                     error_max_grad_norm=0.9)
     c1 = 0.6 * math.sqrt(2)
-    assert optimizer.noise_scale == pytest.approx((2 * c1 + 2 * 0.9) / c1)  # fixed batches: replace-one
+    mechanism = optimizer.plan_step()  # fixed batches: replace-one, every step a full-batch Gaussian
+    assert mechanism.sensitivity == pytest.approx(2 * c1 + 2 * 0.9)
+    assert mechanism.noise_std == pytest.approx(optimizer.noise_multiplier * (2 * c1 + 2 * 0.9))
+    assert (mechanism.sampling, mechanism.sample_rate) == ("full", 1.0)
 
 
 def test_thresholds_raised_above_c2_later_are_refused_at_the_step():
@@ -411,8 +414,8 @@ def _mean_estimation_distance(x, *, error_feedback, seed, steps, lr, c1, c2=None
     kwargs = dict(error_feedback=True, error_max_grad_norm=c2) if error_feedback else {}
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-        data_loader=DataLoader(TensorDataset(ones, x), batch_size=n), max_grad_norm=c1, noise_seed=seed,
-        sampler_seed=seed, **privacy, **kwargs,
+        data_loader=DataLoader(TensorDataset(ones, x), batch_size=n), max_grad_norm=c1, insecure_noise_seed=seed,
+        insecure_sampler_seed=seed, **privacy, **kwargs,
     )
     for _ in range(steps):
         for inp, target in loader:

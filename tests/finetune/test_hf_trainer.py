@@ -31,7 +31,7 @@ def test_dp_trainer_trains_privately(tmp_path):
                              learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                              disable_tqdm=True)
     trainer = DPTrainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(tok.pad_token_id),
-                        target_epsilon=2.0, noise_seed=0, sampler_seed=0)
+                        target_epsilon=2.0, insecure_noise_seed=0, insecure_sampler_seed=0)
     trainer.train()
     assert trainer.state.global_step == 3
     assert trainer.engine.optimizer.steps_taken == 3  # three noised logical steps
@@ -55,7 +55,7 @@ def test_empty_poisson_batches_still_step(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=6, report_to=[],
                              save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
     trainer = DPTrainer(model=model, args=args, train_dataset=TokenizedTexts(TEXTS, tok, 48),
-                        data_collator=PadCollator(tok.pad_token_id), target_epsilon=2.0, noise_seed=0, sampler_seed=3)
+                        data_collator=PadCollator(tok.pad_token_id), target_epsilon=2.0, insecure_noise_seed=0, insecure_sampler_seed=3)
     rows = []
     step = trainer.training_step
     trainer.training_step = lambda m, inputs, n=None: rows.append(int(inputs["input_ids"].shape[0])) or step(m, inputs, n)
