@@ -69,7 +69,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
                                  "secure_mode=True")
             self.generator.set_state(state["generator"])
         self.drawn = int(state["drawn"])
-        self._resuming = True
+        self._resuming = self.drawn < self.steps  # a finished epoch: the next iteration starts a new one
 
 
 def batch_length(batch: Any) -> Optional[int]:
