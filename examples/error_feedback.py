@@ -42,8 +42,6 @@ def train(x, *, error_feedback, epsilon, steps=10, lr=1.0, c1=0.1):
         target_epsilon=epsilon,
         target_delta=DELTA,
         epochs=steps,  # one step per epoch at full batch
-        insecure_noise_seed=0,
-        insecure_sampler_seed=0,
         **extra,
     )
     for _ in range(steps):

@@ -163,8 +163,8 @@ def test_total_noise_has_the_single_process_std_and_epsilon(ranks):
     assert abs(noise[0]["std"] / expected - 1) < 0.1
     single = _train(0, 1, "noise")
     assert noise[0]["epsilon"] == pytest.approx(single["epsilon"], rel=1e-12)
-    q = 4 * WORLD / N
-    assert single["epsilon"] == pytest.approx(compute_epsilon(sample_rate=q, noise_multiplier=1.0, steps=1, delta=1e-5))
+    # fixed batches: one step of its epoch charged, un-amplified, replace-one (sensitivity 2C: multiplier 1 / 2)
+    assert single["epsilon"] == pytest.approx(compute_epsilon(sample_rate=1.0, noise_multiplier=0.5, steps=1, delta=1e-5))
 
 
 def test_mismatched_batch_settings_fail_on_every_rank(ranks):
