@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DPOptimizer"]
 
+StepHook = Callable[["DPOptimizer", StepMechanism], None]
+MechanismHook = Callable[["DPOptimizer", StepMechanism], StepMechanism]
+
 
 class DPOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer`` so that it only ever sees the privatised gradient."""
@@ -62,11 +65,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self._noise = GaussianNoise(insecure_noise_seed, rank=rank, secure=secure_mode)
         self._skip_next = False
         self.steps_taken = 0  # logical steps
-        Hook = Callable[["DPOptimizer", StepMechanism], None]
-        self.mechanism_hooks: List[Callable[["DPOptimizer", StepMechanism], StepMechanism]] = []
-        self.pre_noise_hooks: List[Hook] = []  # may rewrite tracker.clipped_sum (error feedback) or refuse
-        self.step_callbacks: List[Hook] = []  # after the noise, before the inner step
-        self.last_mechanism: Optional[StepMechanism] = None
+        self.mechanism_hooks: List[MechanismHook] = []
+        self.pre_noise_hooks: List[StepHook] = []  # may rewrite tracker.clipped_sum (error feedback) or refuse
+        self.step_callbacks: List[StepHook] = []  # after the noise, before the inner step
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
 
@@ -126,7 +127,6 @@ class DPOptimizer(torch.optim.Optimizer):
         self._privatise(mechanism)
         for callback in self.step_callbacks:
             callback(self, mechanism)
-        self.last_mechanism = mechanism
         self.original_optimizer.step()
         self.tracker.reset()
         self.steps_taken += 1

@@ -9,13 +9,18 @@ Swap ``Trainer`` for ``DPTrainer`` and name a budget; everything else in a stand
 
 What changes under the hood: the train loader Poisson-samples batches with expected size
 ``per_device_train_batch_size`` (``dp_batch_size``); ``engine.make_private`` wraps the optimizer when the
-loader is built; the loss is the mean over samples of each sample's mean NLL over its own target tokens
-(never HF's token-averaged loss, which couples samples); an empty Poisson batch skips forward/backward but
-the optimizer still steps (noise only). ``gradient_accumulation_steps`` must stay 1: give
-``max_physical_batch_size`` to split large logical batches instead (the engine accumulates). fp16 loss
-scaling would scale the per-sample gradients before clipping, so fp16 is refused (bf16 is fine).
-The Trainer's own ``max_grad_norm`` clipping is switched off (the engine clips per sample; pass
-``max_grad_norm=`` to DPTrainer). The logged ``loss`` is computed on private data: debugging output, not DP.
+loader is built. The Trainer sees ONE item per Poisson (logical) batch, so its ``len(loader)``, epochs and
+``max_steps`` count logical steps: ``training_step`` runs forward/backward over the batch's micro-batches of at
+most ``max_physical_batch_size`` rows (clipping each into the batch's sum), then the Trainer's single
+``optimizer.step()`` adds the noise, steps the accountant and the inner optimizer. One Poisson batch is thus one
+noised step and a micro-batch never crosses a batch or an epoch. ``gradient_accumulation_steps`` must stay 1.
+The loss is the mean over samples of each sample's mean NLL over its own target tokens (never HF's
+token-averaged loss, which couples samples; ``num_items_in_batch`` is ignored); an empty Poisson batch skips
+forward/backward but the optimizer still steps (noise only). fp16 loss scaling would scale the per-sample
+gradients before clipping, so fp16 is refused (bf16 is fine). The Trainer's own ``max_grad_norm`` clipping is
+switched off (the engine clips per sample; pass ``max_grad_norm=`` to DPTrainer). Resuming from a Trainer
+checkpoint is refused: it holds no privacy ledger. The logged ``loss`` is computed on private data: debugging
+output, not DP.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from dptrain.sampling import batch_length
+from dptrain.sampling import batch_length, split_batch
 
 __all__ = ["DPTrainer", "causal_lm_per_sample_loss"]
 
@@ -47,35 +52,53 @@ class DPTrainer(Trainer):
     def __init__(self, *args, target_epsilon: Optional[float] = None, target_delta: Optional[float] = None,
                  noise_multiplier: Optional[float] = None, max_grad_norm: float = 1.0, clipping: str = "flat",
                  accountant: str = "rdp", dp_batch_size: Optional[int] = None,
-                 max_physical_batch_size: Optional[int] = None, insecure_noise_seed: Optional[int] = None,
-                 insecure_sampler_seed: Optional[int] = None, **kwargs):
+                 max_physical_batch_size: Optional[int] = None, secure_mode: bool = False,
+                 insecure_noise_seed: Optional[int] = None, insecure_sampler_seed: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ValueError("give exactly one of target_epsilon or noise_multiplier, found "
                              f"target_epsilon={target_epsilon!r}, noise_multiplier={noise_multiplier!r}")
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(f"DPTrainer needs gradient_accumulation_steps=1, found "
-                             f"{self.args.gradient_accumulation_steps}; use max_physical_batch_size instead")
-        if self.args.fp16:
-            raise ValueError("DPTrainer does not support fp16 (loss scaling breaks per-sample clipping); use bf16")
+        if max_physical_batch_size is not None and (isinstance(max_physical_batch_size, bool) or not isinstance(
+                max_physical_batch_size, int) or max_physical_batch_size <= 0):
+            raise ValueError(f"max_physical_batch_size must be a positive integer, found {max_physical_batch_size!r}")
+        if secure_mode and (insecure_noise_seed is not None or insecure_sampler_seed is not None):
+            raise ValueError("secure_mode draws fresh OS entropy for noise and sampling: do not pass "
+                             "insecure_noise_seed or insecure_sampler_seed")
+        self._check_args()
         if self.train_dataset is None:
             raise ValueError("DPTrainer needs a train_dataset with __len__")
         # the engine clips per sample; the Trainer's own clipping would only see empty .grad and log 0
         self.args.max_grad_norm = 0.0
         import dptrain
 
-        self.engine = dptrain.PrivacyEngine(accountant=accountant)
+        self.engine = dptrain.PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
         self.dp_settings = dict(target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
                                 max_grad_norm=max_grad_norm, clipping=clipping, insecure_noise_seed=insecure_noise_seed,
-                                insecure_sampler_seed=insecure_sampler_seed, max_physical_batch_size=max_physical_batch_size)
+                                insecure_sampler_seed=insecure_sampler_seed)
+        self.max_physical_batch_size = max_physical_batch_size
         self.dp_batch_size = dp_batch_size or self.args.per_device_train_batch_size
         n = len(self.train_dataset)
         self.target_delta = target_delta if target_delta is not None else 1.0 / n**1.1
         self._dp_loader = None
 
+    def _check_args(self) -> None:
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError(f"DPTrainer needs gradient_accumulation_steps=1, found "
+                             f"{self.args.gradient_accumulation_steps}; use max_physical_batch_size instead")
+        if self.args.fp16:
+            raise ValueError("DPTrainer does not support fp16 (loss scaling breaks per-sample clipping); use bf16")
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint:  # a fresh ledger would under-report epsilon
+            raise ValueError(f"DPTrainer cannot resume from a checkpoint, found resume_from_checkpoint="
+                             f"{resume_from_checkpoint!r}: it holds no privacy ledger, sampler or noise state")
+        self._check_args()
+        return super().train(None, *args, **kwargs)
+
     # ------------------------------------------------------------------ private loader + optimizer
     def get_train_dataloader(self):
-        """Poisson loader from ``engine.make_private``; the optimizer is created and made private here too."""
+        """Poisson loader from ``engine.make_private``, one item per logical batch (so ``len()`` counts logical
+        steps); the optimizer is created and made private here too."""
         if self._dp_loader is not None:
             return self._dp_loader
         dataset = self.train_dataset
@@ -83,19 +106,21 @@ class DPTrainer(Trainer):
             dataset = self._remove_unused_columns(dataset, description="training")
         loader = DataLoader(dataset, batch_size=self.dp_batch_size, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers)
-        steps_per_epoch = math.ceil(len(dataset) / self.dp_batch_size)
-        total = self.args.max_steps if self.args.max_steps > 0 else math.ceil(self.args.num_train_epochs * steps_per_epoch)
+        steps_per_epoch = math.ceil(1 / (self.dp_batch_size / len(dataset)))  # as the engine and sampler count
+        total = (self.args.max_steps if self.args.max_steps > 0
+                 else math.ceil(self.args.num_train_epochs * steps_per_epoch))  # as the Trainer plans its steps
         self.create_optimizer()
         s = self.dp_settings
         calibration = {"noise_multiplier": s["noise_multiplier"]} if s["noise_multiplier"] is not None else {
             "target_epsilon": s["target_epsilon"], "target_delta": self.target_delta,
             "epochs": (total - 0.5) / steps_per_epoch,  # the engine calibrates for exactly `total` steps
         }
+        # no max_physical_batch_size here: the loader yields whole Poisson batches, training_step splits them
         self.model, self.optimizer, self._dp_loader = self.engine.make_private(
             module=self.model, optimizer=self.optimizer, data_loader=loader, max_grad_norm=s["max_grad_norm"],
-            clipping=s["clipping"], poisson_sampling=True, max_physical_batch_size=s["max_physical_batch_size"],
-            loss_reduction="mean", insecure_noise_seed=s["insecure_noise_seed"],
-            insecure_sampler_seed=s["insecure_sampler_seed"], **calibration,
+            clipping=s["clipping"], poisson_sampling=True, loss_reduction="mean",
+            insecure_noise_seed=s["insecure_noise_seed"], insecure_sampler_seed=s["insecure_sampler_seed"],
+            **calibration,
         )
         return self._dp_loader
 
@@ -111,13 +136,22 @@ class DPTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward/backward over one logical batch, in micro-batches; the Trainer's ``optimizer.step()`` then
+        clips the last one and adds the noise. Returns the batch's mean loss (0 for an empty batch)."""
         model.train()
-        inputs = self._prepare_inputs(inputs)
-        if not batch_length(inputs):  # empty Poisson batch: the optimizer step still adds noise
-            return torch.zeros((), device=self.args.device)
-        loss = self.compute_loss(model, inputs)
-        loss.backward()  # not accelerator.backward: no loss scaling may touch per-sample gradients
-        return loss.detach()
+        rows = batch_length(inputs) or 0
+        size = self.max_physical_batch_size or max(rows, 1)
+        total = torch.zeros((), device=self.args.device)
+        for start in range(0, rows, size):  # an empty Poisson batch: no forward, the step still adds noise
+            if start:
+                self.engine.optimizer.accumulate()  # clip the previous micro-batch into the logical batch's sum
+            part = inputs if size >= rows else split_batch(inputs, start, min(start + size, rows), rows)
+            part = self._prepare_inputs(part)
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, part)
+            loss.backward()  # not accelerator.backward: no loss scaling may touch per-sample gradients
+            total += loss.detach() * batch_length(part)
+        return total / max(rows, 1)
 
     # ------------------------------------------------------------------ accounting
     def get_epsilon(self, delta: Optional[float] = None) -> float:

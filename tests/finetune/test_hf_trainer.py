@@ -55,10 +55,46 @@ def test_empty_poisson_batches_still_step(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=6, report_to=[],
                              save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
     trainer = DPTrainer(model=model, args=args, train_dataset=TokenizedTexts(TEXTS, tok, 48),
-                        data_collator=PadCollator(tok.pad_token_id), target_epsilon=2.0, insecure_noise_seed=0, insecure_sampler_seed=3)
+                        data_collator=PadCollator(tok.pad_token_id), target_epsilon=2.0, insecure_noise_seed=0,
+                        insecure_sampler_seed=3)
     rows = []
     step = trainer.training_step
-    trainer.training_step = lambda m, inputs, n=None: rows.append(int(inputs["input_ids"].shape[0])) or step(m, inputs, n)
+    trainer.training_step = lambda m, inputs, n=None: rows.append(len(inputs["input_ids"])) or step(m, inputs, n)
     trainer.train()
     assert 0 in rows and len(rows) == 6  # expected batch 1 of 40: some batches are empty
     assert trainer.engine.optimizer.steps_taken == 6  # ... and each still took a (noise-only) step
+
+
+def _args(tmp_path, **kw):
+    return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[], save_strategy="no",
+                             use_cpu=True, disable_tqdm=True, **kw)
+
+
+def test_secure_mode_trains_and_refuses_seeds(tmp_path):
+    model, tok = tiny_model_and_tokenizer(seed=1)
+    data, collate = TokenizedTexts(TEXTS, tok, 48), PadCollator(tok.pad_token_id)
+    with pytest.raises(ValueError, match="secure_mode.*insecure_noise_seed"):
+        DPTrainer(model=model, args=_args(tmp_path), train_dataset=data, noise_multiplier=1.0, secure_mode=True,
+                  insecure_noise_seed=0)
+    trainer = DPTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=data, data_collator=collate,
+                        noise_multiplier=1.0, secure_mode=True, max_physical_batch_size=3)
+    trainer.train()
+    assert trainer.engine.secure_mode and trainer.engine.trust_model()["private"]
+    assert trainer.engine.optimizer.steps_taken == 2
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+def test_rejects_bad_max_physical_batch_size(tmp_path, bad):
+    model, tok = tiny_model_and_tokenizer()
+    with pytest.raises(ValueError, match=f"max_physical_batch_size must be a positive integer, found {bad!r}"):
+        DPTrainer(model=model, args=_args(tmp_path), train_dataset=TokenizedTexts(TEXTS, tok, 48),
+                  noise_multiplier=1.0, max_physical_batch_size=bad)
+
+
+def test_refuses_resume_from_checkpoint(tmp_path):
+    model, tok = tiny_model_and_tokenizer()
+    trainer = DPTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=TokenizedTexts(TEXTS, tok, 48),
+                        noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="cannot resume from a checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.engine.optimizer is None  # refused before anything was made private
