@@ -112,7 +112,9 @@ class _EmptySafeCollate:
 
 
 class DPDataLoader:
-    """Iterates (micro-)batches for DP training; ``len()`` is the number of logical batches per epoch."""
+    """Iterates (micro-)batches for DP training; ``len()`` is the number of LOGICAL batches per epoch. With
+    ``max_physical_batch_size`` an epoch yields more items than that: iterate to the end of the epoch rather
+    than stopping after ``len()`` items, or a logical batch would be cut (and merged into the next one)."""
 
     def __init__(
         self,
