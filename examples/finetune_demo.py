@@ -6,6 +6,7 @@ A tiny GPT-2 (built from a config, byte-level tokenizer, no download) is pretrai
 public synthetic corpus, then fine-tuned with DP-SGD at epsilon 3 on synthetic clinical records that contain
 canaries. The script prints the privacy spent, the perplexity on held-out records before and after, and how
 likely the model finds each canary's secret code compared with random codes (a quick memorisation check).
+The model in --output-dir is the DP release; --output-dir/private/ holds the SECRET checkpoint (never publish it).
 """
 
 import argparse
@@ -43,7 +44,9 @@ def main() -> None:
     result = finetune(config)
     print(f"epsilon spent {result.epsilon:.3f} (target {result.target_epsilon}) at delta {result.delta:.2e}, "
           f"noise multiplier {result.noise_multiplier:.3f}, {result.steps} steps")
-    print(f"held-out perplexity {result.eval_perplexity_before:.2f} -> {result.eval_perplexity:.2f}")
+    print(f"held-out perplexity {result.eval_perplexity_before:.2f} -> {result.eval_perplexity:.2f} "
+          "(computed without noise from private held-out records: not private)")
+    print(f"secret, never publish: {', '.join(f'{args.output_dir}/{f}' for f in result.secret_files)}")
 
     from transformers import AutoTokenizer
 

@@ -8,12 +8,12 @@ Three forms:
 - multi-run audit from member / non-member scores (e.g. one target example in or out of many runs): the largest
   log(TPR_lo / FPR_hi) over thresholds, with Clopper-Pearson bounds and a split-half threshold choice;
 - one-run audit of a model folder (``--model D``) written by ``dptrain finetune --audit-canaries M``: the run
-  added M random canaries, each trained on once with probability 1/2, and kept the texts and the inclusion mask
-  in ``report.json`` as the AUDITOR'S SECRET. Every canary is scored with the saved model (higher = more likely
-  trained on), "in" is guessed for the top k+ and "out" for the bottom k-, and the audited epsilon is set
-  against the run's own (theoretical) epsilon, at the run's delta. The guess counts are fixed before any
-  score is seen: ``--guesses K`` (k+ = k- = K), or by default the best of a grid that depends on M only, with
-  a Bonferroni correction (``dptrain.attacks.scan_one_run_audit``).
+  added M random canaries (from secret entropy), each trained on once with probability 1/2, and kept the texts
+  and the inclusion mask in ``D/private/audit_secret.json`` (mode 0600), the AUDITOR'S SECRET. Every canary is
+  scored with the saved model (higher = more likely trained on), "in" is guessed for the top k+ and "out" for
+  the bottom k-, and the audited epsilon is set against the run's own (theoretical) epsilon, at the run's delta.
+  The guess counts are fixed before any score is seen: ``--guesses K`` (k+ = k- = K), or by default the best
+  of a grid that depends on M only, with a Bonferroni correction (``dptrain.attacks.scan_one_run_audit``).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scores", default=None, help="multi-run audit: JSON with member and nonmember scores")
     by_model = p.add_argument_group("one-run audit of a dptrain finetune run (--model)")
     by_model.add_argument("--model", default=None, metavar="D",
-                     help="output folder of 'dptrain finetune --audit-canaries M' (model + report.json)")
+                     help="output folder of 'dptrain finetune --audit-canaries M' (model, report.json and the "
+                          "secret private/audit_secret.json)")
     by_model.add_argument("--guesses", type=positive_int, default=None, metavar="K",
                      help="guess 'in' for the top K and 'out' for the bottom K scores (default: best of a fixed "
                           "grid, Bonferroni-corrected)")
@@ -147,9 +148,9 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ one-run audit of a run
 def load_audit_secret(folder: Path) -> tuple[dict, list[str], list[bool]]:
-    """``(report, canary_texts, inclusion_mask)`` of a finished ``dptrain finetune --audit-canaries`` run."""
-    from dptrain.finetune.api import REPORT_NAME
-    from dptrain.finetune.report import AUDIT_SECRET_KEY
+    """``(report, canary_texts, inclusion_mask)`` of a finished ``dptrain finetune --audit-canaries`` run: the
+    report from ``report.json``, the canaries and mask from the secret ``private/audit_secret.json``."""
+    from dptrain.finetune.api import AUDIT_SECRET_FILE, REPORT_NAME
 
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
@@ -157,16 +158,17 @@ def load_audit_secret(folder: Path) -> tuple[dict, list[str], list[bool]]:
     if not file.is_file():
         raise CLIError(f"{folder} has no {REPORT_NAME}: expected an output folder of 'dptrain finetune'")
     report = _json_object(file, "a JSON object (a dptrain finetune report)")
-    secret = report.get(AUDIT_SECRET_KEY)
-    if secret is None:
-        raise CLIError(f"{file} has no audit canaries ('{AUDIT_SECRET_KEY}'): train with "
-                       "'dptrain finetune --audit-canaries M' (e.g. 1000) to audit the run")
-    texts, mask = (secret.get("canaries"), secret.get("inclusion_mask")) if isinstance(secret, dict) else (None, None)
+    secret_file = folder / AUDIT_SECRET_FILE
+    if not secret_file.is_file():
+        raise CLIError(f"{secret_file} not found: the auditor's secret of a run trained with "
+                       "'dptrain finetune --audit-canaries M' (e.g. 1000) is needed to audit it")
+    secret = _json_object(secret_file, "a JSON object (a dptrain audit secret)")
+    texts, mask = secret.get("canaries"), secret.get("inclusion_mask")
     if (not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts)
             or not isinstance(mask, list) or len(mask) != len(texts)
             or any(isinstance(b, bool) or b not in (0, 1) for b in mask)):
-        raise CLIError(f"{file}: '{AUDIT_SECRET_KEY}' must hold 'canaries' (strings) and an 'inclusion_mask' of "
-                       "0/1 of the same length")
+        raise CLIError(f"{secret_file} must hold 'canaries' (strings) and an 'inclusion_mask' of 0/1 of the same "
+                       "length")
     if not report.get("finished", False):
         raise CLIError(f"the run in {folder} stopped at step {report.get('steps')} of {report.get('total_steps')}: "
                        "finish it with 'dptrain finetune ... --resume' before auditing")
@@ -276,7 +278,7 @@ def run_model(args: argparse.Namespace) -> int:
         f"  (note: audited at delta {delta:g}, the run's epsilon is at delta {run_delta:.3g})\n")
     human = (
         f"one-run audit of {folder}: {m} audit canaries, {sum(mask)} trained on once "
-        "(AUDITOR'S SECRET from report.json)\n"
+        "(AUDITOR'S SECRET from private/audit_secret.json)\n"
         f"  score: {args.score}; guesses: 'in' for the top {res.num_guesses_pos}, 'out' for the bottom "
         f"{res.num_guesses_neg} ({choice}): {res.num_correct}/{res.num_guesses} correct\n"
         f"  audited epsilon >= {res.epsilon:.3f}  ({args.confidence:g} confidence, delta = {delta:.3g}; "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 
 from dptrain.cli import emit
 
@@ -19,11 +21,14 @@ EXAMPLES = """examples:
   dptrain finetune --model gpt2 --data notes.jsonl --lora --target-epsilon 3 --output-dir out
   dptrain finetune --model ./my-model --data notes.txt --batch-size 256 --physical-batch-size 16 \\
       --optimizer apollo-mini --clipping per_layer --accountant pld --output-dir out
-  dptrain finetune --output-dir out --resume            # continue an interrupted run from out/checkpoint.pt
+  dptrain finetune --output-dir out --resume            # continue an interrupted run (out/private/checkpoint.pt)
   dptrain finetune --output-dir out --audit-canaries 1000 && dptrain audit --model out   # one-run audit
 
 --data: JSONL with a "text" field per line, or a text file with one record per line.
-Outputs in --output-dir: report.json, training.png, the model (save_pretrained) + tokenizer, checkpoint.pt.
+Released in --output-dir: report.json, training.png, the model (save_pretrained) + tokenizer (+ adapter/).
+SECRET, never publish: --output-dir/private/ (owner-only): checkpoint.pt (noise and sampler generator states)
+and, with --audit-canaries, audit_secret.json (the canaries and which were trained on).
+DP covers the model weights; the held-out perplexities are computed without noise (not private: --no-eval).
 """
 
 
@@ -67,13 +72,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"demo model only: public pretraining steps (default {d.pretrain_steps})")
     p.add_argument("--output-dir", default="dptrain-finetune-output", help="where outputs go")
     p.add_argument("--overwrite", action="store_true", help="write over a non-empty --output-dir")
-    p.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pt")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for init, sampling and noise (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from --output-dir/private/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the PUBLIC randomness only: initialisation, data split, demo data and pretraining, "
+                        "LoRA init (default 0); noise and batches come from secret OS entropy")
+    p.add_argument("--insecure-seed", type=int, default=None, metavar="N",
+                   help="NOT PRIVATE, tests/debugging only: fix the noise (seed N) and the Poisson batches (N+1); "
+                        "anyone who reads report.json can then subtract the noise")
+    p.add_argument("--secure-mode", action="store_true",
+                   help="fresh OS entropy for every noise and sampling draw; the checkpoint holds no generator state "
+                        "(a resume continues correctly, not bit-identically)")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false",
+                   help="skip the held-out perplexity (computed without noise from private records: not private)")
     p.add_argument("--debug-train-loss", action="store_true",
                    help="record, show and plot the training loss: NON-PRIVATE debugging output (off by default)")
     p.add_argument("--audit-canaries", type=int, default=0, metavar="M",
-                   help="one-run audit: add M random canaries, each trained on once with probability 1/2 (seeded); "
-                        "report.json keeps them as the AUDITOR'S SECRET for 'dptrain audit --model' (default 0: off)")
+                   help="one-run audit: add M random canaries, each trained on once with probability 1/2 (secret "
+                        "entropy); --output-dir/private/audit_secret.json keeps them as the AUDITOR'S SECRET for "
+                        "'dptrain audit --model' (default 0: off)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (no progress bar)")
     p.set_defaults(func=run)
     return p
@@ -94,20 +110,29 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length, checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
         output_dir=args.output_dir, overwrite=args.overwrite, resume=args.resume, seed=args.seed,
         progress=not args.json, debug_train_loss=args.debug_train_loss, audit_canaries=args.audit_canaries,
-    )
+        insecure_seed=args.insecure_seed, secure_mode=args.secure_mode, evaluate=args.evaluate,
+    ).validate()  # bad settings fail with one line before anything is printed
+    from dptrain import distributed
+
+    if args.insecure_seed is not None and os.environ.get("RANK", "0") == "0":
+        print(f"dptrain finetune: WARNING: --insecure-seed {args.insecure_seed} fixes the noise and the batches: the "
+              "model is NOT PRIVATE (tests and debugging only)", file=sys.stderr)
     result = finetune(config)
     summary = result.to_dict()
     summary["output_dir"] = args.output_dir
     before, after = result.eval_perplexity_before, result.eval_perplexity
-    ppl = "" if before is None or after is None else f"\n  eval perplexity: {before:.2f} -> {after:.2f} (held-out records)"
+    ppl = "" if before is None or after is None else (
+        f"\n  eval perplexity: {before:.2f} -> {after:.2f} (held-out records, no noise: NOT private)")
+    secrets = ", ".join(f"{args.output_dir}/{f}" for f in result.secret_files)
+    warning = "" if result.privacy.get("private", True) else (
+        "\n  WARNING: this model is NOT PRIVATE (--insecure-seed or zero noise): tests and debugging only")
     human = (
         f"DP fine-tuning {'done' if result.finished else 'stopped'}: {result.steps}/{result.total_steps} steps, "
         f"epsilon = {result.epsilon:.3f} (target {result.target_epsilon:g}) at delta = {result.delta:.3g}"
         f"\n  noise multiplier {result.noise_multiplier:.3f}, expected batch {result.expected_batch_size:.0f} "
-        f"of {result.dataset_size} records{ppl}\n  outputs in {args.output_dir}/ (report.json, training.png, model)"
+        f"of {result.dataset_size} records{ppl}\n  released in {args.output_dir}/: report.json, training.png, model"
+        f"\n  SECRET, never publish (owner-only): {secrets}{warning}"
     )
-    from dptrain import distributed
-
     if distributed.rank_and_world()[0] == 0:  # under torchrun, one summary
         emit(summary, human, args.json)
     return 0

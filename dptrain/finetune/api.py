@@ -1,7 +1,9 @@
 """``finetune(config)``: the whole job (data, model, privacy, checkpoints, report) behind one call.
 
 The CLI is a thin layer over this function; library users can also hand in their own model, tokenizer and
-texts and keep everything else.
+texts and keep everything else. ``output_dir`` receives the release (model, tokenizer, report.json,
+training.png, LoRA ``adapter/``) and, apart from it, the SECRET files in ``output_dir/private/`` (mode 0700):
+the checkpoint and the audit secret (``dptrain.finetune.secret_files``).
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ from dptrain import distributed
 from dptrain.finetune.checkpoint import load_checkpoint
 from dptrain.finetune.config import FinetuneConfig
 from dptrain.finetune.data import load_texts, synthetic_private_records
-from dptrain.finetune.report import LOSS_NOTE, plot_training, write_report
+from dptrain.finetune.report import LOSS_NOTE, NOT_PRIVATE_WARNING, plot_training, write_report
+from dptrain.finetune.secret_files import (AUDIT_SECRET_FILE, CHECKPOINT_FILE, LEGACY_CHECKPOINT, SECRET_FILES_NOTE,
+                                           load_audit_canaries, new_audit_canaries, private_dir, save_audit_secret)
 from dptrain.finetune.trainer import FinetuneResult, PrivateLMTrainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finetune", "resolve_controller", "CHECKPOINT_NAME", "REPORT_NAME", "PLOT_NAME"]
+__all__ = ["finetune", "resolve_controller", "CHECKPOINT_FILE", "AUDIT_SECRET_FILE", "REPORT_NAME", "PLOT_NAME"]
 
-CHECKPOINT_NAME, REPORT_NAME, PLOT_NAME = "checkpoint.pt", "report.json", "training.png"
+REPORT_NAME, PLOT_NAME = "report.json", "training.png"
 LM_LOSS_BOUND = 10.0  # nats: per-sample LM losses are clipped to [0, 10] before a controller's noisy release
 
 
@@ -71,23 +75,35 @@ def _init_distributed() -> Optional[int]:
 def _prepare_output_dir(cfg: FinetuneConfig) -> Optional[Path]:
     if cfg.output_dir is None:
         if cfg.resume:
-            raise ValueError("--resume needs --output-dir (the folder holding checkpoint.pt)")
+            raise ValueError(f"--resume needs --output-dir (the folder holding {CHECKPOINT_FILE})")
+        if cfg.audit_canaries:
+            raise ValueError(f"audit-canaries needs --output-dir (the auditor's secret is kept in {AUDIT_SECRET_FILE})")
         return None
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output dir {out} exists and is not a directory")
     if cfg.resume:
+        if not (out / CHECKPOINT_FILE).exists() and (out / LEGACY_CHECKPOINT).is_file():
+            raise FileNotFoundError(f"no checkpoint at {out / CHECKPOINT_FILE}, but {out / LEGACY_CHECKPOINT} (older "
+                                    f"layout) is a SECRET in the released folder: move it to {out / CHECKPOINT_FILE} "
+                                    "(chmod 600) and resume")
         return out
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"output dir {out} is not empty; pass --overwrite to write over it, or --resume")
     out.mkdir(parents=True, exist_ok=True)
-    stale = out / CHECKPOINT_NAME
-    if stale.exists():
-        stale.unlink()  # --overwrite: never resume into an old run's checkpoint later
+    for stale in (CHECKPOINT_FILE, AUDIT_SECRET_FILE, LEGACY_CHECKPOINT):
+        (out / stale).unlink(missing_ok=True)  # --overwrite: never resume into (or audit with) an old run's secrets
     return out
 
 
-def _texts(cfg: FinetuneConfig, train_texts, eval_texts):
+def _audit_canaries(cfg: FinetuneConfig, out: Optional[Path]):
+    """New canaries from secret entropy (saved once the run is set up); on resume, those of the audit secret."""
+    if not cfg.audit_canaries:
+        return None
+    return load_audit_canaries(out, cfg.audit_canaries) if cfg.resume else new_audit_canaries(cfg.audit_canaries)
+
+
+def _texts(cfg: FinetuneConfig, train_texts, eval_texts, canaries=None):
     if train_texts is None:
         if cfg.data is not None:
             train_texts = load_texts(cfg.data)
@@ -105,10 +121,10 @@ def _texts(cfg: FinetuneConfig, train_texts, eval_texts):
                                                        canary_repeats=()).records
     if eval_texts is None and cfg.eval_data is not None:
         eval_texts = load_texts(cfg.eval_data)
-    if cfg.audit_canaries:  # one-run audit: each canary trained on once w.p. 1/2, rebuilt from the seed on resume
-        from dptrain.finetune.data import audit_canaries, with_audit_canaries
+    if canaries is not None:  # one-run audit: each canary trained on once w.p. 1/2 (secret coins)
+        from dptrain.finetune.data import with_audit_canaries
 
-        train_texts = with_audit_canaries(train_texts, audit_canaries(cfg.audit_canaries, seed=cfg.seed))
+        train_texts = with_audit_canaries(train_texts, canaries)
     return list(train_texts), (list(eval_texts) if eval_texts else None)
 
 
@@ -133,20 +149,23 @@ def _model(cfg: FinetuneConfig, model, tokenizer, *, pretrain: bool):
 def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=None,
              train_texts: Optional[Sequence[str]] = None, eval_texts: Optional[Sequence[str]] = None,
              controller=None) -> FinetuneResult:
-    """Fine-tune under ``config.target_epsilon``; writes report, plot, model and checkpoint to ``output_dir``."""
+    """Fine-tune under ``config.target_epsilon``; writes the release (report, plot, model) to ``output_dir`` and
+    the secrets (checkpoint, audit secret) to ``output_dir/private/``."""
     started = time.perf_counter()
     cfg = (config or FinetuneConfig()).validate()
-    rank = _init_distributed()
+    rank = _init_distributed()  # with cfg.insecure_seed the engine warns that the run is NOT PRIVATE
 
     def prepare():  # rank 0 only; under torchrun its result (or error) reaches every rank
         folder = _prepare_output_dir(cfg)
-        return folder, (load_checkpoint(folder / CHECKPOINT_NAME) if cfg.resume else None)
+        state = load_checkpoint(folder / CHECKPOINT_FILE) if cfg.resume else None
+        return folder, state, _audit_canaries(cfg, folder)
 
-    out, state = distributed.on_rank0(prepare)  # state: the checkpoint, every rank takes its own RNG states
+    # state: the checkpoint (every rank takes its own RNG states); canaries: the same secret ones on every rank
+    out, state, canaries = distributed.on_rank0(prepare)
     out = out if not rank else None  # only rank 0 writes files
     # every rank checkpoints together (their generator states are gathered); rank 0 writes the file
-    checkpoint = Path(cfg.output_dir) / CHECKPOINT_NAME if cfg.output_dir is not None else None
-    train_texts, eval_texts = _texts(cfg, train_texts, eval_texts)
+    checkpoint = Path(cfg.output_dir) / CHECKPOINT_FILE if cfg.output_dir is not None else None
+    train_texts, eval_texts = _texts(cfg, train_texts, eval_texts, canaries)
     if cfg.batch_size > len(train_texts):
         raise ValueError(f"batch-size {cfg.batch_size} is larger than the dataset ({len(train_texts)} records)")
     # the demo's public pretraining is skipped on resume when the checkpoint holds the whole model
@@ -162,7 +181,13 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
     if state is not None:
         trainer.load_state_dict(state)
         logger.info("resumed from %s at step %d", checkpoint, trainer.step)
+    if out is not None:  # the secrets, apart from the release (folder 0700, files 0600), once the run is set up
+        private_dir(out)
+        if canaries is not None and not cfg.resume:
+            save_audit_secret(out, canaries)
     result = trainer.train(checkpoint_path=checkpoint)
+    if cfg.output_dir is not None:
+        result.secret_files = [CHECKPOINT_FILE] + ([AUDIT_SECRET_FILE] if canaries is not None else [])
     if out is not None:
         _write_outputs(out, cfg, trainer, result, time.perf_counter() - started)
     return result
@@ -172,11 +197,10 @@ def _write_outputs(out: Path, cfg: FinetuneConfig, trainer: PrivateLMTrainer, re
                    seconds: float) -> None:
     report = {**result.to_dict(), "accountant": cfg.accountant, "clipping": cfg.clipping,
               "max_grad_norm": cfg.max_grad_norm, "config": cfg.to_dict(), "wall_time_s": round(seconds, 2),
-              "note": LOSS_NOTE, "history": result.history}
-    if cfg.audit_canaries:  # the AUDITOR'S SECRET (canaries + inclusion mask) for `dptrain audit --model`
-        from dptrain.finetune.report import AUDIT_SECRET_KEY, audit_secret
-
-        report[AUDIT_SECRET_KEY] = audit_secret(cfg.audit_canaries, cfg.seed)
+              "note": LOSS_NOTE, "history": result.history, "secret_files_note": SECRET_FILES_NOTE}
+    if not result.privacy.get("private", True):
+        report["warning"] = (NOT_PRIVATE_WARNING.format(seed=cfg.insecure_seed) if cfg.insecure_seed is not None
+                             else "this run is NOT PRIVATE (noise multiplier 0)")
     if result.history:
         plot_training(out / PLOT_NAME, result.history, target_epsilon=cfg.target_epsilon, delta=result.delta)
     if result.finished:

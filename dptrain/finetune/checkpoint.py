@@ -3,17 +3,19 @@
 File layout: a magic line, the SHA-256 of the payload, then the ``torch.save`` payload. A truncated or
 altered file fails the hash check and is refused instead of being loaded with silently wrong values.
 Writes go to a temporary file first and are renamed into place, so a crash never leaves half a checkpoint.
+A checkpoint is SECRET (noise and sampler generator states): the file is written with mode 0600.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
+
+from dptrain.finetune.secret_files import write_secret
 
 __all__ = ["save_checkpoint", "load_checkpoint", "compare_fingerprints"]
 
@@ -21,14 +23,11 @@ _MAGIC = b"DPTRAIN-FINETUNE-CHECKPOINT v1\n"
 
 
 def save_checkpoint(path, payload: Dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` (owner-only, mode 0600)."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(_MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
-    os.replace(tmp, path)
+    write_secret(path, _MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
 
 
 def load_checkpoint(path) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ ACCOUNTANTS = ("rdp", "pld")
 
 # settings that do not change what the run computes (left out of the resume fingerprint)
 _NOT_IN_FINGERPRINT = {"output_dir", "overwrite", "resume", "checkpoint_every", "stop_after", "progress", "device",
-                       "debug_train_loss"}
+                       "debug_train_loss", "evaluate"}
 
 
 @dataclass
@@ -42,7 +42,11 @@ class FinetuneConfig:
     controller: Optional[str] = None
     max_steps: Optional[int] = None  # cap on logical steps (the noise is calibrated for the capped run)
     max_length: int = 128
-    seed: int = 0
+    seed: int = 0  # PUBLIC randomness only: initialisation, data split, demo data and pretraining, LoRA init
+    # NOT PRIVATE (tests/debugging only): fixes the noise (seed N) and the Poisson batches (N + 1), so anyone who
+    # reads report.json can regenerate the noise; None: both come from OS entropy (secret)
+    insecure_seed: Optional[int] = None
+    secure_mode: bool = False  # fresh OS entropy at every noise/sampling draw; the checkpoint holds no generator state
     output_dir: Optional[str] = None
     overwrite: bool = False
     resume: bool = False
@@ -50,6 +54,7 @@ class FinetuneConfig:
     stop_after: Optional[int] = None  # stop (checkpointed) after this many steps, as if interrupted
     progress: bool = True
     debug_train_loss: bool = False  # record/plot the training loss: NON-PRIVATE debugging output, off by default
+    evaluate: bool = True  # held-out perplexity before/after: computed WITHOUT noise from private held-out records
     device: str = "auto"
     # one-run audit: this many canaries, each trained on once with probability 1/2 (0: none; see data.py)
     audit_canaries: int = 0
@@ -95,6 +100,12 @@ class FinetuneConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if self.max_length < 8:
             raise ValueError(f"max-length must be >= 8, found {self.max_length}")
+        s = self.insecure_seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
+            raise ValueError(f"insecure-seed must be an integer or None, found {s!r}")
+        if self.secure_mode and s is not None:
+            raise ValueError(f"--secure-mode draws fresh OS entropy for the noise and the batches; --insecure-seed {s} "
+                             "would fix them: pick one")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --output-dir; --overwrite would discard it: pick one")
         return self

@@ -7,7 +7,8 @@ model text in general but nothing about any private record. Everything is genera
 
 One-run audit canaries (``--audit-canaries M``, Steinke, Nasr, Jagielski 2023): M random strings from one
 template, each added to the training records once with probability 1/2. Texts and coin flips come from two
-separate seeded streams (derived from the run's seed), so a resumed run rebuilds exactly the same ones.
+separate streams of one audit seed; ``dptrain finetune`` draws that seed from secret entropy (never from the
+run's public seed) and keeps it in ``private/audit_secret.json``, so a resumed run rebuilds exactly the same ones.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Run outputs: ``report.json`` and ``training.png`` (epsilon over steps; the training loss only when the
 non-private debugging flag ``debug_train_loss`` is on).
 
-With ``--audit-canaries M`` the report also holds, under :data:`AUDIT_SECRET_KEY`, what ``dptrain audit --model``
-needs: the canary texts and which were trained on. That is the AUDITOR'S SECRET: not private training data, but
-whoever knows the inclusion mask can no longer be audited blindly, so never train on it or publish it.
+``report.json`` is released: it holds DP values, public settings, and values marked "not private"; its
+``privacy`` section states the trust model. The secrets (checkpoint, audit secret) live in ``private/``
+(``dptrain.finetune.secret_files``), never in the report.
 """
 
 from __future__ import annotations
@@ -13,16 +13,36 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List
 
-__all__ = ["write_report", "plot_training", "audit_secret", "LOSS_NOTE", "AUDIT_SECRET_KEY"]
+__all__ = ["write_report", "plot_training", "privacy_report", "LOSS_NOTE", "NOT_PRIVATE_WARNING"]
 
-AUDIT_SECRET_KEY = "audit_canaries_AUDITORS_SECRET"
-AUDIT_SECRET_NOTE = ("AUDITOR'S SECRET: the one-run audit canaries and their inclusion mask (1 = trained on once). "
-                     "Not private training data, but it must never be fed back into training or any released "
-                     "statistic; strip this key before sharing report.json. Used by 'dptrain audit --model'.")
+LOSS_NOTE = ("train_loss (present only with --debug-train-loss) is the mean loss of each Poisson batch on the "
+             "PRIVATE records: non-private debugging output, not covered by the DP guarantee; do not publish it. "
+             "eval perplexities are computed without noise on private held-out records: NOT PRIVATE either "
+             "(--no-eval skips them).")
+NOT_PRIVATE_WARNING = ("--insecure-seed {seed} was given: the noise and the Poisson batches can be regenerated from "
+                       "it (it is in this report), so this model is NOT PRIVATE. Tests and debugging only.")
 
-LOSS_NOTE = ("train_loss (present only with --debug-train-loss) is the mean loss of each Poisson batch on the PRIVATE records: non-private debugging "
-             "output, not covered by the DP guarantee; do not publish it. eval perplexities are computed on "
-             "held-out records and are not DP either.")
+
+def privacy_report(trust: Dict[str, Any], cfg) -> Dict[str, Any]:
+    """The ``privacy`` section of report.json: the engine's trust model plus what is and is not DP."""
+    return {
+        **trust,
+        "insecure_seed": cfg.insecure_seed,
+        "seed": ("--seed fixes public randomness only (initialisation, data split, demo data and pretraining, "
+                 "LoRA init); the noise and the batches come from "
+                 + ("--insecure-seed (NOT PRIVATE)" if cfg.insecure_seed is not None else "secret OS entropy")),
+        "dp": ["model weights (and LoRA adapter/)"],
+        "not_private": {
+            "eval_perplexity_before, eval_perplexity": "computed WITHOUT noise from private held-out records"
+                                                       + (" (skipped: --no-eval)" if not cfg.evaluate else
+                                                          "; --no-eval skips them"),
+            "history[].train_loss, history[].batch_size": "--debug-train-loss only: loss and size of private batches",
+            "dataset_size": "N, the number of training records, released as is (delta and the sample rate follow "
+                            "from it)",
+        },
+        "ranks": ("DDP/FSDP under torchrun: every rank is trusted (each knows its own noise share and its shard's "
+                  "batches); the guarantee is against whoever sees only the released files"),
+    }
 
 
 def _clean(value):
@@ -37,16 +57,6 @@ def _clean(value):
 
 def write_report(path, report: Dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(_clean(report), indent=2, sort_keys=True) + "\n")
-
-
-def audit_secret(num_canaries: int, seed: int) -> Dict[str, Any]:
-    """The report entry for a run with ``num_canaries`` audit canaries, rebuilt from the run's ``seed``."""
-    from dptrain.finetune.data import AUDIT_CANARY_TEMPLATE, audit_canaries
-
-    canaries = audit_canaries(num_canaries, seed=seed)
-    return {"note": AUDIT_SECRET_NOTE, "template": AUDIT_CANARY_TEMPLATE, "seed": canaries.seed,
-            "num_canaries": len(canaries.texts), "num_included": sum(canaries.included),
-            "canaries": list(canaries.texts), "inclusion_mask": [int(b) for b in canaries.included]}
 
 
 def plot_training(path, history: List[Dict[str, float]], *, target_epsilon: float, delta: float) -> None:

@@ -25,6 +25,7 @@ from dptrain.finetune.checkpoint import compare_fingerprints, save_checkpoint
 from dptrain.finetune.config import FinetuneConfig
 from dptrain.finetune.loss import PadCollator, TokenizedTexts, per_sample_lm_loss, perplexity
 from dptrain.finetune.optimizers import build_optimizer
+from dptrain.finetune.report import privacy_report
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ def default_delta(n: int) -> float:
 
 @dataclass
 class FinetuneResult:
-    """What a run produced. ``train_loss`` in ``history`` is non-private debugging output."""
+    """What a run produced. DP: the model. Not DP: the held-out perplexities (computed from private held-out
+    records without noise) and ``train_loss`` in ``history`` (debugging output); ``privacy`` says which is which."""
 
     epsilon: float
     delta: float
@@ -56,6 +58,8 @@ class FinetuneResult:
     eval_perplexity: Optional[float]
     history: List[Dict[str, float]] = field(default_factory=list)
     finished: bool = True
+    privacy: Dict[str, Any] = field(default_factory=dict)  # the trust model (report.json "privacy")
+    secret_files: List[str] = field(default_factory=list)  # under output_dir: never publish
     model: Any = None
 
     def to_dict(self) -> Dict[str, Any]:
@@ -118,15 +122,16 @@ class PrivateLMTrainer:
         loader = DataLoader(self.train_set, batch_size=cfg.batch_size // world, collate_fn=self.collate)
         physical = cfg.physical_batch_size if cfg.physical_batch_size and cfg.physical_batch_size < cfg.batch_size \
             else None
-        self.engine = dptrain.PrivacyEngine(accountant=cfg.accountant)
+        self.engine = dptrain.PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.secure_mode)
+        seed = cfg.insecure_seed  # NOT PRIVATE when given: the noise and the batches can be regenerated from it
         # epochs chosen so that the engine calibrates the noise for exactly `total` steps: ceil(total - 0.5)
         try:
             private = self.engine.make_private(
                 module=net, optimizer=inner, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
                 target_epsilon=cfg.target_epsilon, target_delta=self.delta, epochs=(total - 0.5) / steps_per_epoch,
                 clipping=cfg.clipping, poisson_sampling=True, max_physical_batch_size=physical, loss_reduction="mean",
-                error_feedback=cfg.error_feedback,
-                controller=self.controller,
+                error_feedback=cfg.error_feedback, controller=self.controller,
+                insecure_noise_seed=seed, insecure_sampler_seed=None if seed is None else seed + 1,
             )
         except ImportError as err:  # an optional engine part (e.g. error feedback) missing from this build
             raise ValueError(f"this dptrain build cannot run the requested setting: {err}") from None
@@ -137,8 +142,9 @@ class PrivateLMTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Optional[float]:
-        """Perplexity on the held-out texts (None without them). Not covered by the DP guarantee."""
-        if self.eval_set is None:
+        """Perplexity on the held-out texts (None without them, or with ``evaluate=False``). NOT covered by the DP
+        guarantee: computed without noise from private held-out records."""
+        if self.eval_set is None or not self.config.evaluate:
             return None
         with self.engine.tracker.capture_disabled():
             return perplexity(self.model, self.eval_set, self.collate)
@@ -200,6 +206,7 @@ class PrivateLMTrainer:
             sample_rate=self.sample_rate, expected_batch_size=float(self.optimizer.expected_batch_size),
             dataset_size=len(self.train_set), eval_perplexity_before=self.eval_perplexity_before,
             eval_perplexity=after, history=list(self.history), finished=finished, model=self.model,
+            privacy=privacy_report(self.engine.trust_model(), cfg),
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -218,7 +225,8 @@ class PrivateLMTrainer:
                 "frozen_checksum": round(checksum, 3), "total_steps": self.total_steps, "delta": self.delta}
 
     def _rank_state(self) -> Dict[str, Any]:
-        """What differs between ranks: sampler and noise generators (in the engine state), torch/python RNGs."""
+        """What differs between ranks: sampler and noise generators (in the engine state, SECRET unless
+        secure_mode), torch/python RNGs."""
         return {
             "engine": self.engine.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -227,8 +235,9 @@ class PrivateLMTrainer:
         }
 
     def state_dict(self) -> Optional[Dict[str, Any]]:
-        """The checkpoint payload on rank 0 (None on other ranks). Under torchrun every rank must call it: each
-        rank's own generator states are gathered so that a resume on the same world size continues exactly."""
+        """The checkpoint payload on rank 0 (None on other ranks): SECRET (generator states, error-feedback
+        buffers), never released. Under torchrun every rank must call it: each rank's own generator states are
+        gathered so that a resume on the same world size continues exactly (with fresh entropy in secure mode)."""
         ranks = distributed.gather_to_rank0(self._rank_state())
         if ranks is None:
             return None

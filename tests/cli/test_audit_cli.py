@@ -1,9 +1,10 @@
 """``dptrain finetune --audit-canaries`` + ``dptrain audit --model D`` on a tiny run (a few steps, 24 canaries).
 
-Checked against independent oracles: the canaries and coins rebuilt from the seed, the training set size, the
-number of correct guesses recounted from a plain transformers forward pass, and the audited epsilon recomputed
-from the counts; a stopped and resumed run rebuilds the same canaries (else its data fingerprint is refused);
-bad folders and options exit 2 with one line.
+Checked against independent oracles: the canaries and coins rebuilt from the secret seed kept in
+``private/audit_secret.json``, the training set size, the number of correct guesses recounted from a plain
+transformers forward pass, and the audited epsilon recomputed from the counts; a stopped and resumed run rebuilds
+the same canaries from the secret file (else its data fingerprint is refused); bad folders and options exit 2
+with one line.
 """
 
 import json
@@ -19,7 +20,7 @@ from tests.helpers.cli import fails_with_one_line
 from dptrain.cli.audit import guess_grid
 from dptrain.finetune import FinetuneConfig, finetune
 from dptrain.finetune.data import audit_canaries, with_audit_canaries
-from dptrain.finetune.report import AUDIT_SECRET_KEY
+from dptrain.finetune.api import AUDIT_SECRET_FILE
 from tests.finetune.helpers import tiny_model_and_tokenizer
 
 TEXTS = [f"Note {i}: patient seen for follow-up, blood pressure {110 + i % 30}/{70 + i % 15}." for i in range(40)]
@@ -40,14 +41,18 @@ def _run(cfg):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A run stopped after 2 of 3 steps and resumed: resuming rebuilds the canaries from the seed, and the
-    checkpoint's data fingerprint (a hash of every training record) refuses the resume if they differ."""
+    """A run stopped after 2 of 3 steps and resumed: resuming rebuilds the canaries from the audit secret, and
+    the checkpoint's data fingerprint (a hash of every training record) refuses the resume if they differ."""
     out = tmp_path_factory.mktemp("run")
     stopped = _run(_config(out, stop_after=2))
     assert not stopped.finished
     resumed = _run(_config(out, resume=True))
     assert resumed.finished and resumed.steps == 3
     return out
+
+
+def secret_of(folder):
+    return json.loads((folder / AUDIT_SECRET_FILE).read_text())
 
 
 def audit_json(capsys, *argv):
@@ -85,10 +90,11 @@ def test_canaries_are_seeded_coins_are_a_separate_stream_and_only_included_ones_
     assert not set(mixed) & {t for t, keep in zip(a.texts, a.included) if not keep}
 
 
-def test_report_holds_the_auditors_secret_and_training_saw_the_included_canaries(run_dir):
+def test_secret_file_holds_the_auditors_secret_and_training_saw_the_included_canaries(run_dir):
     report = json.loads((run_dir / "report.json").read_text())
-    secret = report[AUDIT_SECRET_KEY]
-    expected = audit_canaries(M, seed=SEED)
+    secret = secret_of(run_dir)
+    expected = audit_canaries(M, seed=secret["seed"])
+    assert secret["seed"] != SEED and secret["canaries"] != audit_canaries(M, seed=SEED).texts  # secret entropy
     assert secret["canaries"] == expected.texts
     assert secret["inclusion_mask"] == [int(b) for b in expected.included]
     assert secret["num_included"] == sum(expected.included) and secret["num_canaries"] == M
@@ -100,8 +106,8 @@ def test_report_holds_the_auditors_secret_and_training_saw_the_included_canaries
 def test_audit_model_json_against_oracle_counts(run_dir, capsys):
     out = audit_json(capsys, "--model", str(run_dir), "--guesses", "5")
     report = json.loads((run_dir / "report.json").read_text())
-    mask = np.array(report[AUDIT_SECRET_KEY]["inclusion_mask"], dtype=bool)
-    scores = _oracle_scores(run_dir, report[AUDIT_SECRET_KEY]["canaries"], 48)
+    mask = np.array(secret_of(run_dir)["inclusion_mask"], dtype=bool)
+    scores = _oracle_scores(run_dir, secret_of(run_dir)["canaries"], 48)
     order = np.argsort(scores)  # ascending; ties between distinct random canaries have probability ~0
     correct = int(mask[order[-5:]].sum() + (~mask[order[:5]]).sum())
     assert out["num_guesses_pos"] == out["num_guesses_neg"] == 5 and out["num_guesses"] == 10
@@ -132,28 +138,28 @@ def test_audit_model_default_grid_is_fixed_and_bonferroni_corrected(run_dir, cap
 
 # --------------------------------------------------------------------------------------------- bad inputs
 def test_bad_folders_and_options_exit_2_with_one_line(run_dir, tmp_path, capsys):
-    def variant(name, edit=None, drop=()):
+    def variant(name, edit=None, drop=(), file="report.json"):
         folder = tmp_path / name
         shutil.copytree(run_dir, folder)
         for f in drop:
             (folder / f).unlink()
         if edit is not None:
-            report = json.loads((folder / "report.json").read_text())
+            report = json.loads((folder / file).read_text())
             edit(report)
-            (folder / "report.json").write_text(json.dumps(report))
+            (folder / file).write_text(json.dumps(report))
         return str(folder)
 
     no_report = variant("no_report", drop=["report.json"])
-    no_canaries = variant("no_canaries", edit=lambda r: r.pop(AUDIT_SECRET_KEY))
+    no_canaries = variant("no_canaries", drop=[AUDIT_SECRET_FILE])
     unfinished = variant("unfinished", edit=lambda r: r.update(finished=False, steps=2))
-    short_mask = variant("short_mask", edit=lambda r: r[AUDIT_SECRET_KEY]["inclusion_mask"].pop())
+    short_mask = variant("short_mask", edit=lambda r: r["inclusion_mask"].pop(), file=AUDIT_SECRET_FILE)
     no_model = variant("no_model", drop=["config.json"])
     bad_json = variant("bad_json")
     (tmp_path / "bad_json" / "report.json").write_text("{not json")
     cases = [
         (["audit", "--model", str(tmp_path / "missing")], "not found"),
         (["audit", "--model", no_report], "no report.json"),
-        (["audit", "--model", no_canaries], "--audit-canaries"),
+        (["audit", "--model", no_canaries], "private/audit_secret.json not found"),
         (["audit", "--model", unfinished], "stopped at step 2"),
         (["audit", "--model", short_mask], "inclusion_mask"),
         (["audit", "--model", no_model], "no config.json"),
@@ -190,7 +196,7 @@ def test_reference_score_rebuilds_the_demo_base_model(tmp_path):
     held = synthetic_private_records(8, seed=4, canary_repeats=()).records
     ppl = perplexity(base, TokenizedTexts(held, tok, 48), PadCollator(tok.pad_token_id))
     assert ppl == pytest.approx(report["eval_perplexity_before"], rel=1e-5)
-    texts = report[AUDIT_SECRET_KEY]["canaries"]
+    texts = secret_of(out)["canaries"]
     ref = canary_scores(out, report["config"], texts, score="reference", batch_size=4)
     loss = canary_scores(out, report["config"], texts, score="loss", batch_size=4)
     oracle_base = _oracle_scores_of(base, tok, texts)  # -NLL under the base model
@@ -212,9 +218,10 @@ def test_a_leaking_pipeline_is_flagged(run_dir, tmp_path, capsys):
     epsilon 0.01: the audit (12 + 12 right at most, 7-point Bonferroni) must exceed it and say so."""
     folder = tmp_path / "forged"
     shutil.copytree(run_dir, folder)
-    report = json.loads((folder / "report.json").read_text())
-    scores = _oracle_scores(folder, report[AUDIT_SECRET_KEY]["canaries"], 48)
-    report[AUDIT_SECRET_KEY]["inclusion_mask"] = [int(s > np.median(scores)) for s in scores]
+    report, secret = json.loads((folder / "report.json").read_text()), secret_of(folder)
+    scores = _oracle_scores(folder, secret["canaries"], 48)
+    secret["inclusion_mask"] = [int(s > np.median(scores)) for s in scores]
+    (folder / AUDIT_SECRET_FILE).write_text(json.dumps(secret))
     report.update(epsilon=0.01, delta=1e-6)
     (folder / "report.json").write_text(json.dumps(report))
     out = audit_json(capsys, "--model", str(folder))

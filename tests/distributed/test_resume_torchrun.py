@@ -1,12 +1,15 @@
 """Resume under torch.distributed: 2 gloo processes stopped after k steps and resumed == uninterrupted.
 
-Every rank's sampler and noise generators are checkpointed (gathered to rank 0) and restored; a checkpoint
-written by 2 processes is refused with a clear error by a run of another size.
+Every rank's sampler and noise generators are checkpointed (gathered to rank 0, written to the SECRET
+``private/checkpoint.pt``) and restored; the comparison with an uninterrupted run uses the same (NOT PRIVATE)
+``insecure_seed``, since the noise otherwise comes from OS entropy. A checkpoint written by 2 processes is
+refused with a clear error by a run of another size.
 """
 
 import datetime
 import os
 import socket
+import stat
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dptrain.finetune import FinetuneConfig, finetune
-from dptrain.finetune.api import CHECKPOINT_NAME
+from dptrain.finetune.api import CHECKPOINT_FILE
 from tests.finetune.helpers import tiny_model_and_tokenizer
 
 pytestmark = pytest.mark.slow  # spawns 2 processes: ~10 s CPU, 20-35 s on a loaded 2-core machine
@@ -24,7 +27,7 @@ TEXTS = [f"Note {i}: follow-up, blood pressure {110 + i % 30}/{70 + i % 15}." fo
 
 def _config(out, **kw):
     base = dict(batch_size=8, max_steps=4, max_length=32, lr=3e-3, output_dir=str(out), progress=False,
-                checkpoint_every=2, seed=11, physical_batch_size=2, target_epsilon=4.0)
+                checkpoint_every=2, seed=11, physical_batch_size=2, target_epsilon=4.0, insecure_seed=21)
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -91,7 +94,9 @@ def test_resume_depends_on_every_ranks_saved_generators(runs):
     root, _ = runs
     from dptrain.finetune.checkpoint import load_checkpoint
 
-    state = load_checkpoint(root / "resumed" / CHECKPOINT_NAME)
+    assert stat.S_IMODE((root / "resumed" / CHECKPOINT_FILE).stat().st_mode) == 0o600
+    assert not (root / "resumed" / "checkpoint.pt").exists()  # nothing secret in the released folder
+    state = load_checkpoint(root / "resumed" / CHECKPOINT_FILE)
     assert state["world_size"] == WORLD and len(state["ranks"]) == WORLD
     s0, s1 = (r["engine"]["sampler"]["generator"] for r in state["ranks"])
     assert not torch.equal(s0, s1)  # ranks sample their shards with their own generators

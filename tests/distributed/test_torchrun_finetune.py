@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 
 import pytest
@@ -25,3 +26,8 @@ def test_finetune_under_torchrun_two_processes(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 3 and report["epsilon"] <= report["target_epsilon"] + 1e-9
     assert json.loads(lines[0])["epsilon"] == pytest.approx(report["epsilon"])
+    # one secret checkpoint (every rank's generator states), owner-only and apart from the release
+    assert report["secret_files"] == ["private/checkpoint.pt"] and not (out / "checkpoint.pt").exists()
+    assert stat.S_IMODE((out / "private").stat().st_mode) == 0o700
+    assert stat.S_IMODE((out / "private" / "checkpoint.pt").stat().st_mode) == 0o600
+    assert report["privacy"]["private"] and report["privacy"]["ranks_trusted"]

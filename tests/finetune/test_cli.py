@@ -64,6 +64,6 @@ def test_help_lists_the_options(capsys):
 
 def test_resume_refuses_a_broken_checkpoint(capsys, tmp_path, data):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "checkpoint.pt").write_bytes(b"\x00garbage")
+    (out / "private").mkdir(parents=True)
+    (out / "private" / "checkpoint.pt").write_bytes(b"\x00garbage")
     _fails(capsys, ["--data", str(data), "--output-dir", str(out), "--resume"], "not a dptrain finetune checkpoint")

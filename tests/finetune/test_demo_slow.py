@@ -19,7 +19,7 @@ def test_default_demo_meets_its_budget_and_improves_perplexity(tmp_path, capsys)
     assert report["delta"] < 1.0 / report["dataset_size"]
     assert report["eval_perplexity"] < report["eval_perplexity_before"]
     assert report["steps"] == report["total_steps"] > 0 and report["noise_multiplier"] > 0
-    for name in ("training.png", "checkpoint.pt", "config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("training.png", "private/checkpoint.pt", "config.json", "model.safetensors", "tokenizer.json"):
         assert (out / name).is_file(), name
     printed = json.loads(capsys.readouterr().out)
     assert printed["epsilon"] == pytest.approx(report["epsilon"])

@@ -28,7 +28,8 @@ def _run(tmp_path, saved_model, *extra):
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 3 and report["epsilon"] <= report["target_epsilon"] + 1e-9
     assert report["noise_multiplier"] > 0 and report["dataset_size"] == 40
-    assert (out / "checkpoint.pt").is_file() and (out / "training.png").stat().st_size > 0
+    assert (out / "private" / "checkpoint.pt").is_file() and (out / "training.png").stat().st_size > 0
+    assert not (out / "checkpoint.pt").exists() and report["secret_files"] == ["private/checkpoint.pt"]
     return out
 
 

@@ -1,4 +1,5 @@
-"""Outputs that depend on private records are off by default (training loss is non-private debug output)."""
+"""Outputs that depend on private records are off by default (training loss is non-private debug output), and
+the report says what is DP and what is not (held-out perplexities, N)."""
 
 import json
 
@@ -11,3 +12,8 @@ def test_default_report_has_no_training_loss(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["history"] and all("train_loss" not in h and "batch_size" not in h for h in report["history"])
     assert (out / "training.png").exists()
+    privacy = report["privacy"]
+    assert privacy["private"] and privacy["dp"] == ["model weights (and LoRA adapter/)"]
+    assert report["eval_perplexity"] is not None  # computed, and marked as not private:
+    assert "WITHOUT noise" in privacy["not_private"]["eval_perplexity_before, eval_perplexity"]
+    assert "trusted" in privacy["ranks"] and "public randomness only" in privacy["seed"]
