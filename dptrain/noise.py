@@ -217,15 +217,15 @@ class _IdleWorker:
     (starting a thread costs milliseconds on a busy machine); it ends with its source, and at exit between two
     chunks, before the interpreter is torn down. If the idle class is refused, jobs are left to ``finish``."""
 
-    _live: "weakref.WeakSet[_IdleWorker]" = weakref.WeakSet()
-
     def __init__(self, owner: "GaussianNoise"):
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, args=(self._jobs,), name="dptrain-noise-prefetch",
                                         daemon=True)
         self._thread.start()
         weakref.finalize(owner, self._jobs.put, None)
-        _IdleWorker._live.add(self)
+        for thread in [t for t in _THREADS if not t.is_alive()]:
+            del _THREADS[thread]
+        _THREADS[self._thread] = self._jobs  # joined at exit even after its source is gone
 
     def submit(self, job) -> None:
         self._jobs.put(job)
@@ -237,23 +237,31 @@ class _IdleWorker:
             idle = True
         except OSError:  # not allowed here: never compete with training, skip the jobs
             idle = False
-        while (job := jobs.get()) is not None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
             if idle and not _EXITING.is_set():
                 job()
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+            del job  # its tensors are freed here, never by a daemon thread during interpreter shutdown
 
 
 _EXITING = threading.Event()  # jobs stop between chunks once set
+_THREADS: "Dict[threading.Thread, queue.SimpleQueue]" = {}
 
 
 @atexit.register
 def _stop_workers() -> None:
+    """Join every prefetch thread before the interpreter is torn down (a daemon thread that frees a tensor during
+    finalization aborts the process), lifting it out of the idle class so it ends soon on a busy machine."""
     _EXITING.set()
-    for worker in list(_IdleWorker._live):
-        worker.stop()
+    for thread, jobs in list(_THREADS.items()):
+        jobs.put(None)
+        try:
+            os.sched_setscheduler(thread.native_id, os.SCHED_OTHER, os.sched_param(0))
+        except (OSError, TypeError):  # already ended (native_id None) or not permitted
+            pass
+        thread.join()
 
 
 class _Prefetch:
