@@ -10,21 +10,20 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Type, Union
 
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 __all__ = ["register_norm_sampler", "find_rule", "RULES", "UnsupportedModuleError", "REFUSED"]
 
 RULES: Dict[Union[type, str], object] = {}  # by class, or by "module.QualName" (no import needed)
 
-# Module types that cannot be made private as they are, with the fix to suggest.
+# Module types with trainable parameters that cannot be made private as they are, with the fix to suggest.
+# (Modules that mix samples or write buffers from the data, parameters or not: see ``guards``.)
 REFUSED: Dict[type, str] = {
-    nn.modules.batchnorm._BatchNorm: (
-        "BatchNorm mixes samples of a batch, so per-sample gradients do not exist (privacy leak); "
-        "replace it with GroupNorm or LayerNorm"
-    ),
-    nn.modules.instancenorm._InstanceNorm: (
-        "InstanceNorm with running statistics mixes samples through its buffers; use GroupNorm"
-    ),
     nn.RNNBase: "recurrent layers are not supported; use a transformer layer or write a rule with register_norm_sampler",
+    ParametrizationList: (
+        "a parametrized weight (torch.nn.utils.parametrize, e.g. weight_norm) is computed from these parameters "
+        "outside any per-sample rule; remove the parametrization (parametrize.remove_parametrizations) or freeze it"
+    ),
 }
 
 
@@ -50,7 +49,7 @@ def register_norm_sampler(*module_types: Union[Type[nn.Module], str]) -> Callabl
 def find_rule(module: nn.Module) -> Optional[object]:
     """The rule for ``module``'s class or its nearest registered base class; None if there is none."""
     for cls in type(module).__mro__:
-        if cls in REFUSED and getattr(module, "track_running_stats", True):
+        if cls in REFUSED:
             raise UnsupportedModuleError(f"{type(module).__name__}: {REFUSED[cls]}")
         rule = RULES.get(cls) or RULES.get(qualified_name(cls))
         if rule is not None:

@@ -8,11 +8,17 @@ reported back, during backward, so the saved tensors are freed early; everything
 (called by the optimizer's step). Processing
 computes per-sample norms, clip factors and the clipped sums (fused for single-use linear layers), and
 adds them to ``clipped_sum``. Nothing non-private leaves the tracker except through the DP optimizer.
+
+Refused instead (errors naming the module or parameter): modules that mix samples or write buffers from the
+data, trainable parameters or not (``guards``: by class at set-up and at every forward, and any buffer a captured
+forward pass changes), and any ordinary gradient a trainable parameter receives, which can only come from a use
+outside its module (no rule lets its module's own use reach it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -33,8 +39,11 @@ from dptrain.grad_sample.contributions import (
     select_samples,
     weighted_sum,
 )
+from dptrain.fsdp import FSDPView
+from dptrain.grad_sample import guards
 from dptrain.grad_sample.functorch_rule import FunctorchRule
 from dptrain.grad_sample.registry import UnsupportedModuleError, find_rule
+from dptrain.losses import check_model_call
 
 # importing the rule modules registers them
 from dptrain.grad_sample import conv, embedding, linear, norms  # noqa: F401  isort: skip
@@ -95,6 +104,7 @@ class GradSampleTracker:
         self._enabled = True
         self._outstanding: Dict[nn.Module, int] = {}
         self._undo: list = []
+        self._buffers_before: Optional[list] = None  # buffer_state at the start of a captured forward
         self._module_names: Dict[nn.Module, str] = {}
         self._rules: Dict[nn.Module, object] = {}
         self._attach_rules()
@@ -110,6 +120,12 @@ class GradSampleTracker:
 
     # ------------------------------------------------------------------ set-up
     def _attach_rules(self) -> None:
+        root = self.model.module if isinstance(self.model, FSDPView) else self.model  # the module users call
+        self._all_modules = [(name or type(m).__name__, m) for name, m in self.model.named_modules()]
+        for name, module in self._all_modules:  # sample-mixing modules, trainable parameters or not
+            if guards.is_guarded(module):
+                guards.check_mixing(name, module)
+                self._undo.append(module.register_forward_pre_hook(functools.partial(_check_mode, name)))
         owners: Dict[nn.Parameter, List[str]] = {}
         for name, module in self.model.named_modules(remove_duplicate=False):
             for pname, p in module.named_parameters(recurse=False):
@@ -128,15 +144,23 @@ class GradSampleTracker:
             self._module_names[module] = name or type(module).__name__
             self._rules[module] = rule
             self._undo += rule.attach(module, self)
+            # no rule lets its module's own use reach a parameter: any ordinary gradient is a use elsewhere
             for p in module.parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
-                if rule.replaces_param_grad:  # its module never makes an ordinary gradient: any is a foreign use
+                if p.requires_grad:
                     self._undo.append(p.register_hook(_refuse_foreign_use(owners[p][0])))
-                else:  # autograd's non-private sum is never kept
-                    self._undo.append(p.register_post_accumulate_grad_hook(_drop_grad))
-        self._undo.append(self.model.register_forward_pre_hook(self._read_batch_size, with_kwargs=True))
+            if root is not self.model:  # FSDP2: forward and backward use unsharded stand-ins; guard those too
+                self._undo.append(module.register_forward_pre_hook(self._guard_stand_ins))
+        self._guarded = {id(p): p for p in owners}
+        self._undo.append(root.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._undo.append(root.register_forward_hook(self._after_forward))
+        self._undo.append(check_model_call(root))  # warns once about Hugging Face's labels= batch loss
         self._param_names = {p: names[0] for p, names in owners.items()}
+
+    def _guard_stand_ins(self, module, args) -> None:
+        for pname, p in module._parameters.items():
+            if p is not None and p.requires_grad and id(p) not in self._guarded:
+                self._guarded[id(p)] = p  # kept alive, so its id stays its own
+                self._undo.append(p.register_hook(_refuse_foreign_use(f"{self._module_names[module]}.{pname}")))
 
     def _build_groups(self, max_grad_norm) -> List[ClipGroup]:
         modules = list(self._rules)
@@ -178,9 +202,23 @@ class GradSampleTracker:
         self._undo = []
 
     # ------------------------------------------------------------------ capture
-    def _read_batch_size(self, module, args, kwargs):
+    def _before_forward(self, module, args, kwargs):
+        if not self._enabled:  # e.g. the fallback re-running a root module that owns parameters, per sample
+            return
         first = next((v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         self.batch_size = None if first is None else first.shape[0]
+        self._buffers_before = guards.buffer_state(self._all_modules) if self.should_capture() else None
+
+    def _after_forward(self, module, args, output):
+        """A captured forward pass must leave every buffer as it was (see ``guards``)."""
+        if not self._enabled:
+            return
+        before, self._buffers_before = self._buffers_before, None
+        if before is not None:
+            guards.check_buffers(before, guards.buffer_state(self._all_modules))
+
+    def module_name(self, module: nn.Module) -> str:
+        return self._module_names.get(module, type(module).__name__)
 
     def should_capture(self) -> bool:
         return self._enabled and torch.is_grad_enabled()
@@ -197,9 +235,10 @@ class GradSampleTracker:
         self._outstanding[module] = self._outstanding.get(module, 0) + 1
         return self._outstanding[module]
 
-    def arrive(self, module: nn.Module, call: int, saved, grad_output: torch.Tensor) -> None:
-        """Backward reached ``module``: turn (saved, grad_output) into contributions and file them."""
-        batch = grad_output.shape[0]
+    def arrive(self, module: nn.Module, call: int, saved, grad_output: Union[torch.Tensor, tuple]) -> None:
+        """Backward reached ``module``: turn (saved, grad_output) into contributions and file them.
+        ``grad_output``: the gradient of the output, or a tuple of them (one per output tensor)."""
+        batch = (grad_output[0] if isinstance(grad_output, tuple) else grad_output).shape[0]
         if self.batch_size is not None and batch != self.batch_size:
             raise UnsupportedModuleError(
                 f"module '{self._module_names[module]}': gradient batch dimension {batch} differs from the "
@@ -207,6 +246,13 @@ class GradSampleTracker:
             )
         self._arrived_batch = batch
         contributions = self._rules[module].contributions(module, saved, grad_output)
+        own = list(module._parameters.values())
+        if not all(any(p is q for q in own) for p in contributions):  # identity: `in` would compare values
+            raise UnsupportedModuleError(
+                f"module '{self._module_names[module]}' ({type(module).__name__}) computes a weight from its "
+                "parameters in a hook (e.g. torch.nn.utils.weight_norm or spectral_norm), so the per-sample gradient "
+                "of that weight belongs to no parameter; remove the reparametrization or freeze the module"
+            )
         group = self._group_of[module]
         for p, c in contributions.items():
             group.pending.setdefault(p, []).append(c)
@@ -388,8 +434,8 @@ def _total(parts, start: Optional[torch.Tensor] = None) -> torch.Tensor:
     return total
 
 
-def _drop_grad(p: torch.Tensor) -> None:
-    p.grad = None
+def _check_mode(name: str, module: nn.Module, args) -> None:
+    guards.check_mixing(name, module)  # e.g. a frozen BatchNorm put back in train mode by model.train()
 
 
 def _refuse_foreign_use(name: str):

@@ -1,0 +1,79 @@
+"""Modules that mix the samples of a batch or write buffers from the data: refused, with or without parameters.
+
+A BatchNorm in train mode normalises each sample with statistics of the whole batch (no per-sample gradient
+exists) and, like an InstanceNorm with running statistics, writes running statistics computed from the data.
+Buffers are released with the weights (``state_dict``) without noise. So the tracker refuses such modules by
+class at ``make_private`` and guards them at every forward (a frozen BatchNorm must stay in eval mode), and
+catches the rest generically: a buffer changed in place bumps its ``_version``, a reassigned or new buffer
+changes the list of buffers, so comparing ``buffer_state`` before and after a captured forward pass finds
+any module that writes buffers, without comparing tensors.
+"""
+
+from __future__ import annotations
+
+from itertools import zip_longest
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from dptrain.grad_sample.registry import UnsupportedModuleError
+
+__all__ = ["is_guarded", "check_mixing", "buffer_state", "check_buffers"]
+
+_FIX = "replace it with GroupNorm or LayerNorm, or call .eval() on it (frozen running statistics) and keep it in eval mode"
+
+
+def is_guarded(module: nn.Module) -> bool:
+    """Normalisation layers whose mode decides whether they mix samples: checked at every forward."""
+    return isinstance(module, (_BatchNorm, _InstanceNorm))
+
+
+def _mixing_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module`` in its current mode mixes samples or writes buffers from the data; None if it does not."""
+    if isinstance(module, _BatchNorm):
+        if module.training:
+            writes = " and writes its running statistics from them" if module.track_running_stats else ""
+            return f"in train mode it normalises with statistics of the whole batch (mixes samples){writes}"
+        if module.running_mean is None and module.running_var is None:
+            return "without running statistics it normalises with batch statistics even in eval mode (mixes samples)"
+    if isinstance(module, _InstanceNorm) and module.training and module.track_running_stats:
+        return "with track_running_stats=True it writes its running statistics from the data in train mode"
+    return None
+
+
+def check_mixing(name: str, module: nn.Module) -> None:
+    """Raise, naming the module and the fix, if ``module`` in its current mode mixes samples or writes buffers."""
+    reason = _mixing_reason(module)
+    if reason is not None:
+        fix = "use track_running_stats=False or GroupNorm, or call .eval() on it" if isinstance(module, _InstanceNorm) else _FIX
+        raise UnsupportedModuleError(
+            f"module '{name}' ({type(module).__name__}): {reason}, which differential privacy does not cover; {fix}"
+        )
+
+
+BufferState = List[Tuple[str, str, torch.Tensor, int]]
+
+
+def buffer_state(modules: Sequence[Tuple[str, nn.Module]]) -> BufferState:
+    """(module name, buffer name, buffer, version counter) of every buffer of ``modules``."""
+    return [(m_name, b_name, b, _version(b)) for m_name, m in modules for b_name, b in m._buffers.items() if b is not None]
+
+
+def check_buffers(before: BufferState, after: BufferState) -> None:
+    """Raise, naming the module and buffer, if a buffer was written, reassigned, added or removed in between."""
+    for old, new in zip_longest(before, after):
+        if old is None or new is None or old[:2] != new[:2] or old[2] is not new[2] or old[3] != new[3]:
+            m_name, b_name = (new or old)[:2]
+            raise UnsupportedModuleError(
+                f"module '{m_name}' changed its buffer '{b_name}' during a training forward pass; buffers are "
+                "released with the weights without noise, so a buffer written from the data leaks it. Freeze "
+                "the module (eval mode) or keep the buffer constant"
+            )
+
+
+def _version(t: torch.Tensor) -> int:
+    # inference tensors have no version counter, and cannot be changed in place outside inference mode
+    return -1 if t.is_inference() else t._version
