@@ -24,6 +24,9 @@ OPTIMIZERS = {
     "frugal": ("dptrain.optim", "Frugal"),
     "swan": ("dptrain.optim", "Swan"),
     "sgd-sai": ("dptrain.optim", "SGDSaI"),
+    "microadam": ("dptrain.optim", "MicroAdam"),
+    "ldadam": ("dptrain.optim", "LDAdam"),
+    "dct-adamw": ("dptrain.optim", "DCTAdamW"),
 }
 
 

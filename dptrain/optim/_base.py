@@ -61,6 +61,22 @@ class LowMemoryOptimizer(Optimizer):
         """Canonical ``(m, n)`` and the original shape of each matrix parameter in ``group``."""
         return [(*canonical_shape(p.shape), tuple(p.shape)) for p in group["params"] if is_matrix(p)]
 
+    # -- checkpoints ------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as ``torch.optim.Optimizer`` does, but keep each saved state tensor's dtype.
+
+        torch casts every floating-point state tensor to its parameter's dtype; state kept on purpose in
+        another dtype (MicroAdam's bf16 ring buffer, fp32 statistics of a bf16 model) must come back as saved.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                current = self.state[p].get(key)
+                if isinstance(value, Tensor) and isinstance(current, Tensor) and current.dtype != value.dtype:
+                    self.state[p][key] = value.to(device=current.device, copy=True)
+
     # -- the step ---------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -79,16 +95,19 @@ class LowMemoryOptimizer(Optimizer):
                     raise TypeError(f"{type(self).__name__} does not support sparse gradients (parameter {index - 1})")
                 state = self.state[p]
                 state["step"] = state.get("step", 0) + 1
-                if is_matrix(p):
-                    grad, transposed = canonical_matrix(p.grad)  # (m, n), m <= n
-                    direction = self._matrix_direction(grad, state, group, index - 1)  # (m, n)
-                    direction = from_canonical(direction, transposed, p.shape)
-                else:
-                    direction = self._vector_direction(p.grad, state, group, index - 1)
+                direction = self._tensor_direction(p.grad, state, group, index - 1)
                 if group["weight_decay"] != 0:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(direction.to(p.dtype), alpha=-group["lr"])
         return loss
+
+    def _tensor_direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> Tensor:
+        """Direction for one parameter: the matrix rule on the canonical view, the AdamW fallback otherwise."""
+        if not is_matrix(grad):
+            return self._vector_direction(grad, state, group, index)
+        mat, transposed = canonical_matrix(grad)  # (m, n), m <= n
+        direction = self._matrix_direction(mat, state, group, index)  # (m, n)
+        return from_canonical(direction, transposed, grad.shape)
 
     def _matrix_direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> Tensor:
         """Direction for a canonical matrix gradient ``(m, n)``; ``state['step']`` is already incremented."""

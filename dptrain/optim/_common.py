@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "adam_compute_dtype",
     "adam_direction",
     "canonical_matrix",
     "check_betas",
@@ -108,6 +109,11 @@ def canonical_shape(shape: torch.Size) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- Adam moments
+def adam_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in for state of ``dtype``: float32 for half types, else ``dtype`` (fp32, fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, *, beta1: float, beta2: float,
                    eps: float, step: int) -> Tensor:
     """Update the Adam moments in place with ``grad`` and return the bias-corrected direction.
