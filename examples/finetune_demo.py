@@ -1,6 +1,6 @@
 """Private fine-tuning of a causal LM with the library API (the same job as `dptrain finetune`).
 
-Run:  python examples/finetune_demo.py [--output-dir finetune-demo-out] [--lora]
+Run:  python examples/finetune_demo.py [--output-dir DIR] [--lora]    # default DIR: a new temporary folder
 
 A tiny GPT-2 (built from a config, byte-level tokenizer, no download) is pretrained for a few steps on a
 public synthetic corpus, then fine-tuned with DP-SGD at epsilon 3 on synthetic clinical records that contain
@@ -12,6 +12,7 @@ The model in --output-dir is the DP release; --output-dir/private/ holds the SEC
 import argparse
 import logging
 import random
+import tempfile
 
 import torch
 
@@ -33,20 +34,25 @@ def canary_rank(model, tokenizer, prefix: str, code: str, candidates: int = 50, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="finetune-demo-out")
+    parser.add_argument("--output-dir", default=None, help="where outputs go (default: a new temporary folder; "
+                        "an existing non-empty folder is refused)")
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on DP steps (default: 2 epochs)")
+    parser.add_argument("--pretrain-steps", type=int, default=30, help="public pretraining steps (default 30)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    args.output_dir = args.output_dir or tempfile.mkdtemp(prefix="dptrain-finetune-demo-")
 
-    config = FinetuneConfig(output_dir=args.output_dir, overwrite=True, lora=args.lora, seed=args.seed,
-                            target_epsilon=3.0)
+    config = FinetuneConfig(output_dir=args.output_dir, lora=args.lora, seed=args.seed, target_epsilon=3.0,
+                            max_steps=args.max_steps, pretrain_steps=args.pretrain_steps)
     result = finetune(config)
     print(f"epsilon spent {result.epsilon:.3f} (target {result.target_epsilon}) at delta {result.delta:.2e}, "
           f"noise multiplier {result.noise_multiplier:.3f}, {result.steps} steps")
     print(f"held-out perplexity {result.eval_perplexity_before:.2f} -> {result.eval_perplexity:.2f} "
           "(computed without noise from private held-out records: not private)")
-    print(f"secret, never publish: {', '.join(f'{args.output_dir}/{f}' for f in result.secret_files)}")
+    print(f"released in {args.output_dir}; secret, never publish: "
+          f"{', '.join(f'{args.output_dir}/{f}' for f in result.secret_files)}")
 
     from transformers import AutoTokenizer
 

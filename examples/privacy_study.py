@@ -1,8 +1,9 @@
 """Privacy study of the fine-tuning demo: what leaks without DP, and how much less at epsilon 8, 3, 1.
 
-    python examples/privacy_study.py                 # ~10 minutes on 2 CPU cores; writes section "privacy_study"
-    python examples/privacy_study.py --epsilons 1e6 3 --no-write
-    python examples/privacy_study.py --epochs 10 --section privacy_study_10_epochs   # 5x longer runs
+    python examples/privacy_study.py                 # ~10 minutes on 2 CPU cores; prints the table
+    python examples/privacy_study.py --epsilons 1e6 3
+    python examples/privacy_study.py --write-results # also writes section "privacy_study" of benchmarks/RESULTS.md
+    python examples/privacy_study.py --epochs 10 --section privacy_study_10_epochs --write-results   # 5x longer
 
 For each budget the bundled demo (tiny GPT-2, public pretraining, DP fine-tuning on synthetic clinical records
 with canaries) is trained through the library API (``dptrain.finetune.finetune``) with the demo's own records
@@ -62,7 +63,7 @@ def audit_canaries(m: int, seed: int) -> tuple[list[str], np.ndarray]:
 
 def one_run(epsilon: float, out_dir: Path, args, audit_texts, inclusion) -> dict:
     from dptrain.attacks.lm import loss_scores, tokenize_texts
-    from dptrain.cli.attack import load_model
+    from dptrain.cli.attack import demo_records, load_model
     from dptrain.finetune import FinetuneConfig, finetune
     from dptrain.finetune.data import synthetic_private_records
 
@@ -74,7 +75,10 @@ def one_run(epsilon: float, out_dir: Path, args, audit_texts, inclusion) -> dict
     started = time.perf_counter()
     result = finetune(cfg, train_texts=train, eval_texts=held)  # the demo model; the records the demo would use
     seconds = time.perf_counter() - started
-    mia = cli_json("attack", "mia", "--model", str(out_dir))
+    members, nonmembers = (out_dir.parent / f"{out_dir.name}-{kind}.jsonl" for kind in ("members", "nonmembers"))
+    for path, texts in zip((members, nonmembers), demo_records(cfg.to_dict())):  # demo canaries left out
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    mia = cli_json("attack", "mia", "--model", str(out_dir), "--members", str(members), "--nonmembers", str(nonmembers))
     canary = cli_json("attack", "canary", "--model", str(out_dir), "--num-references", str(args.num_references))
     model, tokenizer = load_model(str(out_dir))
     ids, att = tokenize_texts(tokenizer, audit_texts)  # (m, T)
@@ -126,7 +130,8 @@ def main() -> None:
     parser.add_argument("--guesses", type=int, default=20, help="k+ = k- of the one-run audit (fixed in advance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--section", default="privacy_study", help="RESULTS.md section (default privacy_study)")
-    parser.add_argument("--no-write", action="store_true", help="print the table, do not touch RESULTS.md")
+    parser.add_argument("--write-results", action="store_true",
+                        help="also write the table into benchmarks/RESULTS.md (default: print only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     audit_texts, inclusion = audit_canaries(args.audit_canaries, seed=args.seed + 7)
@@ -140,8 +145,9 @@ def main() -> None:
             rows.append(row)
     body = table(rows, args)
     print(body)
-    if not args.no_write:
+    if args.write_results:
         write_section(args.section, body)
+        print(f"written: section {args.section!r} of {ROOT / 'benchmarks' / 'RESULTS.md'}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ noise calibrated to a target epsilon, micro-batches of at most 16 rows.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dptrain
+from dptrain.losses import cross_entropy
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     for epoch in range(3):
         for xb, yb in loader:
             if len(xb):  # Poisson batches can be empty: still step (noise only)
-                F.cross_entropy(model(xb), yb).backward()
+                cross_entropy(model(xb), yb).mean().backward()  # the mean of per-sample losses
             optimizer.step()
             optimizer.zero_grad()
         with torch.no_grad():

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+import time
 from typing import Any, Sequence
 
 __all__ = ["main", "CLIError", "emit"]
@@ -21,6 +23,7 @@ _COMMANDS = {
     "finetune": "finetune",
     "attack": "attack",
     "audit": "audit",
+    "federated": "federated",
 }
 
 
@@ -76,8 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
-        print(f"dptrain {args.command}: error: {err}", file=sys.stderr)
+        _error_line(f"dptrain {args.command}: error: {err}")
         return 2
-    except KeyboardInterrupt:
-        print(f"dptrain {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        _error_line(f"dptrain {args.command}: {str(err) or 'interrupted'}")
         return 130
+
+
+def _error_line(line: str) -> None:
+    """Print ``line`` on stderr once: under torchrun only rank 0 prints, and every rank hands it to the launcher
+    (TORCHELASTIC_ERROR_FILE), whose failure summary then shows it instead of a link to enable tracebacks."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)

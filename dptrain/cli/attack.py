@@ -2,7 +2,8 @@
 
 Both work on a model folder written by ``dptrain finetune`` (or any ``save_pretrained`` folder with its
 tokenizer). When the folder came from the bundled demo (its ``report.json`` says the records were synthetic),
-the member/non-member records and the canaries are regenerated from the run's seed, so no file is needed.
+the member/non-member records and the canaries are regenerated from the run's seed, so no file is needed; a run
+on your own data with held-out records left them in its SECRET ``private/members.jsonl`` and ``nonmembers.jsonl``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ min_k (mean of the lowest 20% token log-probs), reference (reference-model loss 
 metrics per score: auc, tpr_at_fpr_0.001, tpr_at_fpr_0.01, balanced_accuracy.
 
 examples:
-  dptrain attack mia --model out                        # demo run: records regenerated from out/report.json
+  dptrain attack mia --model out                        # demo run: records regenerated from out/report.json;
+                                                        # own data: out/private/members.jsonl, nonmembers.jsonl
   dptrain attack mia --model out --members train.jsonl --nonmembers heldout.jsonl --json
   dptrain attack mia --model out --reference-model gpt2 --members train.txt --nonmembers heldout.txt --plot roc.png
 """
@@ -75,7 +77,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     mia.add_argument("--model", required=True, help="model folder (save_pretrained model + tokenizer)")
     mia.add_argument("--reference-model", default=None, help="reference model folder or hub name (adds 'reference')")
-    mia.add_argument("--members", default=None, help="training records: JSONL ('text') or .txt one per line")
+    mia.add_argument("--members", default=None, help="training records: .jsonl ('text'), .csv, .txt (one per line) "
+                     "or a folder of .txt (default: <model>/private/members.jsonl, or the demo's records)")
     mia.add_argument("--nonmembers", default=None, help="records not trained on, same format")
     mia.add_argument("--k", type=_fraction, default=0.2, help="Min-K%% fraction (default 0.2)")
     mia.add_argument("--max-length", type=positive_int, default=None,
@@ -201,8 +204,16 @@ def run_mia(args: argparse.Namespace) -> int:
     folder = _check_model_dir(args.model)
     if (args.members is None) != (args.nonmembers is None):
         raise CLIError("pass both --members and --nonmembers, or neither (demo runs only)")
-    if args.members is None:
-        config = _demo_config(folder, "--members and --nonmembers")
+    from dptrain.finetune.secret_files import MEMBERS_FILE, NONMEMBERS_FILE
+
+    if args.members is None and (folder / MEMBERS_FILE).is_file() and (folder / NONMEMBERS_FILE).is_file():
+        config = _run_config(folder)  # a run on your own data: the secret member/non-member records it wrote
+        members = _load_records(str(folder / MEMBERS_FILE), "members")
+        nonmembers = _load_records(str(folder / NONMEMBERS_FILE), "nonmembers")
+        source = f"{folder / MEMBERS_FILE} vs {folder / NONMEMBERS_FILE}, SECRET files of the run"
+    elif args.members is None:
+        config = _demo_config(folder, "--members and --nonmembers (a 'dptrain finetune' run on your own data with "
+                                      "held-out records writes them to <output-dir>/private/)")
         members, nonmembers = demo_records(config)
         source = "demo records regenerated from report.json"
     else:

@@ -18,7 +18,8 @@ __all__ = ["add_parser", "run"]
 _EPILOG = """\
 step convention: one epoch = ceil(dataset_size / batch_size) steps (= ceil(1 / sample_rate) when only the
 sample rate is given); sampling is Poisson with rate q = batch_size / dataset_size.
-delta: default min(1e-5, 1 / N^1.1) when the dataset size N is known, else 1e-5.
+delta: default min(1e-5, 1 / N^1.1) when the dataset size N is known (the default of 'dptrain finetune' and
+DPTrainer too), else 1e-5.
 
 examples:
   # epsilon of 3 epochs on 60k records, batch 256, noise multiplier 1.1 (both accountants)
@@ -28,12 +29,6 @@ examples:
   # how many steps fit in epsilon = 3 with noise multiplier 1.0 (PLD accountant)
   dptrain budget --sample-rate 0.01 --noise-multiplier 1.0 --target-epsilon 3 --accountant pld
 """
-
-
-
-
-
-
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -89,9 +84,11 @@ def _delta(args, dataset_size: int | None) -> tuple[float, str]:
         if not 0 < args.delta < 1:
             raise CLIError(f"--delta must be in (0, 1), found {args.delta!r}")
         return args.delta, "given"
+    from dptrain.finetune.config import DEFAULT_DELTA_RULE, default_delta  # the rule finetune and DPTrainer use
+
     if dataset_size is None:
         return 1e-5, "default 1e-5 (dataset size unknown)"
-    return min(1e-5, dataset_size ** -1.1), f"min(1e-5, 1/N^1.1) with N = {dataset_size}"
+    return default_delta(dataset_size), f"default {DEFAULT_DELTA_RULE} with N = {dataset_size}"
 
 
 def _steps(args, per_epoch: int) -> int | None:

@@ -12,23 +12,27 @@ import logging
 import os
 import sys
 
-from dptrain.cli import emit
+from dptrain.cli import CLIError, emit
 
 __all__ = ["add_parser", "run"]
 
 EXAMPLES = """examples:
-  dptrain finetune --output-dir out                     # the offline demo (CPU, a few minutes)
+  dptrain finetune --output-dir out                     # the offline demo (CPU, about a minute)
   dptrain finetune --model gpt2 --data notes.jsonl --lora --target-epsilon 3 --output-dir out
   dptrain finetune --model ./my-model --data notes.txt --batch-size 256 --physical-batch-size 16 \\
       --optimizer apollo-mini --clipping per_layer --accountant pld --output-dir out
-  dptrain finetune --output-dir out --resume            # continue an interrupted run (out/private/checkpoint.pt)
+  dptrain finetune --output-dir out --resume            # after Ctrl-C: the same command plus --resume
   dptrain finetune --output-dir out --audit-canaries 1000 && dptrain audit --model out   # one-run audit
 
---data: JSONL with a "text" field per line, or a text file with one record per line.
-Released in --output-dir: report.json, training.png, the model (save_pretrained) + tokenizer (+ adapter/).
-SECRET, never publish: --output-dir/private/ (owner-only): checkpoint.pt (noise and sampler generator states)
-and, with --audit-canaries, audit_secret.json (the canaries and which were trained on).
-DP covers the model weights; the held-out perplexities are computed without noise (not private: --no-eval).
+--data: .jsonl (one JSON object per line, text in --text-column, default "text"), .csv/.tsv (header row, text in
+--text-column), .txt (one record per line), or a folder of .txt files (one record per file).
+Released in --output-dir: report.json, training.png (DP-noised training loss, held-out perplexity, epsilon against
+steps), the model (save_pretrained) + tokenizer (+ adapter/).
+SECRET, never publish: --output-dir/private/ (owner-only): checkpoint.pt (noise and sampler generator states; open
+with dptrain.finetune.load_checkpoint), with --audit-canaries audit_secret.json (the canaries and which were trained
+on), and on your own data members.jsonl / nonmembers.jsonl (for 'dptrain attack mia --model').
+DP covers the model weights and the noisy training loss; the held-out perplexities are computed without noise (not
+private: --no-eval). Ctrl-C stops at the end of the step and writes the checkpoint: continue with --resume.
 """
 
 
@@ -45,21 +49,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default=None, help="hub name or local folder (default: the bundled tiny demo model)")
-    p.add_argument("--data", default=None, help="JSONL ('text' field) or .txt records (default: synthetic records)")
+    p.add_argument("--data", default=None, help=".jsonl, .csv/.tsv, .txt (one record per line) or a folder of .txt "
+                   "files (default: synthetic records)")
+    p.add_argument("--text-column", default=d.text_column, help="JSONL field / CSV column holding the text "
+                   f"(default {d.text_column!r})")
     p.add_argument("--eval-data", default=None, help="held-out records for perplexity (default: 10%% of --data)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters only (peft)")
     p.add_argument("--lora-r", type=int, default=d.lora_r, help=f"LoRA rank (default {d.lora_r})")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha:g})")
     p.add_argument("--lora-targets", nargs="+", default=None, help="LoRA target modules (default: detected)")
     p.add_argument("--target-epsilon", type=float, default=d.target_epsilon, help="privacy budget epsilon (default 3)")
-    p.add_argument("--delta", type=float, default=None, help="delta (default 1/N^1.1)")
+    p.add_argument("--delta", type=float, default=None, help="delta (default min(1e-5, 1/N^1.1), as dptrain budget)")
     p.add_argument("--epochs", type=float, default=d.epochs, help=f"epochs (default {d.epochs:g})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"expected logical batch (default {d.batch_size})")
     p.add_argument("--physical-batch-size", type=int, default=None,
                    help="largest micro-batch held in memory; larger logical batches are accumulated")
     p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
     p.add_argument("--optimizer", default=d.optimizer,
-                   help="sgd, adam, adamw, apollo, apollo-mini, galore, frugal, swan, sgd-sai (default adamw)")
+                   help="sgd, adam, adamw, apollo, apollo-mini, galore, frugal, swan, sgd-sai, microadam, ldadam, dct-adamw "
+                        "(default adamw)")
     p.add_argument("--clipping", default=d.clipping, choices=CLIPPING_MODES, help="clipping mode (default flat)")
     p.add_argument("--accountant", default=d.accountant, choices=ACCOUNTANTS, help="accountant (default rdp)")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clipping threshold C (default 1)")
@@ -84,6 +92,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(a resume continues correctly, not bit-identically)")
     p.add_argument("--no-eval", dest="evaluate", action="store_false",
                    help="skip the held-out perplexity (computed without noise from private records: not private)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="K",
+                   help="held-out perplexity every K steps for training.png (default: 8 points per run; 0: before "
+                        "and after only)")
+    p.add_argument("--no-dp-train-loss", dest="dp_train_loss", action="store_false",
+                   help="do not release the DP-noised training loss (it is accounted in epsilon; releasing it costs "
+                        "~3%% more gradient noise)")
     p.add_argument("--debug-train-loss", action="store_true",
                    help="record, show and plot the training loss: NON-PRIVATE debugging output (off by default)")
     p.add_argument("--audit-canaries", type=int, default=0, metavar="M",
@@ -101,9 +115,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
     config = FinetuneConfig(
-        model=args.model, data=args.data, eval_data=args.eval_data, lora=args.lora, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, target_epsilon=args.target_epsilon,
-        delta=args.delta, epochs=args.epochs, batch_size=args.batch_size,
+        model=args.model, data=args.data, text_column=args.text_column, eval_data=args.eval_data, lora=args.lora,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+        target_epsilon=args.target_epsilon, delta=args.delta, epochs=args.epochs, batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size, lr=args.lr, optimizer=args.optimizer.lower(),
         clipping=args.clipping, accountant=args.accountant, max_grad_norm=args.max_grad_norm,
         error_feedback=args.error_feedback, controller=args.controller, max_steps=args.max_steps,
@@ -111,28 +125,71 @@ def run(args: argparse.Namespace) -> int:
         output_dir=args.output_dir, overwrite=args.overwrite, resume=args.resume, seed=args.seed,
         progress=not args.json, debug_train_loss=args.debug_train_loss, audit_canaries=args.audit_canaries,
         insecure_seed=args.insecure_seed, secure_mode=args.secure_mode, evaluate=args.evaluate,
+        eval_every=args.eval_every, dp_train_loss=args.dp_train_loss,
     ).validate()  # bad settings fail with one line before anything is printed
     from dptrain import distributed
 
     if args.insecure_seed is not None and os.environ.get("RANK", "0") == "0":
         print(f"dptrain finetune: WARNING: --insecure-seed {args.insecure_seed} fixes the noise and the batches: the "
               "model is NOT PRIVATE (tests and debugging only)", file=sys.stderr)
-    result = finetune(config)
-    summary = result.to_dict()
-    summary["output_dir"] = args.output_dir
-    before, after = result.eval_perplexity_before, result.eval_perplexity
-    ppl = "" if before is None or after is None else (
-        f"\n  eval perplexity: {before:.2f} -> {after:.2f} (held-out records, no noise: NOT private)")
-    secrets = ", ".join(f"{args.output_dir}/{f}" for f in result.secret_files)
-    warning = "" if result.privacy.get("private", True) else (
-        "\n  WARNING: this model is NOT PRIVATE (--insecure-seed or zero noise): tests and debugging only")
-    human = (
-        f"DP fine-tuning {'done' if result.finished else 'stopped'}: {result.steps}/{result.total_steps} steps, "
-        f"epsilon = {result.epsilon:.3f} (target {result.target_epsilon:g}) at delta = {result.delta:.3g}"
-        f"\n  noise multiplier {result.noise_multiplier:.3f}, expected batch {result.expected_batch_size:.0f} "
-        f"of {result.dataset_size} records{ppl}\n  released in {args.output_dir}/: report.json, training.png, model"
-        f"\n  SECRET, never publish (owner-only): {secrets}{warning}"
-    )
+    try:
+        result = finetune(config)
+    except distributed.CollectiveError as err:  # another rank failed or left: one line, no traceback
+        raise CLIError(str(err)) from None
+    except KeyboardInterrupt as err:
+        if str(err):  # TrainingInterrupted: says what was saved
+            raise
+        from dptrain.finetune.secret_files import CHECKPOINT_FILE
+
+        checkpoint = os.path.join(args.output_dir, CHECKPOINT_FILE)
+        if os.path.isfile(checkpoint):  # e.g. while the finished model was being saved
+            raise KeyboardInterrupt(f"interrupted outside the training steps: {checkpoint} holds the last saved "
+                                    "step; the same command plus --resume continues from it") from None
+        raise KeyboardInterrupt("interrupted before DP training started: nothing to resume; run the command again "
+                                "(with --overwrite if the output folder was created)") from None
     if distributed.rank_and_world()[0] == 0:  # under torchrun, one summary
+        summary, human = _summary(args, config, result)
         emit(summary, human, args.json)
     return 0
+
+
+def _summary(args, config, result) -> tuple:
+    """The run in numbers, each with what it means (JSON: ``result.to_dict()`` plus the file lists)."""
+    from pathlib import Path
+
+    from dptrain.finetune.config import DEFAULT_DELTA_RULE
+
+    out = Path(args.output_dir)
+    released = sorted(f"{p.name}/" if p.is_dir() else p.name for p in out.iterdir() if p.name != "private")
+    secrets = [f"{out / f}" for f in result.secret_files]
+    summary = {**result.to_dict(), "output_dir": args.output_dir, "released_files": released}
+    rule = f"default {DEFAULT_DELTA_RULE}, N = {result.dataset_size}" if config.delta is None else "given"
+    lines = [
+        f"DP fine-tuning {'done' if result.finished else 'stopped'}: {result.steps}/{result.total_steps} steps, "
+        f"epsilon = {result.epsilon:.3f} (target {result.target_epsilon:g}) at delta = {result.delta:.3g} [{rule}]",
+        f"  noise multiplier {result.noise_multiplier:.3f} on the gradient" + (
+            "" if result.step_noise_multiplier in (None, result.noise_multiplier) else
+            f" ({result.step_noise_multiplier:.3f} for gradient and loss release together: what dptrain budget takes)")
+        + f", expected batch {result.expected_batch_size:.0f} of {result.dataset_size} records",
+    ]
+    before, after = result.eval_perplexity_before, result.eval_perplexity
+    if before is not None and after is not None:
+        lines.append(f"  held-out perplexity: {before:.2f} before -> {after:.2f} after fine-tuning (lower is better; "
+                     "no noise: NOT private)")
+    dp_loss = [h["dp_train_loss"] for h in result.history if "dp_train_loss" in h]
+    if len(dp_loss) >= 2:
+        k = max(1, min(10, len(dp_loss) // 2))
+        lines.append(f"  training loss (DP-noised, accounted): {sum(dp_loss[:k]) / k:.2f} over the first {k} steps "
+                     f"-> {sum(dp_loss[-k:]) / k:.2f} over the last {k}")
+    if config.model is None and config.data is None:
+        lines.append(f"  what leaks: dptrain attack mia --model {out}  (AUC 0.5 = chance) and dptrain attack canary "
+                     f"--model {out}  (~1.44 bits = chance, 19.9 = a 6-digit code memorised)")
+    elif any(f.endswith("members.jsonl") for f in result.secret_files):
+        lines.append(f"  what leaks: dptrain attack mia --model {out}  (uses {out}/private/*members.jsonl; AUC 0.5 = "
+                     "chance, 1.0 = every training record recognised)")
+    lines.append(f"  released in {out}/: {', '.join(released)}")
+    if secrets:
+        lines.append(f"  SECRET, never publish (owner-only): {', '.join(secrets)}")
+    if not result.privacy.get("private", True):
+        lines.append("  WARNING: this model is NOT PRIVATE (--insecure-seed or zero noise): tests and debugging only")
+    return summary, "\n".join(lines)

@@ -5,22 +5,30 @@
                                      output_dir="out"))
 
 ``PrivateLMTrainer`` is the lower-level piece (your own model, tokenizer and texts); ``per_sample_lm_loss``
-is the per-sample loss DP-SGD clips (mean over a sample's non-padding target tokens).
+is the per-sample loss DP-SGD clips (mean over a sample's non-padding target tokens); ``load_checkpoint`` opens
+the SECRET ``out/private/checkpoint.pt``. Names load on first use, so ``dptrain.finetune.config`` (and
+``dptrain budget``) import without transformers.
 """
 
-from dptrain.finetune.api import finetune, resolve_controller
-from dptrain.finetune.config import FinetuneConfig
-from dptrain.finetune.data import Canary, PrivateCorpus, load_texts, synthetic_private_records, synthetic_public_corpus
-from dptrain.finetune.loss import PadCollator, TokenizedTexts, per_sample_lm_loss, perplexity
-from dptrain.finetune.modeling import apply_lora, detect_lora_targets, load_pretrained, tiny_gpt2
-from dptrain.finetune.optimizers import OPTIMIZERS, build_optimizer
-from dptrain.finetune.tokenizer import byte_tokenizer
-from dptrain.finetune.trainer import FinetuneResult, PrivateLMTrainer, default_delta
+from importlib import import_module
 
-__all__ = [
-    "finetune", "resolve_controller", "FinetuneConfig", "FinetuneResult", "PrivateLMTrainer", "default_delta",
-    "Canary", "PrivateCorpus", "load_texts", "synthetic_private_records", "synthetic_public_corpus",
-    "PadCollator", "TokenizedTexts", "per_sample_lm_loss", "perplexity",
-    "apply_lora", "detect_lora_targets", "load_pretrained", "tiny_gpt2",
-    "OPTIMIZERS", "build_optimizer", "byte_tokenizer",
-]
+_LAZY = {
+    "finetune": "api", "resolve_controller": "api",
+    "FinetuneConfig": "config", "default_delta": "config", "DEFAULT_DELTA_RULE": "config",
+    "Canary": "data", "PrivateCorpus": "data", "load_texts": "data", "synthetic_private_records": "data",
+    "synthetic_public_corpus": "data", "DATA_FORMATS": "data",
+    "PadCollator": "loss", "TokenizedTexts": "loss", "per_sample_lm_loss": "loss", "perplexity": "loss",
+    "apply_lora": "modeling", "detect_lora_targets": "modeling", "load_pretrained": "modeling", "tiny_gpt2": "modeling",
+    "OPTIMIZERS": "optimizers", "build_optimizer": "optimizers",
+    "byte_tokenizer": "tokenizer",
+    "FinetuneResult": "trainer", "PrivateLMTrainer": "trainer", "TrainingInterrupted": "trainer",
+    "load_checkpoint": "checkpoint",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f"dptrain.finetune.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'dptrain.finetune' has no attribute {name!r}")

@@ -3,7 +3,8 @@
 The CLI is a thin layer over this function; library users can also hand in their own model, tokenizer and
 texts and keep everything else. ``output_dir`` receives the release (model, tokenizer, report.json,
 training.png, LoRA ``adapter/``) and, apart from it, the SECRET files in ``output_dir/private/`` (mode 0700):
-the checkpoint and the audit secret (``dptrain.finetune.secret_files``).
+the checkpoint, the audit secret and, on your own data, the member/non-member records
+(``dptrain.finetune.secret_files``).
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ from dptrain.finetune.checkpoint import load_checkpoint
 from dptrain.finetune.config import FinetuneConfig
 from dptrain.finetune.data import load_texts, synthetic_private_records
 from dptrain.finetune.report import LOSS_NOTE, NOT_PRIVATE_WARNING, plot_training, write_report
-from dptrain.finetune.secret_files import (AUDIT_SECRET_FILE, CHECKPOINT_FILE, LEGACY_CHECKPOINT, SECRET_FILES_NOTE,
-                                           load_audit_canaries, new_audit_canaries, private_dir, save_audit_secret)
-from dptrain.finetune.trainer import FinetuneResult, PrivateLMTrainer
+from dptrain.finetune.secret_files import (AUDIT_SECRET_FILE, CHECKPOINT_FILE, LEGACY_CHECKPOINT, MEMBERS_FILE,
+                                           NONMEMBERS_FILE, SECRET_FILES_NOTE, load_audit_canaries, new_audit_canaries,
+                                           private_dir, save_audit_secret, save_membership)
+from dptrain.finetune.trainer import LOSS_BOUND, FinetuneResult, PrivateLMTrainer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["finetune", "resolve_controller", "CHECKPOINT_FILE", "AUDIT_SECRET_FILE", "REPORT_NAME", "PLOT_NAME"]
 
 REPORT_NAME, PLOT_NAME = "report.json", "training.png"
-LM_LOSS_BOUND = 10.0  # nats: per-sample LM losses are clipped to [0, 10] before a controller's noisy release
 
 
 def resolve_controller(name: str, seed: Optional[int] = None):
@@ -54,7 +55,7 @@ def resolve_controller(name: str, seed: Optional[int] = None):
     accepted = inspect.signature(cls).parameters
     kwargs = {"seed": seed} if seed is not None and "seed" in accepted else {}
     if "loss_bound" in accepted:  # reward from a DP-released (accounted) training loss, clipped per sample
-        kwargs["loss_bound"] = LM_LOSS_BOUND
+        kwargs["loss_bound"] = LOSS_BOUND
     return cls(**kwargs)
 
 
@@ -91,7 +92,7 @@ def _prepare_output_dir(cfg: FinetuneConfig) -> Optional[Path]:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"output dir {out} is not empty; pass --overwrite to write over it, or --resume")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (CHECKPOINT_FILE, AUDIT_SECRET_FILE, LEGACY_CHECKPOINT):
+    for stale in (CHECKPOINT_FILE, AUDIT_SECRET_FILE, MEMBERS_FILE, NONMEMBERS_FILE, LEGACY_CHECKPOINT):
         (out / stale).unlink(missing_ok=True)  # --overwrite: never resume into (or audit with) an old run's secrets
     return out
 
@@ -103,10 +104,12 @@ def _audit_canaries(cfg: FinetuneConfig, out: Optional[Path]):
     return load_audit_canaries(out, cfg.audit_canaries) if cfg.resume else new_audit_canaries(cfg.audit_canaries)
 
 
-def _texts(cfg: FinetuneConfig, train_texts, eval_texts, canaries=None):
+def _texts(cfg: FinetuneConfig, train_texts, eval_texts):
+    """Training and held-out records: given, read from ``cfg.data`` (10% held out, at most 1000, split with the
+    public seed, when there are >= 100 records and no ``eval_data``), or the demo's synthetic ones."""
     if train_texts is None:
         if cfg.data is not None:
-            train_texts = load_texts(cfg.data)
+            train_texts = load_texts(cfg.data, cfg.text_column)
             if eval_texts is None and cfg.eval_data is None and len(train_texts) >= 100:
                 rng = random.Random(cfg.seed)  # hold out 10% (at most 1000) for the perplexity report
                 order = list(range(len(train_texts)))
@@ -120,11 +123,7 @@ def _texts(cfg: FinetuneConfig, train_texts, eval_texts, canaries=None):
                 eval_texts = synthetic_private_records(cfg.demo_eval_records, seed=cfg.seed + 1,
                                                        canary_repeats=()).records
     if eval_texts is None and cfg.eval_data is not None:
-        eval_texts = load_texts(cfg.eval_data)
-    if canaries is not None:  # one-run audit: each canary trained on once w.p. 1/2 (secret coins)
-        from dptrain.finetune.data import with_audit_canaries
-
-        train_texts = with_audit_canaries(train_texts, canaries)
+        eval_texts = load_texts(cfg.eval_data, cfg.text_column)
     return list(train_texts), (list(eval_texts) if eval_texts else None)
 
 
@@ -165,9 +164,16 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
     out = out if not rank else None  # only rank 0 writes files
     # every rank checkpoints together (their generator states are gathered); rank 0 writes the file
     checkpoint = Path(cfg.output_dir) / CHECKPOINT_FILE if cfg.output_dir is not None else None
-    train_texts, eval_texts = _texts(cfg, train_texts, eval_texts, canaries)
+    own_data = cfg.data is not None or train_texts is not None  # the demo's records are regenerated by the attacks
+    train_texts, eval_texts = _texts(cfg, train_texts, eval_texts)
+    membership = (train_texts, eval_texts) if own_data and eval_texts else None
+    if canaries is not None:  # one-run audit: each canary trained on once w.p. 1/2 (secret coins)
+        from dptrain.finetune.data import with_audit_canaries
+
+        train_texts = with_audit_canaries(train_texts, canaries)
     if cfg.batch_size > len(train_texts):
-        raise ValueError(f"batch-size {cfg.batch_size} is larger than the dataset ({len(train_texts)} records)")
+        raise ValueError(f"batch-size {cfg.batch_size} is larger than the dataset ({len(train_texts)} records); "
+                         "lower --batch-size")
     # the demo's public pretraining is skipped on resume when the checkpoint holds the whole model
     model, tokenizer = _model(cfg, model, tokenizer, pretrain=not (state and state.get("model_is_full")))
     if cfg.lora:
@@ -185,9 +191,12 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
         private_dir(out)
         if canaries is not None and not cfg.resume:
             save_audit_secret(out, canaries)
+        if membership is not None:
+            save_membership(out, *membership, seed=cfg.seed)
     result = trainer.train(checkpoint_path=checkpoint)
     if cfg.output_dir is not None:
-        result.secret_files = [CHECKPOINT_FILE] + ([AUDIT_SECRET_FILE] if canaries is not None else [])
+        result.secret_files = [CHECKPOINT_FILE] + ([AUDIT_SECRET_FILE] if canaries is not None else []) + (
+            [MEMBERS_FILE, NONMEMBERS_FILE] if membership is not None else [])
     if out is not None:
         _write_outputs(out, cfg, trainer, result, time.perf_counter() - started)
     return result
@@ -202,7 +211,8 @@ def _write_outputs(out: Path, cfg: FinetuneConfig, trainer: PrivateLMTrainer, re
         report["warning"] = (NOT_PRIVATE_WARNING.format(seed=cfg.insecure_seed) if cfg.insecure_seed is not None
                              else "this run is NOT PRIVATE (noise multiplier 0)")
     if result.history:
-        plot_training(out / PLOT_NAME, result.history, target_epsilon=cfg.target_epsilon, delta=result.delta)
+        plot_training(out / PLOT_NAME, result.history, target_epsilon=cfg.target_epsilon, delta=result.delta,
+                      eval_before=result.eval_perplexity_before)
     if result.finished:
         model = trainer.model
         tracker = getattr(trainer.engine, "tracker", None)

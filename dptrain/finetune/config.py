@@ -6,14 +6,25 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-__all__ = ["FinetuneConfig", "CLIPPING_MODES", "ACCOUNTANTS"]
+__all__ = ["FinetuneConfig", "CLIPPING_MODES", "ACCOUNTANTS", "default_delta", "DEFAULT_DELTA_RULE"]
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic")
 ACCOUNTANTS = ("rdp", "pld")
 
-# settings that do not change what the run computes (left out of the resume fingerprint)
+# settings that do not change what the run computes (left out of the resume fingerprint; data_sha256 covers the
+# text column)
 _NOT_IN_FINGERPRINT = {"output_dir", "overwrite", "resume", "checkpoint_every", "stop_after", "progress", "device",
-                       "debug_train_loss", "evaluate"}
+                       "debug_train_loss", "evaluate", "eval_every", "text_column"}
+
+DEFAULT_DELTA_RULE = "min(1e-5, 1/N^1.1)"
+
+
+def default_delta(n: int) -> float:
+    """The default delta for N records, min(1e-5, 1/N^1.1): well below 1/N, and at most 1e-5. One rule for
+    ``dptrain budget``, ``dptrain finetune`` and ``DPTrainer``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"the number of records N must be a positive integer, found {n!r}")
+    return min(1e-5, n ** -1.1)
 
 
 @dataclass
@@ -21,14 +32,15 @@ class FinetuneConfig:
     """What to fine-tune, on what, under which privacy budget. ``model=None`` is the bundled demo model."""
 
     model: Optional[str] = None  # hub name or local folder; None: tiny GPT-2 + byte tokenizer (demo)
-    data: Optional[str] = None  # JSONL with "text", or .txt one record per line; None: synthetic records
+    data: Optional[str] = None  # .jsonl/.csv/.txt file or a folder of .txt files (data.py); None: synthetic records
+    text_column: str = "text"  # the field of a JSONL record / column of a CSV file holding the text
     eval_data: Optional[str] = None  # held-out records; None: demo eval set, or a held-out part of --data
     lora: bool = False
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_targets: Optional[List[str]] = None  # None: detected from the model family
     target_epsilon: float = 3.0
-    delta: Optional[float] = None  # None: 1 / N^1.1
+    delta: Optional[float] = None  # None: default_delta(N) = min(1e-5, 1/N^1.1)
     epochs: float = 2.0
     batch_size: int = 64  # expected logical batch (Poisson)
     physical_batch_size: Optional[int] = None  # memory knob: micro-batches of at most this many rows
@@ -55,6 +67,10 @@ class FinetuneConfig:
     progress: bool = True
     debug_train_loss: bool = False  # record/plot the training loss: NON-PRIVATE debugging output, off by default
     evaluate: bool = True  # held-out perplexity before/after: computed WITHOUT noise from private held-out records
+    eval_every: Optional[int] = None  # steps between held-out perplexities for the plot (None: ~8 per run; 0: off)
+    # release the mean training loss (per-sample losses clipped to [0, 10]) with Gaussian noise at every step, as
+    # part of the step's accounted mechanism (the gradient's noise rises ~3% so that epsilon stays the same)
+    dp_train_loss: bool = True
     device: str = "auto"
     # one-run audit: this many canaries, each trained on once with probability 1/2 (0: none; see data.py)
     audit_canaries: int = 0
@@ -83,6 +99,11 @@ class FinetuneConfig:
         for name in ("physical_batch_size", "max_steps", "stop_after"):
             if getattr(self, name) is not None:
                 positive(name, integer=True)
+        e = self.eval_every
+        if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 0):
+            raise ValueError(f"eval-every must be an integer >= 0 (0: before and after only), found {e!r}")
+        if not isinstance(self.text_column, str) or not self.text_column:
+            raise ValueError(f"text-column must be a non-empty name, found {self.text_column!r}")
         from dptrain.finetune.data import MAX_AUDIT_CANARIES
 
         m = self.audit_canaries

@@ -27,6 +27,7 @@ __all__ = [
     "audit_canaries",
     "with_audit_canaries",
     "load_texts",
+    "DATA_FORMATS",
     "synthetic_private_records",
     "synthetic_public_corpus",
 ]
@@ -183,35 +184,74 @@ def with_audit_canaries(texts: Sequence[str], canaries: AuditCanaries) -> List[s
     return insert_canaries(texts, canaries.included_texts, 1, seed=_audit_stream(canaries.seed, 2))
 
 
-def load_texts(path) -> List[str]:
-    """Records from a JSONL file (one object with a ``text`` string per line) or a text file (one per line).
+DATA_FORMATS = (".jsonl/.ndjson/.json (one JSON object per line), .csv/.tsv (a header row), .txt (one record per "
+                "line), or a folder of .txt files (one record per file)")
 
-    Blank lines are skipped. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the
-    line for a bad JSONL line, or when no record is found.
+
+def load_texts(path, text_column: str = "text") -> List[str]:
+    """Records from ``path``: JSON Lines (the ``text_column`` field of each object), CSV/TSV (the ``text_column``
+    column; header row first), a text file (one record per line) or a folder (each ``*.txt`` file one record).
+
+    Blank records are skipped. ``FileNotFoundError`` for a missing path; ``ValueError`` naming the file and line
+    for a bad record, an unknown format (naming the supported ones), or no record at all.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise ValueError(f"data folder {path} has no .txt files (expected one record per .txt file)")
+        texts = [_read_text(f) for f in files]
+    elif not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    texts: List[str] = []
-    jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            if not jsonl:
-                texts.append(line)
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict) or "text" not in obj:
-                raise ValueError(f"{path}: line {lineno} has no 'text' field")
-            if not isinstance(obj["text"], str):
-                raise ValueError(f"{path}: line {lineno}: 'text' must be a string, found {type(obj['text']).__name__}")
-            if obj["text"].strip():
-                texts.append(obj["text"])
+    else:
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            texts = _json_lines(path, text_column)
+        elif suffix in (".csv", ".tsv"):
+            texts = _csv_column(path, text_column, "\t" if suffix == ".tsv" else ",")
+        elif suffix in (".txt", ".text"):
+            texts = _read_text(path).splitlines()
+        else:
+            raise ValueError(f"unsupported data file {path.name!r}: expected {DATA_FORMATS}")
+    texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError(f"data file {path} has no records (empty, or only blank lines)")
     return texts
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                         f"expected {DATA_FORMATS}") from None
+
+
+def _json_lines(path: Path, field: str) -> List[str]:
+    texts = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {lineno} is not valid JSON ({err.msg}); expected one JSON object per "
+                             "line (JSON Lines)") from None
+        if not isinstance(obj, dict) or field not in obj:
+            found = f"fields: {', '.join(list(obj)[:8])}" if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"{path}: line {lineno} has no {field!r} field ({found}); pass --text-column")
+        if not isinstance(obj[field], str):
+            raise ValueError(f"{path}: line {lineno}: {field!r} must be a string, found {type(obj[field]).__name__}")
+        texts.append(obj[field])
+    return texts
+
+
+def _csv_column(path: Path, column: str, delimiter: str) -> List[str]:
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    if reader.fieldnames is None or column not in reader.fieldnames:
+        found = ", ".join(reader.fieldnames or []) or "none"
+        raise ValueError(f"{path} has no column {column!r} in its header row (columns: {found}); pass --text-column")
+    return [row[column] or "" for row in reader]

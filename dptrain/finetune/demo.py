@@ -29,6 +29,10 @@ def demo_model_and_tokenizer(max_length: int = 128, seed: int = 0):
     tokenizer = byte_tokenizer(model_max_length=max_length)
     model = tiny_gpt2(len(tokenizer), n_positions=max_length, seed=seed, pad_token_id=tokenizer.pad_token_id,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **DEMO_MODEL)
+    # saved with the model: generate() writes up to one record (it stops at <eos>, or at the model's max_length
+    # tokens in all), sampling rather than greedy decoding, which loops on a model this small
+    gen = model.generation_config
+    gen.max_length, gen.do_sample, gen.top_k, gen.temperature = max_length, True, 20, 0.8
     return model, tokenizer
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dptrain.losses import causal_lm
+
 __all__ = ["per_sample_lm_loss", "token_nll", "TokenizedTexts", "PadCollator", "perplexity"]
 
 
@@ -28,18 +30,22 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
 
 
 def per_sample_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean NLL over each sample's non-padding target tokens, (B,). A sample with no target counts 0."""
-    nll, mask = token_nll(logits, input_ids, attention_mask)
-    return nll.sum(1) / mask.sum(1).clamp_min(1.0)  # (B,)
+    """Mean NLL over each sample's non-padding target tokens, (B,) (``dptrain.losses.causal_lm``)."""
+    return causal_lm(logits, input_ids, attention_mask)  # (B,)
 
 
 class TokenizedTexts(Dataset):
-    """Texts tokenized once (truncated to ``max_length`` tokens); items are ``{"input_ids": (L,)}``."""
+    """Texts tokenized once (truncated to ``max_length`` tokens); items are ``{"input_ids": (L,)}``. A record that
+    fits ends with the tokenizer's EOS token (appended unless already there), so the model learns where records
+    end and ``generate`` stops there."""
 
     def __init__(self, texts: Sequence[str], tokenizer, max_length: int):
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2, found {max_length!r}")
         encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        eos = tokenizer.eos_token_id
+        if eos is not None:
+            encoded = [ids + [eos] if len(ids) < max_length and ids[-1:] != [eos] else ids for ids in encoded]
         self.items: List[torch.Tensor] = [torch.tensor(ids, dtype=torch.long) for ids in encoded]
         short = sum(len(ids) < 2 for ids in self.items)
         if short:

@@ -44,13 +44,16 @@ def tiny_gpt2(vocab_size: int, *, n_positions: int = 128, n_layer: int = 2, n_em
 def load_pretrained(name_or_path: str):
     """``(model, tokenizer)`` via ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` (hub name or folder).
 
-    The pad token is set to the EOS token when the tokenizer has none; padding goes on the right.
+    A local folder is read without touching the network; a hub name not in the local cache fails at once, with
+    a one-line error, when the hub cannot be reached (instead of HF's minute of retries). The pad token is set
+    to the EOS token when the tokenizer has none; padding goes on the right.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    local = _resolve_model_source(str(name_or_path))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=local)
     except OSError as err:  # not found locally nor on the hub
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -61,6 +64,47 @@ def load_pretrained(name_or_path: str):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+_NO_MODEL_HINT = "pass a local folder (save_pretrained), or leave out --model for the bundled demo model"
+
+
+def _resolve_model_source(name: str) -> bool:
+    """True when ``name`` is read from disk only (a local folder, or a hub name in the local cache); raises
+    ``FileNotFoundError`` with a one-line reason for a missing folder or an unreachable hub."""
+    import os
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isdir(name):
+        return True
+    try:
+        validate_repo_id(name)
+        is_hub_name = not name.startswith((".", "~", "/")) and not os.path.exists(name)
+    except HFValidationError:
+        is_hub_name = False
+    if not is_hub_name:
+        raise FileNotFoundError(f"model folder not found: {name} (expected a save_pretrained folder with "
+                                "config.json, or a Hugging Face hub name such as gpt2)")
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return True
+        raise FileNotFoundError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                                f"download it once with network access, or {_NO_MODEL_HINT}")
+    try:  # one quick request instead of HF's minute of retries
+        from huggingface_hub import get_session
+
+        get_session().head(constants.ENDPOINT, timeout=5)
+        return False
+    except Exception as err:  # noqa: BLE001 - any failure means: no hub from here
+        if cached:
+            return True  # the cached copy, without network
+        raise FileNotFoundError(
+            f"cannot load model {name!r}: no such local folder, and {constants.ENDPOINT} is unreachable "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no reply'}); {_NO_MODEL_HINT}; "
+            "with HF_HUB_OFFLINE=1 models already in the Hugging Face cache load without network") from None
 
 
 def detect_lora_targets(model: nn.Module) -> List[str]:

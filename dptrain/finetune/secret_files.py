@@ -5,6 +5,12 @@
   error-feedback buffer (unclipped gradient residues).
 - ``private/audit_secret.json``: the one-run audit's canaries and inclusion mask, drawn from secret entropy
   (never from the run's public seed); ``dptrain audit --model`` reads it, a resumed run rebuilds its data from it.
+- ``private/members.jsonl`` and ``private/nonmembers.jsonl`` (runs on your own data with held-out records): the
+  records trained on (at most 10,000, a seeded sample beyond) and the held-out ones, for ``dptrain attack mia
+  --model``. Which records were NOT trained on is membership information too, so it is never released.
+
+The checkpoint's payload is a ``torch.save`` dict behind a header line and a SHA-256 line; open it with
+``dptrain.finetune.load_checkpoint(path)`` (``torch.load`` alone refuses the header).
 
 Both are written with mode 0600. Everything else in ``output_dir`` (model, tokenizer, report.json, training.png,
 ``adapter/``) is the release.
@@ -14,23 +20,29 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Sequence
 
 from dptrain.finetune.data import AUDIT_CANARY_TEMPLATE, AuditCanaries, audit_canaries
 
-__all__ = ["PRIVATE_DIR", "CHECKPOINT_FILE", "AUDIT_SECRET_FILE", "LEGACY_CHECKPOINT", "SECRET_FILES_NOTE",
-           "private_dir", "write_secret", "new_audit_canaries", "save_audit_secret", "load_audit_canaries"]
+__all__ = ["PRIVATE_DIR", "CHECKPOINT_FILE", "AUDIT_SECRET_FILE", "MEMBERS_FILE", "NONMEMBERS_FILE",
+           "LEGACY_CHECKPOINT", "SECRET_FILES_NOTE", "private_dir", "write_secret", "new_audit_canaries",
+           "save_audit_secret", "load_audit_canaries", "save_membership"]
 
 PRIVATE_DIR = "private"
 CHECKPOINT_FILE = f"{PRIVATE_DIR}/checkpoint.pt"
 AUDIT_SECRET_FILE = f"{PRIVATE_DIR}/audit_secret.json"
+MEMBERS_FILE, NONMEMBERS_FILE = f"{PRIVATE_DIR}/members.jsonl", f"{PRIVATE_DIR}/nonmembers.jsonl"
+MAX_MEMBERS_WRITTEN = 10_000
 LEGACY_CHECKPOINT = "checkpoint.pt"  # where older versions wrote it: inside the released folder
 
 SECRET_FILES_NOTE = ("SECRET, never publish or share: files under private/ (owner-only, mode 0600). checkpoint.pt "
                      "holds the noise and sampler generator states (they regenerate the noise) and error-feedback "
-                     "buffers; audit_secret.json holds the audit canaries and which were trained on.")
+                     "buffers (open it with dptrain.finetune.load_checkpoint); audit_secret.json holds the audit "
+                     "canaries and which were trained on; members.jsonl / nonmembers.jsonl hold records trained on "
+                     "and held out (for 'dptrain attack mia --model').")
 AUDIT_SECRET_NOTE = ("AUDITOR'S SECRET: the one-run audit canaries and their inclusion mask (1 = trained on once), "
                      "drawn from secret entropy. Never feed it back into training or any released statistic, never "
                      "publish it. Used by 'dptrain audit --model' and by --resume.")
@@ -89,3 +101,18 @@ def load_audit_canaries(out, num: int) -> AuditCanaries:
     if record.get("canaries") != canaries.texts or record.get("inclusion_mask") != [int(b) for b in canaries.included]:
         raise ValueError(f"{path} does not match its own seed (edited?); refusing to resume")
     return canaries
+
+
+def save_membership(out, members: Sequence[str], nonmembers: Sequence[str], *, seed: int) -> List[str]:
+    """``out/private/members.jsonl`` (records trained on, at most ``MAX_MEMBERS_WRITTEN``: a seeded sample beyond)
+    and ``nonmembers.jsonl`` (held-out records), mode 0600; records in both lists are left out of both. Returns the
+    two paths relative to ``out``."""
+    held, trained = set(nonmembers), set(members)
+    members = list(dict.fromkeys(t for t in members if t not in held))
+    nonmembers = list(dict.fromkeys(t for t in nonmembers if t not in trained))
+    if len(members) > MAX_MEMBERS_WRITTEN:
+        members = random.Random(seed).sample(members, MAX_MEMBERS_WRITTEN)
+    folder = private_dir(out)
+    for name, texts in ((MEMBERS_FILE, members), (NONMEMBERS_FILE, nonmembers)):
+        write_secret(folder / Path(name).name, "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    return [MEMBERS_FILE, NONMEMBERS_FILE]

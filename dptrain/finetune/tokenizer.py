@@ -31,14 +31,16 @@ def _byte_symbols() -> Dict[int, str]:
 
 
 def byte_tokenizer(model_max_length: int = 128) -> PreTrainedTokenizerFast:
-    """Ids 0..255 are the bytes, 256 ``<pad>``, 257 ``<bos>``, 258 ``<eos>``; encode adds <bos> ... <eos>."""
+    """Ids 0..255 are the bytes, 256 ``<pad>``, 257 ``<bos>``, 258 ``<eos>``; encode adds <bos> in front."""
     vocab = {sym: b for b, sym in _byte_symbols().items()}
     vocab.update({PAD: 256, BOS: 257, EOS: 258})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    # <bos> only: a prompt must not end in <eos>, or generation would continue after an end of text
+    # (training appends <eos> to each record: dptrain.finetune.loss.TokenizedTexts)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B {EOS}", special_tokens=[(BOS, 257), (EOS, 258)],
+        single=f"{BOS} $A", pair=f"{BOS} $A {EOS} $B", special_tokens=[(BOS, 257), (EOS, 258)],
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, model_max_length=model_max_length,

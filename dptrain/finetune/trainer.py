@@ -5,14 +5,22 @@ One logical step: Poisson-sample a batch with the expected size, split it into m
 clips each sample's gradient), ``optimizer.step()`` after each micro-batch; the engine adds noise, steps the
 inner optimizer and the accountant only when the logical batch ends. An empty Poisson batch skips the
 forward/backward but still steps (noise only): that is what the privacy analysis assumes.
+
+Released along the way (``history``): epsilon per step, the DP-noised mean training loss (``dp_train_loss``: part
+of each step's accounted mechanism, see ``_release_train_loss``) and, every ``eval_every`` steps, the held-out
+perplexity (no noise: NOT private). Ctrl-C (or SIGTERM) stops at the end of the current step, writes the SECRET
+checkpoint and raises ``TrainingInterrupted``; ``--resume`` continues from there exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -22,22 +30,24 @@ from torch.utils.data import DataLoader
 from dptrain import distributed
 
 from dptrain.finetune.checkpoint import compare_fingerprints, save_checkpoint
-from dptrain.finetune.config import FinetuneConfig
+from dptrain.finetune.config import FinetuneConfig, default_delta
 from dptrain.finetune.loss import PadCollator, TokenizedTexts, per_sample_lm_loss, perplexity
 from dptrain.finetune.optimizers import build_optimizer
 from dptrain.finetune.report import privacy_report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PrivateLMTrainer", "FinetuneResult", "default_delta"]
+__all__ = ["PrivateLMTrainer", "FinetuneResult", "TrainingInterrupted", "default_delta", "LOSS_BOUND"]
 
 # a checkpoint keeps the whole model below this size, else only the trainable parameters + a checksum
 _FULL_STATE_LIMIT = 50_000_000
+LOSS_BOUND = 10.0  # nats: per-sample losses are clipped to [0, LOSS_BOUND] before any noisy release
+LOSS_RELEASE_FACTOR = 4.0  # the loss release's noise multiplier, in multiples of the step's
+EVAL_POINTS = 8  # held-out perplexities per run for the plot when eval_every is not given
 
 
-def default_delta(n: int) -> float:
-    """delta = 1 / N^1.1: below 1/N, as a meaningful delta must be."""
-    return 1.0 / n**1.1
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during training; the message says what was saved and how to continue."""
 
 
 @dataclass
@@ -57,6 +67,9 @@ class FinetuneResult:
     eval_perplexity_before: Optional[float]
     eval_perplexity: Optional[float]
     history: List[Dict[str, float]] = field(default_factory=list)
+    # of the whole step as one mechanism (gradient and the DP training-loss release): the ledger's, and what
+    # `dptrain budget --noise-multiplier` takes to reproduce epsilon; noise_multiplier is the gradient's alone
+    step_noise_multiplier: Optional[float] = None
     finished: bool = True
     privacy: Dict[str, Any] = field(default_factory=dict)  # the trust model (report.json "privacy")
     secret_files: List[str] = field(default_factory=list)  # under output_dir: never publish
@@ -137,8 +150,47 @@ class PrivateLMTrainer:
             raise ValueError(f"this dptrain build cannot run the requested setting: {err}") from None
         self.net, self.optimizer, self.loader = private  # self.net: the module to call (DDP-wrapped under torchrun)
         self.sample_rate = sample_rate
+        self.loss_noise_multiplier: Optional[float] = None
+        self._clipped_loss_sum, self._released_loss = 0.0, None
+        if cfg.dp_train_loss and _plain_mechanism(self.controller, cfg) and self.optimizer.noise_multiplier > 0:
+            self._release_train_loss()
         logger.info("DP fine-tuning: N=%d, q=%.4g, %d steps, sigma=%.4g, target eps=%g at delta=%.3g",
                     n, sample_rate, total, self.optimizer.noise_multiplier, cfg.target_epsilon, self.delta)
+
+    def _release_train_loss(self) -> None:
+        """Release each step's mean training loss with Gaussian noise, accounted with that step's gradient.
+
+        The per-sample losses of the batch, clipped to [0, LOSS_BOUND], are summed (sensitivity LOSS_BOUND),
+        noised with std z_l * LOSS_BOUND (z_l = 4 z, from the optimizer's secret noise source) and divided by the
+        expected batch size. Gradient and loss are two Gaussian releases of the SAME Poisson batch, i.e. one
+        subsampled Gaussian of multiplier (z_g^-2 + z_l^-2)^-1/2 (``StepMechanism.with_release``); the gradient's
+        multiplier is raised to z_g = (z^-2 - z_l^-2)^-1/2 (~3%) so that this is the calibrated z: the ledger,
+        and so epsilon, are those of the run without the release."""
+        opt = self.optimizer
+        z = opt.noise_multiplier
+        self.loss_noise_multiplier = LOSS_RELEASE_FACTOR * z
+        opt.noise_multiplier = (z**-2 - self.loss_noise_multiplier**-2) ** -0.5
+        opt.mechanism_hooks.append(lambda optimizer, mechanism: mechanism.with_release(self.loss_noise_multiplier))
+        opt.step_callbacks.append(self._publish_train_loss)
+
+    def _publish_train_loss(self, optimizer, mechanism) -> None:
+        world = distributed.rank_and_world()[1]
+        std = self.loss_noise_multiplier * LOSS_BOUND / world**0.5  # this rank's share of the noise on the sum
+        total = optimizer.release_noise(1, std) + self._clipped_loss_sum  # (1,) float64
+        if world > 1:
+            (total,) = distributed.all_reduce_sum([total.to(self.device)])
+        self._released_loss = float(total) / optimizer.expected_batch_size
+        self._clipped_loss_sum = 0.0
+
+    def _dp_train_loss(self) -> Optional[float]:
+        """This step's DP-noised mean loss: ours, or the one a controller released this step (noisy, accounted)."""
+        if self.loss_noise_multiplier is not None:
+            return self._released_loss
+        c = self.controller
+        if getattr(c, "loss_bound", None) is not None and getattr(c, "validation_loss", None) is None:
+            last = (getattr(c, "history", None) or [{}])[-1]
+            return last.get("loss") if last.get("step") == self.step else None
+        return None
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Optional[float]:
@@ -151,16 +203,45 @@ class PrivateLMTrainer:
 
     # ------------------------------------------------------------------ training
     def train(self, *, checkpoint_path=None) -> FinetuneResult:
-        """Runs until ``total_steps`` (or ``config.stop_after``); checkpoints every ``checkpoint_every`` steps."""
+        """Runs until ``total_steps`` (or ``config.stop_after``); checkpoints every ``checkpoint_every`` steps and
+        when interrupted (then raises ``TrainingInterrupted``)."""
         cfg = self.config
-        if self.step == 0 and self.eval_perplexity_before is None:
-            self.eval_perplexity_before = self.evaluate()
-        self.model.train()
-        bar = _progress(cfg.progress and distributed.rank_and_world()[0] == 0, self.total_steps, self.step)
+        with _stop_requests(distributed.rank_and_world()[1]) as stop:
+            if self.step == 0 and self.eval_perplexity_before is None:
+                self.eval_perplexity_before = self.evaluate()
+            interrupted = self._steps(stop, checkpoint_path)
+            if checkpoint_path is not None:
+                self.save_checkpoint(checkpoint_path)
+            if interrupted:
+                raise TrainingInterrupted(
+                    f"interrupted after step {self.step}/{self.total_steps}: " + (
+                        f"checkpoint saved to {checkpoint_path} (SECRET); continue with the same command plus "
+                        "--resume" if checkpoint_path is not None else "no output folder, nothing saved"))
+        finished = self.step >= self.total_steps
+        last = self.history[-1] if self.history else {}
+        after = last.get("eval_perplexity") if finished and last.get("step") == self.step else None
+        if finished and after is None:
+            after = self.evaluate()
+        return FinetuneResult(
+            epsilon=self.engine.get_epsilon(self.delta), delta=self.delta, target_epsilon=cfg.target_epsilon,
+            noise_multiplier=float(self.optimizer.noise_multiplier), steps=self.step, total_steps=self.total_steps,
+            sample_rate=self.sample_rate, expected_batch_size=float(self.optimizer.expected_batch_size),
+            dataset_size=len(self.train_set), eval_perplexity_before=self.eval_perplexity_before,
+            eval_perplexity=after, history=list(self.history), finished=finished, model=self.model,
+            privacy=privacy_report(self.engine.trust_model(), cfg, self.loss_noise_multiplier),
+            step_noise_multiplier=None if self.controller is not None else self.optimizer.plan_step().noise_multiplier,
+        )
+
+    def _steps(self, stop: dict, checkpoint_path) -> bool:
+        """The training loop up to ``stop_after``/``total_steps``; True when it stopped on a stop request."""
+        cfg = self.config
         stop_at = self.total_steps if cfg.stop_after is None else min(cfg.stop_after, self.total_steps)
-        loss_sum, rows_seen = 0.0, 0
+        bar = _progress(cfg.progress and distributed.rank_and_world()[0] == 0, self.total_steps, self.step, self.delta)
+        loss_sum, rows_seen = 0.0, 0  # NOT private: only for --debug-train-loss
+        self.model.train()
+        interrupted = self._stop_agreed(stop)
         try:
-            while self.step < stop_at:
+            while self.step < stop_at and not interrupted:
                 for batch in self.loader:
                     rows = int(batch["input_ids"].shape[0])
                     if rows:
@@ -171,6 +252,7 @@ class PrivateLMTrainer:
                         losses.mean().backward()
                         if getattr(self.controller, "loss_bound", None) is not None:
                             self.controller.observe_losses(losses)  # released with noise and accounted
+                        self._clipped_loss_sum += float(losses.detach().clamp(0, LOSS_BOUND).sum())
                         loss_sum += float(losses.detach().sum())
                         rows_seen += rows
                     before = self.optimizer.steps_taken
@@ -179,35 +261,42 @@ class PrivateLMTrainer:
                     if self.optimizer.steps_taken == before:
                         continue  # a micro-batch inside a logical batch
                     self.step += 1
-                    record = {"step": self.step, "epsilon": self.engine.get_epsilon(self.delta)}
-                    if cfg.debug_train_loss:  # non-private: the loss and size of a batch of private records
-                        record.update(train_loss=loss_sum / rows_seen if rows_seen else float("nan"),
-                                      batch_size=rows_seen)
-                    self.history.append(record)
+                    self.history.append(self._record(loss_sum, rows_seen))
                     loss_sum, rows_seen = 0.0, 0
                     if bar is not None:
                         bar.update(1)
-                        shown = {"loss": f"{record['train_loss']:.3f}"} if cfg.debug_train_loss else {}
-                        bar.set_postfix(**shown, eps=f"{record['epsilon']:.2f}")
+                        bar.set_postfix(**_postfix(self.history, cfg.debug_train_loss))
                     if checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint(checkpoint_path)  # every rank: their RNG states are gathered
-                    if self.step >= stop_at:
+                    interrupted = self._stop_agreed(stop)  # once per step on every rank
+                    if self.step >= stop_at or interrupted:
                         break
         finally:
             if bar is not None:
                 bar.close()
-        finished = self.step >= self.total_steps
-        if checkpoint_path is not None:
-            self.save_checkpoint(checkpoint_path)
-        after = self.evaluate() if finished else None
-        return FinetuneResult(
-            epsilon=self.engine.get_epsilon(self.delta), delta=self.delta, target_epsilon=cfg.target_epsilon,
-            noise_multiplier=float(self.optimizer.noise_multiplier), steps=self.step, total_steps=self.total_steps,
-            sample_rate=self.sample_rate, expected_batch_size=float(self.optimizer.expected_batch_size),
-            dataset_size=len(self.train_set), eval_perplexity_before=self.eval_perplexity_before,
-            eval_perplexity=after, history=list(self.history), finished=finished, model=self.model,
-            privacy=privacy_report(self.engine.trust_model(), cfg),
-        )
+        return interrupted
+
+    def _record(self, loss_sum: float, rows_seen: int) -> Dict[str, float]:
+        """This step's ``history`` entry: epsilon, the DP training loss, the held-out perplexity every
+        ``eval_every`` steps (not private) and, with --debug-train-loss, the raw loss (NOT private)."""
+        cfg = self.config
+        record = {"step": self.step, "epsilon": self.engine.get_epsilon(self.delta)}
+        dp_loss = self._dp_train_loss()
+        if dp_loss is not None:
+            record["dp_train_loss"] = dp_loss
+        if cfg.debug_train_loss:  # non-private: the loss and size of a batch of private records
+            record.update(train_loss=loss_sum / rows_seen if rows_seen else float("nan"), batch_size=rows_seen)
+        every = cfg.eval_every if cfg.eval_every is not None else math.ceil(self.total_steps / EVAL_POINTS)
+        if every and (self.step % every == 0 or self.step == self.total_steps):
+            record["eval_perplexity"] = self.evaluate()
+        return record
+
+    def _stop_agreed(self, stop: dict) -> bool:
+        """Whether any rank was asked to stop (single process: this one); a collective under torchrun."""
+        if distributed.rank_and_world()[1] == 1:
+            return stop["requested"]
+        flag = torch.tensor([1.0 if stop["requested"] else 0.0], device=self.device)
+        return bool(distributed.all_reduce_sum([flag])[0].item() > 0)
 
     # ------------------------------------------------------------------ checkpoints
     def fingerprint(self) -> Dict[str, Any]:
@@ -305,9 +394,56 @@ class PrivateLMTrainer:
         self.eval_perplexity_before = state["eval_perplexity_before"]
 
 
-def _progress(enabled: bool, total: int, initial: int):
+def _plain_mechanism(controller, cfg: FinetuneConfig) -> bool:
+    """Our own loss release needs the plain step mechanism (a controller releases its own noisy loss; error
+    feedback is accounted without amplification)."""
+    return controller is None and not cfg.error_feedback
+
+
+def _progress(enabled: bool, total: int, initial: int, delta: float):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="DP fine-tuning", unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=f"DP fine-tuning (delta {delta:.2g})", unit="step",
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def _postfix(history: List[Dict[str, float]], debug_loss: bool) -> Dict[str, str]:
+    """Progress-bar values: epsilon, the DP-noised loss averaged over the last 10 steps, the NON-PRIVATE debug loss."""
+    shown = {"eps": f"{history[-1]['epsilon']:.2f}"}
+    recent = [h["dp_train_loss"] for h in history[-10:] if "dp_train_loss" in h]
+    if recent:
+        shown["dp_loss"] = f"{sum(recent) / len(recent):.2f}"
+    if debug_loss:
+        shown["loss (NOT PRIVATE)"] = f"{history[-1]['train_loss']:.3f}"
+    return shown
+
+
+@contextlib.contextmanager
+def _stop_requests(world: int):
+    """While training, Ctrl-C (SIGINT) and SIGTERM ask to stop at the end of the current step, so that the
+    checkpoint is written at a step boundary. Single process: a second Ctrl-C quits at once, without saving.
+    (Under torchrun the launcher forwards Ctrl-C to every rank, so repeats are ignored there.) Only in the main
+    thread, and only where the default handlers are installed."""
+    stop = {"requested": False}
+    mine = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if mine else {}
+    ours = {sig for sig, h in previous.items() if h in (signal.default_int_handler, signal.SIG_DFL)}
+
+    def handler(signum, frame):
+        if stop["requested"] and world == 1 and signum == signal.SIGINT:
+            raise TrainingInterrupted("interrupted again: quit without saving (the last periodic checkpoint, if any, "
+                                      "is still there)")
+        if not stop["requested"]:
+            logger.warning("stopping at the end of this step to write the checkpoint%s",
+                           " (Ctrl-C again to quit without saving)" if world == 1 else "")
+        stop["requested"] = True
+
+    for sig in ours:
+        signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig in ours:
+            signal.signal(sig, previous[sig])

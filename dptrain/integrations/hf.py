@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from dptrain.finetune.config import default_delta
 from dptrain.sampling import batch_length, split_batch
 
 __all__ = ["DPTrainer", "causal_lm_per_sample_loss"]
@@ -78,7 +79,7 @@ class DPTrainer(Trainer):
         self.max_physical_batch_size = max_physical_batch_size
         self.dp_batch_size = dp_batch_size or self.args.per_device_train_batch_size
         n = len(self.train_dataset)
-        self.target_delta = target_delta if target_delta is not None else 1.0 / n**1.1
+        self.target_delta = target_delta if target_delta is not None else default_delta(n)  # min(1e-5, 1/N^1.1)
         self._dp_loader = None
 
     def _check_args(self) -> None:
@@ -159,5 +160,5 @@ class DPTrainer(Trainer):
 
     def log(self, logs, *args, **kwargs):
         if self.engine.optimizer is not None and "loss" in logs:
-            logs = {**logs, "epsilon": self.get_epsilon()}
+            logs = {**logs, "epsilon": self.get_epsilon(), "delta": self.target_delta}
         return super().log(logs, *args, **kwargs)

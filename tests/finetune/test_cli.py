@@ -40,7 +40,7 @@ def test_batch_larger_than_dataset_and_unknown_optimizer(capsys, tmp_path, data)
     _fails(capsys, ["--data", str(data), "--batch-size", "21", *out], "larger than the dataset (20 records)")
     _fails(capsys, ["--data", str(data), "--optimizer", "adagradx", *out], "unknown optimizer 'adagradx'")
     _fails(capsys, ["--data", str(data), "--model", str(tmp_path / "no-such-model"), "--batch-size", "4", *out],
-           "cannot load model")
+           "model folder not found")
     assert not (tmp_path / "o" / "report.json").exists()
 
 
@@ -67,3 +67,38 @@ def test_resume_refuses_a_broken_checkpoint(capsys, tmp_path, data):
     (out / "private").mkdir(parents=True)
     (out / "private" / "checkpoint.pt").write_bytes(b"\x00garbage")
     _fails(capsys, ["--data", str(data), "--output-dir", str(out), "--resume"], "not a dptrain finetune checkpoint")
+
+
+def test_a_small_csv_is_read_as_records_and_a_large_batch_named(capsys, tmp_path):
+    (tmp_path / "notes.csv").write_text("id,text\n1,\"first, visit\"\n2,second visit\n3,third visit\n")
+    _fails(capsys, ["--data", str(tmp_path / "notes.csv"), "--output-dir", str(tmp_path / "o")],
+           "batch-size 64 is larger than the dataset (3 records); lower --batch-size")
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF-1.4")
+    err = _fails(capsys, ["--data", str(tmp_path / "notes.pdf"), "--output-dir", str(tmp_path / "o")],
+                 "unsupported data file 'notes.pdf'")
+    assert ".jsonl" in err and ".csv" in err and "folder of .txt" in err
+    _fails(capsys, ["--data", str(tmp_path / "notes.csv"), "--text-column", "note", "--output-dir",
+                    str(tmp_path / "o")], "no column 'note'")
+
+
+def test_missing_model_folder_is_named_as_missing(capsys, tmp_path, data):
+    for name in ("./no-such-model", str(tmp_path / "gone"), "runs/../nowhere"):
+        err = _fails(capsys, ["--data", str(data), "--model", name, "--batch-size", "4", "--output-dir",
+                              str(tmp_path / "o")], "model folder not found")
+        assert "Repo id" not in err
+
+
+def test_errors_under_torchrun_are_printed_once_and_handed_to_the_launcher(capsys, tmp_path, monkeypatch, data):
+    """Rank 1 prints nothing; every rank writes its line where torchrun's failure summary reads it."""
+    import json
+
+    for rank in ("0", "1"):
+        error_file = tmp_path / f"error-{rank}.json"
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        assert main(["finetune", "--data", str(data), "--target-epsilon", "0", "--output-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        line = json.loads(error_file.read_text())["message"]
+        assert line.startswith("dptrain finetune: error: target-epsilon must be") and "\n" not in line
+        assert err == (line if rank == "0" else "")

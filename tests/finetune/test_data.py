@@ -55,3 +55,35 @@ def test_load_texts_errors_name_the_problem(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         load_texts(tmp_path / "broken.jsonl")
+
+
+def test_csv_tsv_folder_and_text_column(tmp_path):
+    (tmp_path / "notes.csv").write_text('id,note\n1,"Seen today, doing well"\n2,"two\nlines"\n3,\n')
+    assert load_texts(tmp_path / "notes.csv", "note") == ["Seen today, doing well", "two\nlines"]  # commas kept
+    with pytest.raises(ValueError, match=r"no column 'text' in its header row \(columns: id, note\); pass --text-col"):
+        load_texts(tmp_path / "notes.csv")
+    (tmp_path / "notes.tsv").write_text("text\tid\nfirst, with a comma\t1\n")
+    assert load_texts(tmp_path / "notes.tsv") == ["first, with a comma"]
+    (tmp_path / "n.jsonl").write_text(json.dumps({"body": "x", "id": 1}) + "\n")
+    assert load_texts(tmp_path / "n.jsonl", "body") == ["x"]
+    with pytest.raises(ValueError, match=r"line 1 has no 'text' field \(fields: body, id\)"):
+        load_texts(tmp_path / "n.jsonl")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "b.txt").write_text("second note\nwith two lines\n")
+    (folder / "a.txt").write_text("first note")
+    (folder / "skip.md").write_text("not a record")
+    assert load_texts(folder) == ["first note", "second note\nwith two lines\n"]  # one record per file, by name
+
+
+def test_other_formats_are_refused_naming_the_supported_ones(tmp_path):
+    for name in ("notes.parquet", "notes.xlsx", "notes"):
+        (tmp_path / name).write_bytes(b"PAR1\x00\x01")
+        with pytest.raises(ValueError, match=r"unsupported data file .*expected \.jsonl.*\.csv/\.tsv.*\.txt.*folder"):
+            load_texts(tmp_path / name)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00abc")
+    with pytest.raises(ValueError, match=r"binary.txt is not UTF-8 text \(byte 0xff at offset 0\)"):
+        load_texts(tmp_path / "binary.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no .txt files"):
+        load_texts(tmp_path / "empty")

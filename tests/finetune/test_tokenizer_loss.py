@@ -18,9 +18,13 @@ def test_byte_tokenizer_round_trip_and_reload(tmp_path):
     assert len(tok) == 259
     for text in TEXTS:
         ids = tok(text)["input_ids"]
-        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
-        assert ids[1:-1] == list(text.encode("utf-8"))  # one token per byte
+        assert ids[0] == tok.bos_token_id and ids[1:] == list(text.encode("utf-8"))  # <bos>, one token per byte
         assert tok.decode(ids, skip_special_tokens=True) == text
+    # a prompt does not end in <eos> (generation would continue after an end of text); training records do
+    data = TokenizedTexts(TEXTS, tok, max_length=64)
+    assert [data[i]["input_ids"].tolist() for i in range(3)] == [tok(t)["input_ids"] + [tok.eos_token_id] for t in TEXTS]
+    cut = TokenizedTexts(["x" * 100], tok, max_length=16)[0]["input_ids"].tolist()  # truncated: no end of text
+    assert len(cut) == 16 and tok.eos_token_id not in cut
     tok.save_pretrained(tmp_path)
     from transformers import AutoTokenizer
 
