@@ -68,8 +68,9 @@ OPTIMIZERS = {
     "MicroAdam": MicroAdam,
     "LDAdam": LDAdam,
     "DCTAdamW": DCTAdamW,
-    # non-default options of the authors: LDAdam without its error buffer (m n floats, kept as state under DP),
+    # non-default options: LDAdam with its error buffer in .grad (the authors' storage) or without one,
     # DCTAdamW moving its moments into the new columns when they change
+    "LDAdam-gradEF": functools.partial(LDAdam, error_storage="grad"),
     "LDAdam-noEF": functools.partial(LDAdam, error_feedback=False),
     "DCTAdamW-rotate": functools.partial(DCTAdamW, rotate_subspace=True),
 }
@@ -141,21 +142,23 @@ def run_state_part() -> str:
               "gives matrices with a side >= 32000 (token embeddings) full-rank AdamW as its authors do; default rank "
               "= ceil(smaller side / 4) for Apollo, GaLore and DCTAdamW, 16 for LDAdam, density 0.25 for Frugal; "
               "MicroAdam: m 10, density 1%, every tensor; LDAdam-noEF: error_feedback=False, DCTAdamW-rotate: "
-              "rotate_subspace=True. LDAdam's error-feedback buffer (m n floats per matrix) is "
-              "optimizer state here: the authors keep it in `p.grad`, which the DP engine overwrites every step. "
+              "rotate_subspace=True. LDAdam's error-feedback buffer (m n floats per matrix) is optimizer state by "
+              "default; LDAdam-gradEF (error_storage='grad') keeps it in `p.grad` as the authors do, and the DP "
+              "optimizer adds its privatised gradient into it (the same run bit for bit, tested), so it costs no "
+              "memory beyond the gradient. "
               "Counted on the meta device with `optimizer_state_bytes` (state tensors, shared DCT bases, + 8 bytes "
               "per Python scalar such as APOLLO's seed)."]
     lines += ["", "### Low-rank state per matrix vs 2 r (m + n) floats (fp32)", "",
               "| optimizer | model | low-rank matrices | their state (MiB) | sum of 2 r (m+n) x 4 B (MiB) "
               "| state / bound | shared DCT bases (MiB) | AdamW-fallback state (MiB) |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name in ("LDAdam", "LDAdam-noEF", "DCTAdamW"):
+    for name in ("LDAdam", "LDAdam-gradEF", "LDAdam-noEF", "DCTAdamW"):
         for m, shapes in models.items():
             b = low_rank_breakdown(rows[name], shapes)
             lines.append(f"| {name} | {m} | {b['matrices']} | {b['state'] / 2**20:,.1f} | {b['bound'] / 2**20:,.1f} | "
                          f"{b['state'] / b['bound']:.3f} | {b['shared'] / 2**20:,.2f} | {b['rest'] / 2**20:,.1f} |")
     lines += ["", "r is each matrix's rank (LDAdam: min(16, m); DCTAdamW: ceil(m / 4)). Per matrix LDAdam keeps "
-              "m r + 2 n r floats (+ m n with error feedback), DCTAdamW 2 n r floats + r int32 indices; the DCT bases "
+              "m r + 2 n r floats (+ m n with error feedback kept as state), DCTAdamW 2 n r floats + r int32 indices; the DCT bases "
               "(m^2 floats per distinct side m) are shared by all matrices."]
     return "\n".join(lines)
 
@@ -294,7 +297,7 @@ def run_lm_part(steps: int, lrs: dict[str, list[float]], *, batch: int = 64, con
 DEFAULT_LRS = {"AdamW": [1e-3, 3e-3, 1e-2], "Apollo": [3e-3, 1e-2], "ApolloMini": [1e-3, 3e-3, 1e-2],
                "GaLoreAdamW": [3e-3, 1e-2], "Frugal": [1e-3, 3e-3], "Swan": [1e-3, 3e-3], "SGDSaI": [3e-3, 3e-2],
                "MicroAdam": [3e-3, 1e-2, 3e-2], "LDAdam": [1e-3, 3e-3, 1e-2], "DCTAdamW": [3e-3, 1e-2, 3e-2],
-               "LDAdam-noEF": [3e-3, 1e-2], "DCTAdamW-rotate": [3e-3, 1e-2, 3e-2]}
+               "LDAdam-gradEF": [1e-3, 3e-3, 1e-2], "LDAdam-noEF": [3e-3, 1e-2], "DCTAdamW-rotate": [3e-3, 1e-2, 3e-2]}
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M"
 
 

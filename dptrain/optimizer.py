@@ -98,7 +98,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.load_state_dict(state_dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clears ``.grad`` (the privatised gradient of the last step); accumulated clipped sums stay."""
+        """Clears ``.grad`` (the privatised gradient of the last step) as the inner optimizer does (which may keep
+        state it holds in ``.grad``, see ``keeps_state_in_grad``); accumulated clipped sums stay."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:
@@ -173,8 +174,13 @@ class DPOptimizer(torch.optim.Optimizer):
             sums = [s.div_(self.expected_batch_size) for s in sums]
         if world > 1:
             sums = distributed.all_reduce_sum(sums)
+        keeps_grad = getattr(self.original_optimizer, "keeps_state_in_grad", lambda p: False)
         for p, s in zip(params, sums):
-            p.grad = shard_like(s, p) if fsdp is not None else s.to(p.dtype)  # FSDP2: this rank's shard (DTensor)
+            g = shard_like(s, p) if fsdp is not None else s.to(p.dtype)  # FSDP2: this rank's shard (DTensor)
+            if p.grad is not None and keeps_grad(p):  # e.g. LDAdam's error feedback: public, added after the noise
+                p.grad.add_(g)
+            else:
+                p.grad = g
 
     def _fsdp_view(self):
         return self.tracker.model if isinstance(self.tracker.model, FSDPView) else None

@@ -194,6 +194,78 @@ def test_ldadam_default_rank_is_clamped_and_vectors_get_adamw():
     _compare(LDAdam, (30,), adamw, steps=4, lr=0.01, weight_decay=0.1)
 
 
+
+def _accumulating_run(opt, params, grads):
+    """A training loop as backward runs it: zero_grad, then each gradient ADDED into .grad."""
+    for gs in grads:
+        opt.zero_grad()
+        for p, g in zip(params, gs):
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        opt.step()
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (13, 7), (3, 4, 5)])
+def test_ldadam_error_in_grad_matches_reference(shape):
+    """error_storage="grad" (the authors' way): .grad holds E between steps, the next gradient is added to it."""
+    grads = _grads(shape, 7)
+    expected = ldadam_reference(_start(shape), grads, lr=0.01, wd=0.1, rank=2)
+    w = torch.nn.Parameter(_start(shape))
+    opt = LDAdam([w], lr=0.01, weight_decay=0.1, rank=2, error_storage="grad")
+    for g, want in zip(grads, expected):
+        _accumulating_run(opt, [w], [[g]])
+        torch.testing.assert_close(w.detach(), want, rtol=1e-5, atol=1e-7)
+    assert "error" not in opt.state[w] and opt.keeps_state_in_grad(w) and w.grad.norm() > 0
+
+
+def test_ldadam_error_in_grad_resumes_exactly_and_refuses_a_cleared_grad():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Linear(9, 4)).double()
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(6)]
+    opt = LDAdam(model.parameters(), lr=1e-2, rank=3, error_storage="grad")
+    _accumulating_run(opt, list(model.parameters()), grads[:3])
+    saved = copy.deepcopy(opt.state_dict())
+    clone = copy.deepcopy(model)
+    for q in clone.parameters():
+        q.grad = None  # a fresh process: the buffer comes back from the state dict only
+    opt_clone = LDAdam(clone.parameters(), lr=1e-2, rank=3, error_storage="grad")
+    opt_clone.load_state_dict(saved)
+    _accumulating_run(opt, list(model.parameters()), grads[3:])
+    _accumulating_run(opt_clone, list(clone.parameters()), grads[3:])
+    for p, q in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    model.zero_grad()  # clears the buffers LDAdam keeps in .grad
+    with pytest.raises(RuntimeError, match="error-feedback buffer in .grad.*parameter 0 was cleared"):
+        opt.step()
+
+
+def test_ldadam_error_in_grad_under_dp_equals_the_error_kept_as_state():
+    """The DP optimizer adds its privatised gradient into the buffer: the same run, bit for bit, as with the
+    buffer kept as optimizer state, with no m x n optimizer state."""
+    import dptrain
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 6, generator=gen), torch.randn(64, 3, generator=gen))
+    finals, states = [], []
+    for storage in ("state", "grad"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        dp_model, dp_opt, loader = dptrain.PrivacyEngine().make_private(
+            module=model, optimizer=LDAdam(model.parameters(), lr=1e-2, rank=2, error_storage=storage),
+            data_loader=DataLoader(data, batch_size=16), max_grad_norm=1.0, noise_multiplier=1.0,
+            insecure_noise_seed=0, insecure_sampler_seed=0)
+        for (x, y), _ in zip(loader, range(5)):
+            dp_opt.zero_grad()
+            if len(x):
+                (dp_model(x) - y).pow(2).mean(1).mean().backward()
+            dp_opt.step()
+        finals.append([p.detach().clone() for p in model.parameters()])
+        states.append(optimizer_state_bytes(dp_opt))
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert states[0] - states[1] == (6 * 8 + 8 * 3) * 4  # the two m x n buffers
+
+
 # --------------------------------------------------------------------------- DCT-AdamW
 def dct_reference(p0, grads, *, lr, wd, rank, gap, rotate, error_feedback, b1=0.9, b2=0.999, eps=1e-8):
     """DCT-AdamW (arXiv 2505.17967) with the dynamic column selection of its Algorithm 1, on the wide view."""
@@ -402,6 +474,8 @@ def test_options_are_validated():
         LDAdam(w, rho=1.0)
     with pytest.raises(TypeError, match="error_feedback must be a bool"):
         LDAdam(w, error_feedback="yes")
+    with pytest.raises(ValueError, match="error_storage must be 'state' or 'grad', found 'gpu'"):
+        LDAdam(w, error_storage="gpu")
     with pytest.raises(ValueError, match="rank must be >= 1, found 0"):
         DCTAdamW(w, rank=0)
     with pytest.raises(ValueError, match="update_proj_gap must be >= 1"):
