@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader
 
 from dptrain import distributed
 from dptrain.accountants import calibrate_noise, make_accountant
+from dptrain.fsdp import FSDPView
 from dptrain.grad_sample.tracker import GradSampleTracker
+from dptrain.independence import install_probe
 from dptrain.mechanism import StepMechanism
 from dptrain.optimizer import DPOptimizer
 from dptrain.sampling import DPDataLoader
@@ -151,6 +153,8 @@ class PrivacyEngine:
             module, clipping=clipping, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
             automatic_gamma=automatic_gamma, track_unclipped=error_feedback,
         )
+        if not isinstance(tracker.model, FSDPView):  # FSDP2 forwards cannot be re-entered from a hook
+            install_probe(tracker.model, lambda: tracker.batch_size, tracker.capture_disabled)
         distributed.check_consistent({
             "world_size": world, "dataset_size": dataset_size, "batch_size": batch_size, "epochs": epochs or 0,
             "noise_multiplier": noise_multiplier, "max_grad_norm": tracker.total_max_norm,

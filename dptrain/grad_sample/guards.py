@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from dptrain.grad_sample.registry import UnsupportedModuleError
 
@@ -27,8 +29,17 @@ _FIX = "replace it with GroupNorm or LayerNorm, or call .eval() on it (frozen ru
 
 
 def is_guarded(module: nn.Module) -> bool:
-    """Normalisation layers whose mode decides whether they mix samples: checked at every forward."""
-    return isinstance(module, (_BatchNorm, _InstanceNorm))
+    """Normalisation layers whose mode decides whether they mix samples, and modules whose weight a hook computes:
+    checked at set-up and at every forward."""
+    return isinstance(module, (_BatchNorm, _InstanceNorm)) or _weight_hook(module) is not None
+
+
+def _weight_hook(module: nn.Module) -> Optional[str]:
+    """The name of the legacy weight_norm / spectral_norm hook that computes ``module``'s weight, if any."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
+            return "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+    return None
 
 
 def _mixing_reason(module: nn.Module) -> Optional[str]:
@@ -46,6 +57,14 @@ def _mixing_reason(module: nn.Module) -> Optional[str]:
 
 def check_mixing(name: str, module: nn.Module) -> None:
     """Raise, naming the module and the fix, if ``module`` in its current mode mixes samples or writes buffers."""
+    hook = _weight_hook(module)
+    if hook is not None and any(p.requires_grad for p in module.parameters(recurse=False)):
+        # the weight is an attribute each forward recomputes: backward may see another forward's, without a graph
+        raise UnsupportedModuleError(
+            f"module '{name}' ({type(module).__name__}): its weight is computed by torch.nn.utils.{hook} in a "
+            "forward pre-hook, outside any per-sample rule, so its parameters' gradients would be lost; remove it "
+            f"(torch.nn.utils.remove_{hook}) or freeze the module"
+        )
     reason = _mixing_reason(module)
     if reason is not None:
         fix = "use track_running_stats=False or GroupNorm, or call .eval() on it" if isinstance(module, _InstanceNorm) else _FIX
