@@ -61,7 +61,8 @@ class PrivacyEngine:
         noise_multiplier: Optional[float] = None,
         target_epsilon: Optional[float] = None,
         target_delta: Optional[float] = None,
-        epochs: Optional[int] = None,
+        epochs: Optional[float] = None,
+        steps: Optional[int] = None,
         clipping: str = "flat",
         poisson_sampling: bool = True,
         max_physical_batch_size: Optional[int] = None,
@@ -78,7 +79,8 @@ class PrivacyEngine:
 
         ``max_grad_norm``: the clipping threshold C (flat), or for ``clipping="per_layer"`` the total C (each
         of the L layers gets C/sqrt(L)) or one threshold per layer (list in module order, or dict by layer name).
-        Give ``noise_multiplier``, or ``target_epsilon`` + ``target_delta`` + ``epochs`` to calibrate it.
+        Give ``noise_multiplier``, or ``target_epsilon`` + ``target_delta`` + the length of the run (``epochs``,
+        i.e. ceil(epochs * steps per epoch) logical steps, or ``steps``) to calibrate it.
         ``error_feedback=True``: DiceSGD with feedback budget ``error_max_grad_norm`` (C2, per logical batch,
         default C1 * batch size); ``error_feedback_accounting="worst_case"`` (the only bound offered, proven in
         ``dptrain.error_feedback``) records every step as a full-batch Gaussian with the noise multiplier, so
@@ -88,14 +90,61 @@ class PrivacyEngine:
         ``insecure_noise_seed``/``insecure_sampler_seed``: fixed seeds for tests and debugging; the run is then
         NOT private (anyone with the seed can subtract the noise or recompute the batches).
         """
+        given = self._check_arguments(module, optimizer, data_loader, insecure_noise_seed, insecure_sampler_seed,
+                                      poisson_sampling, error_feedback, error_max_grad_norm,
+                                      error_feedback_accounting, controller, target_epsilon)
+        wrapped, module = module, distributed.unwrap_ddp(module)
+        _check_optimizer_params(module, optimizer)
+        rank, world = distributed.rank_and_world()
+        dataset_size, batch_size, sample_rate = self._prepare_batching(data_loader, world, poisson_sampling)
+        sampling = "poisson" if poisson_sampling else "fixed"
+        total_steps = self._total_steps(epochs, steps)
+        noise_multiplier = self._resolve_noise(noise_multiplier, target_epsilon, target_delta, total_steps,
+                                               sample_rate, "full" if error_feedback else sampling)
+        tracker = self._prepare_tracker(module, clipping, max_grad_norm, loss_reduction, automatic_gamma,
+                                        error_feedback)
+        distributed.check_consistent({
+            "world_size": world, "dataset_size": dataset_size, "batch_size": batch_size,
+            "total_steps": total_steps or 0, "noise_multiplier": noise_multiplier,
+            "max_grad_norm": tracker.total_max_norm, "poisson_sampling": poisson_sampling,
+            "ddp_wrapped": wrapped is not module, "trainable_parameters": sum(p.numel() for p in tracker.params),
+        })
+        if world > 1 and wrapped is module:
+            raise ValueError("torch.distributed is initialised with several ranks but the model is not wrapped in "
+                             "DistributedDataParallel; wrap it (same on every rank) before make_private")
+        self.optimizer = DPOptimizer(
+            optimizer, tracker, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
+            sample_rate=sample_rate, sampling=sampling, secure_mode=self.secure_mode,
+            insecure_noise_seed=insecure_noise_seed,
+        )
+        self.data_loader = self._prepare_loader(data_loader, poisson_sampling, sample_rate, max_physical_batch_size,
+                                                insecure_sampler_seed, rank, world)
+        self.tracker, self.sample_rate, self.poisson_sampling, self.insecure_seeds = (
+            tracker, sample_rate, poisson_sampling, given)
+        if given:
+            logger.warning("%s given: this run is NOT PRIVATE (the noise or the batches can be regenerated from "
+                           "it); use it for tests and debugging only", " and ".join(given))
+        self.optimizer.step_callbacks.append(self._account_step)
+        self._prepare_plugins(error_feedback, error_max_grad_norm, error_feedback_accounting, poisson_sampling,
+                              controller, target_epsilon, target_delta, total_steps)
+        logger.info(
+            "private training: sigma=%.4g, C=%.4g (%s), q=%.4g, expected batch %.1f",
+            noise_multiplier, tracker.total_max_norm, clipping, sample_rate, batch_size,
+        )
+        return wrapped, self.optimizer, self.data_loader
+
+    # ------------------------------------------------------------------ make_private, step by step
+    def _check_arguments(self, module, optimizer, data_loader, insecure_noise_seed, insecure_sampler_seed,
+                         poisson_sampling, error_feedback, error_max_grad_norm, error_feedback_accounting,
+                         controller, target_epsilon) -> tuple:
+        """Refuse bad or conflicting arguments; returns the names of the insecure seeds given."""
         if self.tracker is not None:
             raise ValueError("this PrivacyEngine already made a model private; create one engine per training run")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, found {type(module).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, found {type(optimizer).__name__}")
-        if not isinstance(data_loader, DataLoader):
-            raise TypeError(f"data_loader must be a torch.utils.data.DataLoader, found {type(data_loader).__name__}")
+        for name, value, expected in (("module", module, nn.Module), ("optimizer", optimizer, torch.optim.Optimizer),
+                                      ("data_loader", data_loader, DataLoader)):
+            if not isinstance(value, expected):
+                raise TypeError(f"{name} must be a {expected.__module__}.{expected.__qualname__}, "
+                                f"found {type(value).__name__}")
         seeds = {"insecure_noise_seed": insecure_noise_seed, "insecure_sampler_seed": insecure_sampler_seed}
         for name, seed in seeds.items():
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -123,12 +172,12 @@ class PrivacyEngine:
                 f"error_feedback_accounting is only used with error_feedback=True, found {error_feedback_accounting!r}"
             )
         if controller is not None and target_epsilon is None:
-            raise ValueError("a controller needs target_epsilon (and target_delta, epochs): it plans within that budget")
-        wrapped = module
-        module = distributed.unwrap_ddp(module)
-        _check_optimizer_params(module, optimizer)
-        rank, world = distributed.rank_and_world()
+            raise ValueError("a controller needs target_epsilon (and target_delta, epochs or steps): it plans within "
+                             "that budget")
+        return given
 
+    def _prepare_batching(self, data_loader, world: int, poisson_sampling: bool) -> tuple:
+        """(dataset size, expected logical batch over all ranks, sample rate); sets ``steps_per_epoch``."""
         dataset_size, batch_size = _dataset_and_batch_size(data_loader)
         batch_size *= world  # the loader's batch size is per rank; the logical batch spans all ranks
         if batch_size > dataset_size:
@@ -136,74 +185,32 @@ class PrivacyEngine:
                 f"batch size {batch_size} (per rank x {world} rank(s)) is larger than the dataset ({dataset_size} samples)"
             )
         sample_rate = batch_size / dataset_size
-        steps_per_epoch = math.ceil(1 / sample_rate) if poisson_sampling else len(data_loader)
-        self.steps_per_epoch = steps_per_epoch
-        sampling = "full" if error_feedback else ("poisson" if poisson_sampling else "fixed")
-        noise_multiplier = self._resolve_noise(
-            noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch, sampling
-        )
+        self.steps_per_epoch = math.ceil(1 / sample_rate) if poisson_sampling else len(data_loader)
         if not poisson_sampling:
             logger.warning(
                 "poisson_sampling=False: fixed batches get no privacy amplification by subsampling; each epoch is "
                 "accounted as one full-batch Gaussian step at sensitivity 2C (replace-one adjacency), which needs "
                 "far more noise than Poisson sampling for the same epsilon"
             )
+        return dataset_size, batch_size, sample_rate
 
-        tracker = GradSampleTracker(
-            module, clipping=clipping, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-            automatic_gamma=automatic_gamma, track_unclipped=error_feedback,
-        )
-        if not isinstance(tracker.model, FSDPView):  # FSDP2 forwards cannot be re-entered from a hook
-            install_probe(tracker.model, lambda: tracker.batch_size, tracker.capture_disabled)
-        distributed.check_consistent({
-            "world_size": world, "dataset_size": dataset_size, "batch_size": batch_size, "epochs": epochs or 0,
-            "noise_multiplier": noise_multiplier, "max_grad_norm": tracker.total_max_norm,
-            "poisson_sampling": poisson_sampling, "ddp_wrapped": wrapped is not module,
-            "trainable_parameters": sum(p.numel() for p in tracker.params),
-        })
-        if world > 1 and wrapped is module:
-            raise ValueError("torch.distributed is initialised with several ranks but the model is not wrapped in "
-                             "DistributedDataParallel; wrap it (same on every rank) before make_private")
-        generator = None
-        if insecure_sampler_seed is not None:  # ranks sample their shards independently
-            generator = torch.Generator().manual_seed(insecure_sampler_seed + 1_000_003 * rank)
-        dp_optimizer = DPOptimizer(
-            optimizer, tracker, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
-            sample_rate=sample_rate, sampling="fixed" if not poisson_sampling else "poisson",
-            secure_mode=self.secure_mode, insecure_noise_seed=insecure_noise_seed,
-        )
-        dp_loader = DPDataLoader(
-            data_loader, poisson_sampling=poisson_sampling, sample_rate=sample_rate, generator=generator,
-            max_physical_batch_size=max_physical_batch_size, shard=(rank, world), secure=self.secure_mode,
-        )
-        self.insecure_seeds = given
-        if given:
-            logger.warning("%s given: this run is NOT PRIVATE (the noise or the batches can be regenerated from "
-                           "it); use it for tests and debugging only", " and ".join(given))
-        dp_loader.optimizer = dp_optimizer
-        dp_optimizer.step_callbacks.append(self._account_step)
-        self.tracker, self.optimizer, self.data_loader, self.sample_rate = tracker, dp_optimizer, dp_loader, sample_rate
-        self.poisson_sampling = poisson_sampling
-        self.error_feedback = None
-        if error_feedback:
-            from dptrain.error_feedback import ErrorFeedback
+    def _total_steps(self, epochs, steps) -> Optional[int]:
+        """The run's planned logical steps from ``epochs`` or ``steps`` (None if neither is given)."""
+        if epochs is not None and steps is not None:
+            raise ValueError(f"give epochs or steps, not both (found epochs={epochs!r}, steps={steps!r})")
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+                raise ValueError(f"steps must be a positive integer, found {steps!r}")
+            return steps
+        if epochs is None:
+            return None
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not (math.isfinite(epochs) and epochs > 0):
+            raise ValueError(f"epochs must be a number > 0, found {epochs!r}")
+        return math.ceil(epochs * self.steps_per_epoch)
 
-            self.error_feedback = ErrorFeedback(
-                dp_optimizer, error_max_grad_norm=error_max_grad_norm, poisson_sampling=poisson_sampling,
-                accounting=error_feedback_accounting,
-            )
-        self.controller = controller
-        if controller is not None:
-            controller.attach(self, target_epsilon=target_epsilon, target_delta=target_delta,
-                              total_steps=math.ceil(epochs * steps_per_epoch))
-        logger.info(
-            "private training: sigma=%.4g, C=%.4g (%s), q=%.4g, expected batch %.1f",
-            noise_multiplier, tracker.total_max_norm, clipping, sample_rate, batch_size,
-        )
-        return wrapped, dp_optimizer, dp_loader
-
-    def _resolve_noise(self, noise_multiplier, target_epsilon, target_delta, epochs, sample_rate, steps_per_epoch,
-                       sampling):
+    def _resolve_noise(self, noise_multiplier, target_epsilon, target_delta, total_steps, sample_rate, sampling):
+        """The noise multiplier: given, or calibrated to the target for ``sampling`` ("poisson", "fixed", or
+        "full": every step a full-batch Gaussian, as error feedback's bound accounts it)."""
         if noise_multiplier is not None:
             if target_epsilon is not None:
                 raise ValueError("give either noise_multiplier or target_epsilon, not both")
@@ -215,23 +222,56 @@ class PrivacyEngine:
                 logger.warning("noise_multiplier=0: training is NOT private (epsilon = inf)")
             return float(noise_multiplier)
         if target_epsilon is None:
-            raise ValueError("give noise_multiplier, or target_epsilon with target_delta and epochs")
-        if target_delta is None or epochs is None:
+            raise ValueError("give noise_multiplier, or target_epsilon with target_delta and epochs (or steps)")
+        if target_delta is None or total_steps is None:
             raise ValueError(
-                f"target_epsilon needs target_delta and epochs to calibrate the noise, found "
-                f"target_delta={target_delta!r}, epochs={epochs!r}"
+                f"target_epsilon needs target_delta and epochs or steps to calibrate the noise, found "
+                f"target_delta={target_delta!r} and no epochs or steps" if total_steps is None else
+                f"target_epsilon needs target_delta to calibrate the noise, found target_delta={target_delta!r}"
             )
-        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0:
-            raise ValueError(f"epochs must be > 0, found {epochs!r}")
-        steps = math.ceil(epochs * steps_per_epoch)
         if sampling == "fixed":  # one charged step per (started) epoch, at multiplier sigma / 2 (sensitivity 2C)
-            charged = math.ceil(steps / steps_per_epoch)
+            charged = math.ceil(total_steps / self.steps_per_epoch)
             return 2 * calibrate_noise(target_epsilon=target_epsilon, sample_rate=1.0, steps=charged,
                                        delta=target_delta, accountant=self.accountant_name)
-        return calibrate_noise(
-            target_epsilon=target_epsilon, sample_rate=sample_rate if sampling == "poisson" else 1.0, steps=steps,
-            delta=target_delta, accountant=self.accountant_name,
+        return calibrate_noise(target_epsilon=target_epsilon, sample_rate=sample_rate if sampling == "poisson" else 1.0,
+                               steps=total_steps, delta=target_delta, accountant=self.accountant_name)
+
+    def _prepare_tracker(self, module, clipping, max_grad_norm, loss_reduction, automatic_gamma,
+                         error_feedback) -> GradSampleTracker:
+        tracker = GradSampleTracker(
+            module, clipping=clipping, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+            automatic_gamma=automatic_gamma, track_unclipped=error_feedback,
         )
+        if not isinstance(tracker.model, FSDPView):  # FSDP2 forwards cannot be re-entered from a hook
+            install_probe(tracker.model, lambda: tracker.batch_size, tracker.capture_disabled)
+        return tracker
+
+    def _prepare_loader(self, data_loader, poisson_sampling, sample_rate, max_physical_batch_size,
+                        insecure_sampler_seed, rank, world) -> DPDataLoader:
+        generator = None
+        if insecure_sampler_seed is not None:  # ranks sample their shards independently
+            generator = torch.Generator().manual_seed(insecure_sampler_seed + 1_000_003 * rank)
+        loader = DPDataLoader(
+            data_loader, poisson_sampling=poisson_sampling, sample_rate=sample_rate, generator=generator,
+            max_physical_batch_size=max_physical_batch_size, shard=(rank, world), secure=self.secure_mode,
+        )
+        loader.optimizer = self.optimizer
+        return loader
+
+    def _prepare_plugins(self, error_feedback, error_max_grad_norm, error_feedback_accounting, poisson_sampling,
+                         controller, target_epsilon, target_delta, total_steps) -> None:
+        """Error feedback and the controller hook into the optimizer's step mechanism."""
+        self.error_feedback = None
+        if error_feedback:
+            from dptrain.error_feedback import ErrorFeedback
+
+            self.error_feedback = ErrorFeedback(
+                self.optimizer, error_max_grad_norm=error_max_grad_norm, poisson_sampling=poisson_sampling,
+                accounting=error_feedback_accounting,
+            )
+        self.controller = controller
+        if controller is not None:
+            controller.attach(self, target_epsilon=target_epsilon, target_delta=target_delta, total_steps=total_steps)
 
     def _account_step(self, optimizer: DPOptimizer, mechanism: StepMechanism) -> None:
         """Ledger the step's mechanism. Fixed batches: a record is in one batch per epoch, so the epoch's first

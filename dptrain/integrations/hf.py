@@ -114,7 +114,7 @@ class DPTrainer(Trainer):
         s = self.dp_settings
         calibration = {"noise_multiplier": s["noise_multiplier"]} if s["noise_multiplier"] is not None else {
             "target_epsilon": s["target_epsilon"], "target_delta": self.target_delta,
-            "epochs": (total - 0.5) / steps_per_epoch,  # the engine calibrates for exactly `total` steps
+            "steps": total,
         }
         # no max_physical_batch_size here: the loader yields whole Poisson batches, training_step splits them
         self.model, self.optimizer, self._dp_loader = self.engine.make_private(
