@@ -1,68 +1,134 @@
-"""The accountant protocol: a ledger of composed Gaussian steps and the methods every accountant shares."""
+"""The accountant protocol: a ledger of privacy events and the methods every accountant shares."""
 
 from __future__ import annotations
 
 import abc
+import copy
+from typing import Iterable, Optional
 
-from ._validation import check_delta, check_noise_multiplier, check_sample_rate, check_steps
-from .events import GaussianEvent, PoissonSampledEvent, PrivacyEvent, flatten_event
+from ._validation import check_delta, check_steps
+from .events import ComposedEvent, GaussianEvent, PoissonSampledEvent, PrivacyEvent, SelfComposedEvent, sampled_gaussian
 
-__all__ = ["Accountant"]
+__all__ = ["Accountant", "UnsupportedEventError"]
+
+
+class UnsupportedEventError(TypeError):
+    """An accountant was asked to compose a privacy event it cannot account for."""
+
+
+def _unsupported_part(event: PrivacyEvent) -> Optional[PrivacyEvent]:
+    """The first part of ``event`` these accountants cannot compose; None when they support all of it."""
+    if isinstance(event, GaussianEvent):
+        return None
+    if isinstance(event, PoissonSampledEvent):
+        return None if isinstance(event.event, GaussianEvent) else event
+    if isinstance(event, SelfComposedEvent):
+        return _unsupported_part(event.event)
+    if isinstance(event, ComposedEvent):
+        return next((part for part in map(_unsupported_part, event.events) if part is not None), None)
+    return event
+
+
+def _step_groups(event: PrivacyEvent, count: int) -> list[tuple[PrivacyEvent, int]]:
+    """A supported ``event`` repeated ``count`` times, as (one-step event, count) groups in order."""
+    if count == 0:
+        return []
+    if isinstance(event, GaussianEvent):
+        return [(event, count)]
+    if isinstance(event, PoissonSampledEvent):  # q = 1 is the plain Gaussian: one canonical event for both
+        return [(sampled_gaussian(event.sample_rate, event.event.noise_multiplier), count)]
+    if isinstance(event, SelfComposedEvent):
+        return _step_groups(event.event, event.count * count)
+    once = [group for inner in event.events for group in _step_groups(inner, 1)]
+    return once * count
+
+
+def _step_parameters(event: PrivacyEvent) -> tuple[float, float]:
+    """(noise_multiplier, sample_rate) of a one-step event of the ledger."""
+    if isinstance(event, GaussianEvent):
+        return event.noise_multiplier, 1.0
+    return event.event.noise_multiplier, event.sample_rate
 
 
 class Accountant(abc.ABC):
     """Composes privacy events into a ledger and converts it to (epsilon, delta).
 
-    The ledger is a list of ``[noise_multiplier, sample_rate, steps]`` groups; consecutive identical steps
-    are merged, so a run of T identical DP-SGD steps is one entry. ``state_dict()`` holds that ledger, so a
-    resumed run reports exactly the epsilon it would have reported without the interruption.
+    The ledger holds one-step events (a ``GaussianEvent``, or a ``PoissonSampledEvent`` of one) with their
+    counts, oldest first; consecutive identical steps are merged, so T identical DP-SGD steps are one entry.
+    ``state_dict()`` saves it, so a resumed run reports exactly the epsilon it would have reported.
     """
 
-    name: str = "base"
+    name: str = "base"  # set by register_accountant
 
     def __init__(self) -> None:
-        self._ledger: list[list] = []
+        self._ledger: list[tuple[PrivacyEvent, int]] = []
 
     # -- composing -------------------------------------------------------------------------------------
+    def supports(self, event) -> bool:
+        """Whether ``compose(event)`` can account for ``event``."""
+        return isinstance(event, PrivacyEvent) and _unsupported_part(event) is None
+
     def compose(self, event: PrivacyEvent, count: int = 1) -> "Accountant":
         """Add ``event`` repeated ``count`` times to the ledger; returns self."""
         if not isinstance(event, PrivacyEvent):
             raise TypeError(f"event must be a PrivacyEvent, found {type(event).__name__}")
-        for sigma, q, steps in flatten_event(event, count):
-            self._append(sigma, q, steps)
+        count = check_steps(count, "count")
+        part = _unsupported_part(event)
+        if part is not None:
+            raise UnsupportedEventError(
+                f"the {self.name} accountant cannot compose {part!r} (in {event!r}); it supports GaussianEvent, "
+                "a PoissonSampledEvent of a GaussianEvent, and (self-)compositions of those"
+            )
+        for step, n in _step_groups(event, count):
+            self._append(step, n)
         return self
 
     def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> "Accountant":
         """Record ``steps`` DP-SGD steps with this noise multiplier and Poisson sample rate; returns self."""
-        sigma = check_noise_multiplier(noise_multiplier)
-        q = check_sample_rate(sample_rate)
-        self._append(sigma, q, check_steps(steps))
+        return self.compose(sampled_gaussian(sample_rate, noise_multiplier), check_steps(steps))
+
+    def replay(self, ledger: Iterable[tuple[PrivacyEvent, int]]) -> "Accountant":
+        """Compose every ``(event, count)`` of ``ledger`` (e.g. another accountant's ``.ledger``); returns self."""
+        for event, count in ledger:
+            self.compose(event, count)
         return self
 
-    def _append(self, sigma: float, q: float, steps: int) -> None:
-        if steps == 0:
+    def copy(self) -> "Accountant":
+        """An independent accountant with the same settings and ledger (composing onto it leaves this one alone)."""
+        twin = copy.copy(self)
+        twin._ledger = list(self._ledger)
+        return twin
+
+    def _append(self, event: PrivacyEvent, count: int) -> None:
+        if count == 0:
             return
-        if self._ledger and self._ledger[-1][0] == sigma and self._ledger[-1][1] == q:
-            self._ledger[-1][2] += steps
+        if self._ledger and self._ledger[-1][0] == event:
+            self._ledger[-1] = (event, self._ledger[-1][1] + count)
         else:
-            self._ledger.append([sigma, q, steps])
+            self._ledger.append((event, count))
         self._changed()
 
     def _changed(self) -> None:
         """Hook: the ledger changed (subclasses drop caches)."""
 
+    # -- reading the ledger -----------------------------------------------------------------------------
+    @property
+    def ledger(self) -> tuple[tuple[PrivacyEvent, int], ...]:
+        """The composed one-step events with their counts, oldest first."""
+        return tuple(self._ledger)
+
     @property
     def history(self) -> list[tuple[float, float, int]]:
-        """The ledger as ``(noise_multiplier, sample_rate, steps)`` tuples, oldest first."""
-        return [tuple(entry) for entry in self._ledger]
+        """The ledger as ``(noise_multiplier, sample_rate, count)`` tuples (sample rate 1: not subsampled)."""
+        return [(*_step_parameters(event), count) for event, count in self._ledger]
 
     @property
     def steps(self) -> int:
         """Total number of composed steps."""
-        return sum(entry[2] for entry in self._ledger)
+        return sum(count for _, count in self._ledger)
 
     def _no_privacy(self) -> bool:
-        return any(sigma == 0 for sigma, _, _ in self._ledger)
+        return any(sigma == 0 for sigma, _, _ in self.history)
 
     # -- conversion ------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -78,36 +144,28 @@ class Accountant(abc.ABC):
         return {}
 
     def state_dict(self) -> dict:
-        """The ledger and settings, as plain Python types."""
-        return {"accountant": self.name, "history": [list(entry) for entry in self._ledger], **self._config()}
+        """The settings and the ledger as plain Python types (``history``: [noise_multiplier, sample_rate, count])."""
+        return {"accountant": self.name, "history": [list(row) for row in self.history], **self._config()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Replace the ledger with the one saved by ``state_dict()``."""
-        if not isinstance(state, dict) or "history" not in state:
-            raise ValueError(f"state must be a dict with a 'history' entry, found {type(state).__name__}")
-        if state.get("accountant", self.name) != self.name:
-            raise ValueError(f"state was saved by accountant {state.get('accountant')!r}, this is {self.name!r}")
+        """Replace the ledger with the one saved by ``state_dict()`` (same accountant, same settings)."""
+        if not isinstance(state, dict) or "history" not in state or "accountant" not in state:
+            raise ValueError(f"state must be a dict from state_dict() with 'accountant' and 'history', found {state!r}")
+        if state["accountant"] != self.name:
+            raise ValueError(f"state was saved by accountant {state['accountant']!r}, this is {self.name!r}")
         for key, value in self._config().items():
-            if key in state and state[key] != value:
-                raise ValueError(f"state has {key}={state[key]!r}, this accountant {key}={value!r}")
+            if key not in state or state[key] != value:
+                raise ValueError(f"state has {key}={state.get(key)!r}, this accountant {key}={value!r}")
         ledger = []
-        for entry in state["history"]:
-            if len(entry) != 3:
-                raise ValueError(f"history entries are [noise_multiplier, sample_rate, steps], found {entry!r}")
-            sigma, q, steps = entry
-            ledger.append([check_noise_multiplier(sigma), check_sample_rate(q), check_steps(steps)])
+        for row in state["history"]:
+            if len(row) != 3:
+                raise ValueError(f"history rows are [noise_multiplier, sample_rate, count], found {row!r}")
+            sigma, q, count = row
+            ledger.append((sampled_gaussian(q, sigma), check_steps(count, "count")))
         self._ledger = []
-        for sigma, q, steps in ledger:
-            self._append(sigma, q, steps)
+        for event, count in ledger:
+            self._append(event, count)
         self._changed()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.steps}, groups={len(self._ledger)})"
-
-
-def _event_for(sigma: float, q: float) -> PrivacyEvent:
-    """The event of one step (used by tests and docs)."""
-    gaussian = GaussianEvent(sigma)
-    return gaussian if q == 1 else PoissonSampledEvent(q, gaussian)
-
-

@@ -1,7 +1,8 @@
-"""Privacy events: small frozen dataclasses describing what a mechanism released.
+"""Privacy events: small frozen dataclasses describing what a mechanism released (dp_accounting's model).
 
-An accountant composes events; it supports the Gaussian mechanism, optionally Poisson-subsampled, and
-self-compositions and compositions of those (the shape of every DP-SGD run).
+An accountant composes events; ``Accountant.supports(event)`` says which. Both accountants here support the
+Gaussian mechanism, optionally Poisson-subsampled, and self-compositions and compositions of those (the shape
+of every DP-SGD run).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ __all__ = [
     "PoissonSampledEvent",
     "SelfComposedEvent",
     "ComposedEvent",
-    "flatten_event",
+    "sampled_gaussian",
 ]
 
 
@@ -76,24 +77,7 @@ class ComposedEvent(PrivacyEvent):
         object.__setattr__(self, "events", events)
 
 
-def flatten_event(event: PrivacyEvent, count: int = 1) -> list[tuple[float, float, int]]:
-    """The ledger entries ``(noise_multiplier, sample_rate, steps)`` of ``event`` repeated ``count`` times.
-
-    Raises ``TypeError`` for events the accountants cannot handle (e.g. sampling a composition).
-    """
-    count = check_steps(count, "count")
-    if isinstance(event, GaussianEvent):
-        return [(event.noise_multiplier, 1.0, count)] if count else []
-    if isinstance(event, PoissonSampledEvent):
-        if not isinstance(event.event, GaussianEvent):
-            raise TypeError(
-                "PoissonSampledEvent must wrap a GaussianEvent for these accountants, "
-                f"found {type(event.event).__name__}"
-            )
-        return [(event.event.noise_multiplier, event.sample_rate, count)] if count else []
-    if isinstance(event, SelfComposedEvent):
-        return flatten_event(event.event, event.count * count)
-    if isinstance(event, ComposedEvent):
-        once = [entry for inner in event.events for entry in flatten_event(inner, 1)]
-        return once * count
-    raise TypeError(f"unsupported privacy event {type(event).__name__}")
+def sampled_gaussian(sample_rate: float, noise_multiplier: float) -> PrivacyEvent:
+    """One DP-SGD step: a Gaussian of ``noise_multiplier``, Poisson-sampled unless ``sample_rate`` is 1."""
+    gaussian = GaussianEvent(noise_multiplier)
+    return gaussian if check_sample_rate(sample_rate) == 1 else PoissonSampledEvent(sample_rate, gaussian)

@@ -7,12 +7,14 @@ import math
 from ._base import Accountant
 from ._pld_math import DiscretePLD, convolve, loss_std, self_compose, step_pld
 from ._validation import check_epsilon
+from .registry import register_accountant
 
 __all__ = ["PLDAccountant"]
 
 _DIRECTIONS = ("remove", "add")
 
 
+@register_accountant("pld")
 class PLDAccountant(Accountant):
     """Privacy-loss-distribution accountant (FFT composition, both neighbouring directions).
 
@@ -33,8 +35,6 @@ class PLDAccountant(Accountant):
     step's privacy loss, averaged over steps), which keeps epsilon within ~1e-3 relative of the exact value
     (checked against dp_accounting and the closed form for q = 1), capped so a PLD has <= ``max_points``.
     """
-
-    name = "pld"
 
     def __init__(
         self,
@@ -76,11 +76,11 @@ class PLDAccountant(Accountant):
         """The loss grid interval h used for the current ledger."""
         if self.value_discretization_interval is not None:
             return float(self.value_discretization_interval)
-        total = self.steps
-        var = sum(n * loss_std(q, s) ** 2 for s, q, n in self._ledger) / total
+        total, groups = self.steps, self.history
+        var = sum(n * loss_std(q, s) ** 2 for s, q, n in groups) / total
         h = self.resolution * math.sqrt(var)
         # cap the composed window: about 30 standard deviations of the sum, plus the widest single step
-        span = 30 * math.sqrt(var * total) + max(self._step_span(q, s) for s, q, _ in self._ledger)
+        span = 30 * math.sqrt(var * total) + max(self._step_span(q, s) for s, q, _ in groups)
         return max(h, span / self.max_points)
 
     @staticmethod
@@ -90,15 +90,16 @@ class PLDAccountant(Accountant):
 
     # -- composition -------------------------------------------------------------------------------------
     def _composed(self) -> list[DiscretePLD]:
-        key = tuple(tuple(entry) for entry in self._ledger)
+        key = tuple(self._ledger)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         h = self.grid_interval()
-        directions = ("remove",) if all(q == 1 for _, q, _ in self._ledger) else _DIRECTIONS  # q = 1: symmetric
+        groups = self.history
+        directions = ("remove",) if all(q == 1 for _, q, _ in groups) else _DIRECTIONS  # q = 1: symmetric
         result = []
         for direction in directions:
             total = None
-            for sigma, q, steps in self._ledger:
+            for sigma, q, steps in groups:
                 group = self_compose(step_pld(q, sigma, h, direction), steps, self.tail_mass)
                 total = group if total is None else convolve(total, group, self.tail_mass)
             result.append(total)

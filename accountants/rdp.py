@@ -18,6 +18,8 @@ import numpy as np
 from scipy import special
 
 from ._base import Accountant
+from ._validation import check_noise_multiplier, check_sample_rate
+from .registry import register_accountant
 
 __all__ = ["DEFAULT_ORDERS", "RDPAccountant", "compute_rdp", "rdp_to_epsilon"]
 
@@ -107,8 +109,6 @@ def _rdp_cached(q: float, sigma: float, orders: tuple) -> np.ndarray:
 
 def compute_rdp(*, sample_rate: float, noise_multiplier: float, orders=None) -> np.ndarray:
     """RDP (one value per order) of ONE Poisson-subsampled Gaussian step; multiply by the step count."""
-    from ._validation import check_noise_multiplier, check_sample_rate
-
     orders = DEFAULT_ORDERS if orders is None else _check_orders(orders)
     q = check_sample_rate(sample_rate)
     sigma = check_noise_multiplier(noise_multiplier)
@@ -146,14 +146,13 @@ def _check_orders(orders) -> np.ndarray:
     return np.unique(arr)
 
 
+@register_accountant("rdp")
 class RDPAccountant(Accountant):
     """Renyi-DP accountant of Poisson-subsampled Gaussian steps (log space, exact at fractional orders).
 
     ``orders``: RDP orders (> 1); default :data:`DEFAULT_ORDERS`, 1.1..10.9 by 0.1, integers to 64, then
     geometric to 4096. Composition adds RDP per order; ``get_epsilon`` converts with Balle et al. 2020.
     """
-
-    name = "rdp"
 
     def __init__(self, orders=None) -> None:
         super().__init__()
@@ -166,7 +165,7 @@ class RDPAccountant(Accountant):
     def rdp(self) -> np.ndarray:
         """Composed RDP of the ledger, one value per order."""
         total = np.zeros(len(self.orders))
-        for sigma, q, steps in self._ledger:
+        for sigma, q, steps in self.history:
             total = total + steps * _rdp_cached(q, sigma, self._orders_key)
         return total
 

@@ -5,7 +5,9 @@ import math
 
 import pytest
 
-from dptrain.accountants import ComposedEvent, GaussianEvent, PoissonSampledEvent, SelfComposedEvent
+from dptrain.accountants import (
+    ComposedEvent, GaussianEvent, PoissonSampledEvent, SelfComposedEvent, UnsupportedEventError,
+)
 
 
 def sampled(q, sigma):
@@ -90,9 +92,30 @@ class AccountantSuite:
             acc.get_epsilon(delta)
 
     def test_compose_rejects_non_events_and_load_rejects_bad_state(self):
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="PrivacyEvent, found str"):
             self.make().compose("gaussian")
-        with pytest.raises(TypeError):
-            self.make().compose(PoissonSampledEvent(0.1, ComposedEvent((GaussianEvent(1.0),))))
-        with pytest.raises(ValueError):
-            self.make().load_state_dict({"history": [[1.0, 2.0, 3]]})
+        sampled_composition = PoissonSampledEvent(0.1, ComposedEvent((GaussianEvent(1.0),)))
+        assert not self.make().supports(sampled_composition)
+        with pytest.raises(UnsupportedEventError, match="cannot compose PoissonSampledEvent"):
+            self.make().compose(sampled_composition)
+        with pytest.raises(ValueError, match="'accountant'"):
+            self.make().load_state_dict({"history": [[1.0, 0.2, 3]]})
+        state = self.make().state_dict()
+        with pytest.raises(ValueError, match="sample_rate.*2.0"):
+            self.make().load_state_dict({**state, "history": [[1.0, 2.0, 3]]})
+        with pytest.raises(ValueError, match="saved by accountant 'other'"):
+            self.make().load_state_dict({**state, "accountant": "other"})
+
+    def test_supports_the_dp_sgd_event_shapes(self):
+        step = sampled(0.01, 1.0)
+        for event in (GaussianEvent(1.0), step, SelfComposedEvent(step, 10), ComposedEvent((step, GaussianEvent(2.0)))):
+            assert self.make().supports(event)
+
+    def test_copy_is_independent_and_replay_rebuilds_the_ledger(self):
+        acc = self.make().step(noise_multiplier=1.0, sample_rate=0.02, steps=100)
+        eps = acc.get_epsilon(1e-5)
+        trial = acc.copy().step(noise_multiplier=0.8, sample_rate=0.02, steps=50)
+        assert acc.history == [(1.0, 0.02, 100)] and acc.get_epsilon(1e-5) == eps
+        assert trial.history == [(1.0, 0.02, 100), (0.8, 0.02, 50)] and trial.get_epsilon(1e-5) > eps
+        replayed = self.make().replay(trial.ledger)
+        assert replayed.ledger == trial.ledger and replayed.get_epsilon(1e-5) == trial.get_epsilon(1e-5)
