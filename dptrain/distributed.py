@@ -1,9 +1,11 @@
-"""DP-SGD on torch.distributed: each rank clips its own samples, the noised clipped sums are all-reduced.
+"""DP-SGD on torch.distributed: each rank clips its own samples; the clipped sums are summed across ranks.
 
-Every rank adds independent Gaussian noise of std sigma*C/sqrt(W) to its local clipped sum before a SUM
-all-reduce, so the total noise has exactly the single-process std sigma*C, and no rank can reproduce or
-cancel the others' shares (their generators are seeded independently). DDP's own gradient reduction is
-switched off (``require_backward_grad_sync = False``): dptrain never produces ordinary parameter gradients.
+DDP (and unsharded models): every rank adds independent Gaussian noise of std sigma*C/sqrt(W) to its local
+clipped sum before a SUM all-reduce, so the total noise has exactly the single-process std sigma*C, and no rank
+can reproduce or cancel the others' shares (their generators are seeded independently). FSDP2: the clipped sums
+are reduce-scattered (SUM) and each rank adds the full noise to its own shard (``dptrain.fsdp``). DDP's own
+gradient reduction is switched off (``require_backward_grad_sync = False``): dptrain never produces ordinary
+parameter gradients.
 Collectives wait at most ``COLLECTIVE_TIMEOUT_S`` and fail with a ``CollectiveError`` naming the rank, the
 operation and the likely cause, so a rank that never arrives or a backend that cannot reduce CPU tensors
 stops every rank with an error instead of a hang.
@@ -18,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_distributed", "rank_and_world", "unwrap_ddp", "check_consistent", "all_reduce_sum", "on_rank0",
+__all__ = ["is_distributed", "rank_and_world", "unwrap_ddp", "check_consistent", "all_reduce_sum",
+           "reduce_scatter_sum", "on_rank0",
            "gather_to_rank0", "CollectiveError", "COLLECTIVE_TIMEOUT_S"]
 
 COLLECTIVE_TIMEOUT_S = 300.0  # a rank waiting longer than this for the others raises instead of hanging
@@ -104,6 +107,20 @@ def all_reduce_sum(tensors: List[torch.Tensor], timeout_s: Optional[float] = Non
     for t in tensors:
         out.append(flat[start : start + t.numel()].view_as(t))
         start += t.numel()
+    return out
+
+
+def reduce_scatter_sum(flat: torch.Tensor, group=None, timeout_s: Optional[float] = None) -> torch.Tensor:
+    """SUM reduce-scatter of ``flat`` (W * n,) over ``group``: this rank's (n,) slice of the sum over ranks;
+    ``CollectiveError`` on failure or timeout."""
+    world = dist.get_world_size(group)
+    if flat.dim() != 1 or flat.numel() % world:
+        raise ValueError(f"reduce_scatter_sum needs a flat tensor of a multiple of {world} elements, found shape "
+                         f"{tuple(flat.shape)}")
+    out = torch.empty(flat.numel() // world, dtype=flat.dtype, device=flat.device)  # (n,)
+    _collective("the optimizer step's reduce-scatter of the FSDP2 clipped sums",
+                lambda: dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM, group=group, async_op=True),
+                [flat], COLLECTIVE_TIMEOUT_S if timeout_s is None else timeout_s)
     return out
 
 

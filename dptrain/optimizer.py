@@ -22,7 +22,7 @@ from typing import Callable, List, Optional
 import torch
 
 from dptrain import distributed
-from dptrain.fsdp import FSDPView, shard_like
+from dptrain.fsdp import FSDPView, as_sharded_grad
 from dptrain.grad_sample.tracker import GradSampleTracker
 from dptrain.mechanism import SAMPLING_SCHEMES, StepMechanism
 from dptrain.noise import GaussianNoise
@@ -153,34 +153,41 @@ class DPOptimizer(torch.optim.Optimizer):
         return self._noise.sample(n, std)
 
     def _privatise(self, mechanism: StepMechanism) -> None:
+        """``.grad`` <- (clipped sum over ranks + noise of std ``mechanism.noise_std``) / B_expected.
+
+        DDP or one process: each of the W ranks adds its share (std / sqrt(W)) to its full-size local sum, then
+        the sums are all-reduced. FSDP2: the sums are reduce-scattered, then each rank adds the FULL std to the
+        shard it holds (every coordinate is held by one rank: its noise is drawn exactly once)."""
         fsdp = self._fsdp_view()
         if fsdp is not None and self.pre_noise_hooks and self.tracker.track_unclipped:
             raise ValueError("error feedback is not supported with FSDP2 models yet; use DDP or turn it off")
         for hook in self.pre_noise_hooks:
             hook(self, mechanism)
         params = [p for p in self.params if p.requires_grad]
-        if fsdp is not None:  # FSDP2: sums are filed under the unsharded tensors; full-size, like the DDP path
-            sums = fsdp.clipped_sums(self.tracker.clipped_sum, params)
+        world = distributed.rank_and_world()[1]
+        if fsdp is not None:  # this rank's shards of the summed clipped sums (the full-size sums are freed)
+            sums = fsdp.reduce_scatter_sums(self.tracker.clipped_sum, params)
+            shares = 1  # each coordinate's noise comes from the one rank holding it
         else:
             sums = [self.tracker.clipped_sum.get(p) for p in params]
-        sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if s is None else s for p, s in zip(params, sums)]
-        rank, world = distributed.rank_and_world()
-        # grad = sum / B + N(0, (std / B)^2): each rank adds its share of the noise, in place, with the
-        # division folded into the same pass; the all-reduced shares have std mechanism.noise_std / B
-        std = mechanism.noise_std / world**0.5 / self.expected_batch_size
+            sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if s is None else s
+                    for p, s in zip(params, sums)]
+            shares = world
+        # grad = sum / B + N(0, (std / B)^2), in place, with the division folded into the same pass
+        std = mechanism.noise_std / shares**0.5 / self.expected_batch_size
         if std > 0:
-            self._noise.add_(sums, std, scale=1.0 / self.expected_batch_size)
+            self._noise.add_([s for s in sums if s.numel()], std, scale=1.0 / self.expected_batch_size)
         else:
             sums = [s.div_(self.expected_batch_size) for s in sums]
-        if world > 1:
+        if fsdp is None and world > 1:
             sums = distributed.all_reduce_sum(sums)
         keeps_grad = getattr(self.original_optimizer, "keeps_state_in_grad", lambda p: False)
         for p, s in zip(params, sums):
-            g = shard_like(s, p) if fsdp is not None else s.to(p.dtype)  # FSDP2: this rank's shard (DTensor)
             if p.grad is not None and keeps_grad(p):  # e.g. LDAdam's error feedback: public, added after the noise
-                p.grad.add_(g)
+                with torch.no_grad():
+                    (p.grad.to_local() if fsdp is not None else p.grad).add_(s.to(p.dtype))  # FSDP2: the local shard
             else:
-                p.grad = g
+                p.grad = as_sharded_grad(s, p) if fsdp is not None else s.to(p.dtype)  # FSDP2: a DTensor shard
 
     def _fsdp_view(self):
         return self.tracker.model if isinstance(self.tracker.model, FSDPView) else None
