@@ -1,11 +1,12 @@
 """Adaptive clip/noise control: a Soft Actor-Critic hyper-policy that stays inside the privacy budget.
 
-- ``SAC``: the agent on its own (``sac.py``).
-- ``SACController``: attached with ``make_private(..., controller=ctrl)`` (``controller.py``).
+- ``SACController``: attached with ``make_private(..., controller=ctrl)`` (``controller.py``), built from
+  its budget plan and guard (``planning.py`` over ``budget.py``), its noisy statistic releases (``release.py``),
+  its policy (``policy.py``, the SAC agent of ``sac.py``) and its checkpoint (``state.py``).
 - ``sigma_floor`` / ``planned_epsilon``: the budget guard (privacy filter) over an accountant's ledger.
 """
 
-from dptrain.control.budget import BudgetExhaustedError, planned_epsilon, sigma_floor
+from dptrain.control.budget import BudgetExhaustedError, planned_epsilon, planned_event, sigma_floor
 from dptrain.control.controller import SACController
 from dptrain.control.release import release_noise_multiplier
 from dptrain.control.sac import SAC, ReplayBuffer
@@ -16,6 +17,7 @@ __all__ = [
     "SACController",
     "BudgetExhaustedError",
     "planned_epsilon",
+    "planned_event",
     "sigma_floor",
     "release_noise_multiplier",
 ]

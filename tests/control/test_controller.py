@@ -243,7 +243,7 @@ def test_pld_engine_plans_with_an_rdp_replay_and_ends_within_budget():
     ctrl = SACController(release_noise_std=S, interval=4, seed=8, sigma_min=0.05, policy=lambda obs: [0.0, 0.0, -1.0])
     engine, model, optimizer, loader = _setup(ctrl, target_epsilon=3.0, epochs=2, accountant="pld")
     _train(model, optimizer, loader, epochs=2)
-    replay = ctrl._planning_accountant()
+    replay = ctrl.plan.planning_accountant()
     assert isinstance(replay, RDPAccountant) and replay.history == engine.accountant.history
     assert ctrl.history[-1]["epsilon"] <= 3.0
     assert engine.get_epsilon(DELTA) <= replay.get_epsilon(DELTA) <= 3.0
