@@ -110,7 +110,7 @@ class FSDPView(nn.Module):
         return keys
 
     def reduce_scatter_sums(self, clipped_sum: Dict[torch.Tensor, torch.Tensor], params: List[nn.Parameter],
-                            bucket_numel: int = BUCKET_NUMEL) -> List[torch.Tensor]:
+                            bucket_numel: Optional[int] = None) -> List[torch.Tensor]:
         """This rank's shard of each parameter's clipped sum, summed over ranks: fp32, contiguous, shaped like
         ``p.to_local()``, in the order of ``params`` (sharded). Every rank must call it with the same ``params``.
 
@@ -118,7 +118,7 @@ class FSDPView(nn.Module):
         parameter without a sum on this rank contributes zeros."""
         keys = self._keys_by_param(clipped_sum)
         shards: List[torch.Tensor] = []
-        for bucket in _buckets(params, bucket_numel):
+        for bucket in _buckets(params, BUCKET_NUMEL if bucket_numel is None else bucket_numel):
             shards += _reduce_scatter_bucket(bucket, [_take_sum(p, keys, clipped_sum) for p in bucket])
         return shards
 

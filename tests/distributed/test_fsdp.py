@@ -24,7 +24,7 @@ from tests.distributed.test_ddp import WORLD, D, _data, _loss, _model, _train
 
 pytestmark = pytest.mark.slow  # spawns 2 processes: ~10 s CPU, 20-35 s on a loaded 2-core machine
 fsdp = pytest.importorskip("torch.distributed.fsdp")
-SCENARIOS = ("plain", "per_layer", "accumulate", "keeps_grad", "noise", "noise_seeded", "noise_stats", "checkpoint",
+SCENARIOS = ("plain", "per_layer", "accumulate", "keeps_grad", "buckets", "noise", "noise_seeded", "noise_stats", "checkpoint",
              "memory", "error_feedback")
 SEED, C, PER_RANK = 1234, 0.3, 4
 STATS_STEPS = 12
@@ -84,7 +84,7 @@ def _noise_steps(model, optimizer, steps):
     return out
 
 
-def _train_fsdp(rank, scenario):
+def _train_fsdp(rank, scenario, make_model=_model):
     data = _data()
     if scenario == "noise":
         engine, model, optimizer = _private(_shard(_model(wide=True)), sigma=1.0)
@@ -126,8 +126,18 @@ def _train_fsdp(rank, scenario):
         _loss(model, *[t[:PER_RANK] for t in data.tensors]).backward()
         optimizer.step()
         return {}
+    if scenario == "buckets":  # small buckets: one even parameter alone (no copy), several, uneven ones alone
+        from dptrain import fsdp as fsdp_module
+
+        fsdp_module.BUCKET_NUMEL = 1200  # [(400, 5)], [(400,), (2, 400)], [(2,)]
+        try:
+            even = _train_fsdp(rank, "plain", _even_model)
+            fsdp_module.BUCKET_NUMEL = 1  # every parameter alone: rows 7 -> 4 + 3, 1 -> 1 + 0
+            return {"even": even, "uneven": _train_fsdp(rank, "plain")}
+        finally:
+            fsdp_module.BUCKET_NUMEL = 1 << 22
     inner = _KeepsGrad if scenario == "keeps_grad" else torch.optim.SGD
-    _, model, optimizer = _private(_shard(_model()), clipping="per_layer" if scenario == "per_layer" else "flat",
+    _, model, optimizer = _private(_shard(make_model()), clipping="per_layer" if scenario == "per_layer" else "flat",
                                    inner=inner)
     x, y = data.tensors
     global_batch = PER_RANK * WORLD
@@ -184,10 +194,10 @@ def _ok(results):
     return results
 
 
-def _oracle(clipping, inner=torch.optim.SGD):
+def _oracle(clipping, inner=torch.optim.SGD, make_model=_model):
     """The single-process run on the union batch (same data, model, C, lr, steps)."""
     torch.manual_seed(0)
-    data, model = _data(), _model()
+    data, model = _data(), make_model()
     optimizer = inner(model.parameters(), lr=0.5)
     loader = torch.utils.data.DataLoader(data, batch_size=PER_RANK * WORLD)
     model, optimizer, _ = dptrain.PrivacyEngine().make_private(
@@ -214,6 +224,16 @@ def test_fsdp_update_matches_the_single_process_union_batch(scenario, ranks):
             assert float((got - w).norm() / w.norm()) < 1e-4
     # the oracle's update is not zero (clipping and steps matter)
     assert max(float((w - s).abs().max()) for w, s in zip(want, start)) > 1e-3
+
+
+@pytest.mark.parametrize("model", ["even", "uneven"])
+def test_bucketed_reduce_scatter_matches_the_single_process_union_batch(model, ranks):
+    make_model = _even_model if model == "even" else _model
+    want = _oracle("flat", make_model=make_model)
+    for result in _ok(ranks["buckets"]):
+        assert "error" not in result[model], result[model].get("trace")
+        for got, w in zip(result[model]["params"], want):
+            assert float((torch.tensor(got) - w).norm() / w.norm()) < 1e-4
 
 
 def test_fsdp_noise_has_the_single_process_std_once(ranks):
