@@ -51,7 +51,9 @@ class _LogGap:
         return self.probes[u]
 
     def smallest_fitting(self) -> float:
-        return math.exp(min(u for u, gap in self.probes.items() if gap <= 0))
+        """The smallest probe that fits above every probe that does not (the upper end of the final bracket)."""
+        above = max((u for u, gap in self.probes.items() if gap > 0), default=-math.inf)
+        return math.exp(min(u for u, gap in self.probes.items() if gap <= 0 and u > above))
 
 
 def _bracket(gap: _LogGap, u: float, u_min: float, u_max: float):
@@ -90,6 +92,8 @@ def calibrate(
         raise ValueError(f"need 0 < lower < upper < inf, found lower={lower!r}, upper={upper!r}")
     if not 0 < rtol < 1:
         raise ValueError(f"rtol must be in (0, 1), found {rtol!r}")
+    if not (0 < guess < math.inf):
+        raise ValueError(f"guess must be a finite number > 0, found {guess!r}")
     fresh = _fresh(accountant)
     gap = _LogGap(lambda sigma: fresh().compose(make_event(sigma)).get_epsilon(delta), target)
     with warnings.catch_warnings():  # probes at extreme sigmas put the RDP optimum at the grid edge: noise here

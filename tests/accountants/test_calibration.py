@@ -105,7 +105,8 @@ def _gdp_sigma(epsilon, delta, steps):
     """Exact sigma of ``steps`` Gaussian steps at (epsilon, delta): mu-GDP with mu = sqrt(steps) / sigma."""
 
     def gap(mu):
-        return special.ndtr(-epsilon / mu + mu / 2) - math.exp(epsilon + special.log_ndtr(-epsilon / mu - mu / 2)) - delta
+        upper = math.exp(epsilon + special.log_ndtr(-epsilon / mu - mu / 2))
+        return special.ndtr(-epsilon / mu + mu / 2) - upper - delta
 
     return math.sqrt(steps) / optimize.brentq(gap, 1e-3, 100.0, xtol=1e-14, rtol=1e-14)
 
@@ -131,11 +132,13 @@ def test_calibrate_plans_on_a_copy_of_a_ledger_like_dp_accounting():
     rest = lambda sigma: SelfComposedEvent(sampled_gaussian(0.02, sigma), 300)  # noqa: E731
     ours = calibrate(rest, target_epsilon=3.0, delta=1e-5, accountant=spent.copy, rtol=1e-4)
     assert spent.history == before  # planning never touches the ledger
+    def steps(sigma, count):
+        return dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(sigma)), count)
+
     ref = dp_accounting.calibrate_dp_mechanism(
         lambda: rdp_privacy_accountant.RdpAccountant(orders),
-        lambda s: dp_accounting.ComposedDpEvent([
-            dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.0)), 100),
-            dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(s)), 300)]),
+        lambda s: dp_accounting.ComposedDpEvent([steps(1.0, 100), steps(s, 300)]),
         3.0, 1e-5, bracket_interval=dp_accounting.ExplicitBracketInterval(0.1, 10.0), tol=1e-7,
     )
     assert ours == pytest.approx(ref, rel=1.5e-4) and ours >= ref * (1 - 1e-9)
@@ -150,6 +153,8 @@ def test_calibrate_search_limits():
     assert issubclass(TargetUnreachableError, ValueError)
     with pytest.raises(ValueError, match="lower=2.0, upper=1.0"):
         calibrate(run, target_epsilon=1.0, delta=1e-5, lower=2.0, upper=1.0)
+    with pytest.raises(ValueError, match="guess must be a finite number > 0, found 0"):
+        calibrate(run, target_epsilon=1.0, delta=1e-5, guess=0)
     with pytest.raises(TypeError, match="accountant must be a name or a callable"):
         calibrate(run, target_epsilon=1.0, delta=1e-5, accountant=3)
     with pytest.raises(ValueError, match="'moments'"):
@@ -158,6 +163,8 @@ def test_calibrate_search_limits():
 
 @pytest.mark.parametrize("guess", [1e-3, 0.3, 1.0, 40.0])
 def test_calibrate_result_does_not_depend_on_the_guess(guess):
-    run = lambda sigma: ComposedEvent((SelfComposedEvent(sampled_gaussian(0.05, sigma), 50), GaussianEvent(4 * sigma)))  # noqa: E731
+    def run(sigma):
+        return ComposedEvent((SelfComposedEvent(sampled_gaussian(0.05, sigma), 50), GaussianEvent(4 * sigma)))
+
     sigmas = [calibrate(run, target_epsilon=2.0, delta=1e-5, guess=g, rtol=1e-4) for g in (1.0, guess)]
     np.testing.assert_allclose(sigmas[1], sigmas[0], rtol=1e-4)
