@@ -15,8 +15,10 @@ count or on whether the prefetch was used (the same generator calls in the same 
 independently, so the noise is i.i.d. N(0, std^2) per coordinate as DP-SGD requires. A prefetched draw is never
 released: the checkpoint state is the generators' state from before it.
 
-Entropy: every stream is seeded from the operating system's entropy (``os.urandom``) unless an insecure seed is
-given (tests and debugging only: whoever knows it can subtract the noise). The generator states are SECRET:
+Entropy: every stream's whole state comes from the operating system's entropy (``os.urandom``): all 19968 bits
+of a CPU generator's mt19937 state (its ``manual_seed`` keeps only the low 32 bits of a seed, few enough to try
+them all), the 64-bit Philox key of a CUDA one. An insecure seed (tests and debugging only: whoever knows it can
+subtract the noise) seeds them with ``manual_seed`` instead. The generator states are SECRET:
 they let anyone regenerate every later draw. With ``secure=True`` each draw (one per logical step) reseeds its
 streams from fresh OS entropy and no state is ever saved, so no file can reproduce the noise.
 """
@@ -36,7 +38,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["GaussianNoise", "entropy_seed"]
+__all__ = ["GaussianNoise", "entropy_seed", "secret_generator", "reseed_from_entropy"]
 
 _POOL: Optional[ThreadPoolExecutor] = None
 
@@ -49,8 +51,33 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def entropy_seed() -> int:
-    """A 63-bit seed from the operating system's entropy source."""
+    """A 63-bit integer from the operating system's entropy source (NOT enough to seed a CPU generator: its
+    ``manual_seed`` keeps 32 bits; use ``secret_generator``)."""
     return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+_MT_WORDS = 624  # mt19937's state: 624 32-bit words
+_MT_STATE_OFFSET = 24  # CPU generator state bytes: seed u64, left i32, seeded i32, next u64, then state[624] u64
+
+
+def reseed_from_entropy(gen: torch.Generator) -> torch.Generator:
+    """Sets the whole state of ``gen`` from OS entropy: the 624 words of a CPU mt19937 (``initial_seed()`` then
+    reads 0 and tells nothing), the 64-bit seed of a CUDA Philox generator (offset 0). Returns ``gen``."""
+    if gen.device.type != "cpu":
+        gen.manual_seed(int.from_bytes(os.urandom(8), "little"))  # Philox: the seed is the whole key
+        return gen
+    state = torch.zeros_like(gen.get_state())  # (5056,) uint8; the cached normal samples after the words: invalid
+    words = torch.frombuffer(bytearray(os.urandom(4 * _MT_WORDS)), dtype=torch.int32).to(torch.int64)
+    words = words & 0xFFFFFFFF  # (624,) uint32 values, each stored in a u64 slot
+    state[_MT_STATE_OFFSET: _MT_STATE_OFFSET + 8 * _MT_WORDS] = words.view(torch.uint8)
+    state[8:16] = torch.tensor([1, 1], dtype=torch.int32).view(torch.uint8)  # left = 1 (twist first), seeded
+    gen.set_state(state)
+    return gen
+
+
+def secret_generator(device="cpu") -> torch.Generator:
+    """A new generator on ``device`` whose whole state comes from OS entropy (``reseed_from_entropy``)."""
+    return reseed_from_entropy(torch.Generator(device=device))
 
 
 class GaussianNoise:
@@ -77,12 +104,10 @@ class GaussianNoise:
         if key not in self._streams:
             gens = []
             for k in range(self.STREAMS if device.type == "cpu" else 1):
-                gen = torch.Generator(device=device)
                 if self.seed is None:
-                    gen.manual_seed(entropy_seed())
+                    gens.append(secret_generator(device))
                 else:  # a distinct seed per (seed, rank, device, stream): ranks and streams never share noise
-                    gen.manual_seed(_derived_seed(self.seed, self.rank, key, k))
-                gens.append(gen)
+                    gens.append(torch.Generator(device=device).manual_seed(_derived_seed(self.seed, self.rank, key, k)))
             self._streams[key] = gens
         return self._streams[key]
 
@@ -90,7 +115,7 @@ class GaussianNoise:
         """Secure mode: every stream reseeded from OS entropy before a draw (no state to save or recover)."""
         if self.secure:
             for gen in gens:
-                gen.manual_seed(entropy_seed())
+                reseed_from_entropy(gen)
         return gens
 
     def sample(self, n: int, std: float) -> torch.Tensor:
@@ -100,9 +125,8 @@ class GaussianNoise:
 
     def _generators_named(self, key: str) -> List[torch.Generator]:
         if key not in self._streams:
-            gen = torch.Generator()
-            gen.manual_seed(entropy_seed() if self.seed is None else _derived_seed(self.seed, self.rank, key, 0))
-            self._streams[key] = [gen]
+            self._streams[key] = [secret_generator() if self.seed is None else
+                                  torch.Generator().manual_seed(_derived_seed(self.seed, self.rank, key, 0))]
         return self._streams[key]
 
     def add_(self, tensors: Sequence[torch.Tensor], std: float, *, scale: float = 1.0) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
-from dptrain.noise import entropy_seed
+from dptrain.noise import reseed_from_entropy, secret_generator
 
 __all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length"]
 
@@ -38,7 +38,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
             raise ValueError("a secure sampler draws fresh OS entropy for every batch: do not pass a generator")
         self.num_samples, self.sample_rate, self.secure = num_samples, sample_rate, bool(secure)
         self.steps = steps if steps is not None else math.ceil(1 / sample_rate)
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(entropy_seed())
+        self.generator = generator if generator is not None else secret_generator()
         self.drawn = 0  # batches drawn in the current epoch
         self._resuming = False  # load_state_dict: the next iteration continues the saved epoch
 
@@ -53,7 +53,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         self._resuming = False
         while self.drawn < self.steps:
             if self.secure:
-                self.generator.manual_seed(entropy_seed())
+                reseed_from_entropy(self.generator)
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate  # (N,)
             self.drawn += 1
             yield self.indices[mask].tolist()

@@ -1,0 +1,92 @@
+"""The secret generators cannot be searched: torch's CPU ``manual_seed`` keeps only the low 32 bits of a seed, so
+a generator seeded that way (even from OS entropy) is one of 2^32 states, and a brute force over them recovered
+every noise stream of a released one-step update. Every secret generator (noise streams, the released-statistics
+stream, the Poisson sampler; default and secure mode) must hold a full-entropy mt19937 state instead.
+
+Oracle: mt19937's seeding recurrence. A state set by ``manual_seed(s)`` has word[0] = s mod 2^32 and
+word[i] = 1812433253 * (word[i-1] ^ (word[i-1] >> 30)) + i mod 2^32; a state drawn from 19968 random bits
+satisfies it with probability 2^-32 per word.
+"""
+
+import pytest
+import torch
+
+from dptrain.noise import GaussianNoise, secret_generator
+from dptrain.sampling import PoissonBatchSampler
+
+_OFFSET, _WORDS = 24, 624  # CPU generator state: seed u64, left i32, seeded i32, next u64, state[624] u64
+
+
+def mt_words(gen: torch.Generator) -> list:
+    raw = gen.get_state()[_OFFSET: _OFFSET + 8 * _WORDS].view(torch.int64)
+    return [int(w) & 0xFFFFFFFF for w in raw]
+
+
+def seeded_words_follow(words: list) -> int:
+    """How many consecutive words follow mt19937's seeding recurrence from word[0]."""
+    count = 0
+    for i in range(1, len(words)):
+        prev = words[i - 1]
+        if words[i] != (1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF:
+            break
+        count += 1
+    return count
+
+
+def test_the_oracle_recognises_a_manual_seed_state_even_from_a_63_bit_seed():
+    gen = torch.Generator().manual_seed(0x7FFF_1234_5678_9ABC)
+    assert seeded_words_follow(mt_words(gen)) == _WORDS - 1
+    assert mt_words(gen)[0] == 0x5678_9ABC  # only the low 32 bits survive: 2^32 candidates
+
+
+def _secret_cpu_generators():
+    noise = GaussianNoise()
+    secure = GaussianNoise(secure=True)
+    return {
+        "noise streams": noise._generators(torch.device("cpu")),
+        "release stream": noise._generators_named("release"),
+        "secure noise, reseeded for a step": secure._fresh(secure._generators(torch.device("cpu"))),
+        "sampler": [PoissonBatchSampler(100, 0.1).generator],
+        "secure sampler": [PoissonBatchSampler(100, 0.1, secure=True).generator],
+        "secret_generator": [secret_generator()],
+    }
+
+
+@pytest.mark.parametrize("name", list(_secret_cpu_generators()))
+def test_every_secret_generator_holds_a_full_entropy_state(name):
+    gens = _secret_cpu_generators()[name]
+    for gen in gens:
+        words = mt_words(gen)
+        assert seeded_words_follow(words) == 0, f"{name}: a manual_seed state (32 bits of entropy)"
+        assert len(set(words)) > 600  # 624 independent words (a collision among them has probability ~5e-5)
+        assert gen.initial_seed() == 0  # the state's seed field tells nothing
+    assert len({tuple(mt_words(g)) for g in gens}) == len(gens)  # streams never share a state
+
+
+def test_secure_sampling_reseeds_every_batch_from_fresh_entropy():
+    sampler = PoissonBatchSampler(1000, 0.5, steps=3, secure=True)
+    states = []
+    for _ in sampler:
+        states.append(tuple(mt_words(sampler.generator)))
+        assert seeded_words_follow(list(states[-1])) == 0
+    assert len(set(states)) == 3
+
+
+def test_full_entropy_draws_are_standard_normal_and_uniform():
+    """Closed forms: N(0, 1) mean 0 and variance 1, U(0, 1) mean 1/2 and variance 1/12 (n = 10^6: 5 sigma)."""
+    gen = secret_generator()
+    x = torch.randn(10**6, generator=gen, dtype=torch.float64)
+    u = torch.rand(10**6, generator=gen, dtype=torch.float64)
+    assert abs(float(x.mean())) < 5e-3 and abs(float(x.var()) - 1) < 8e-3
+    assert abs(float(u.mean()) - 0.5) < 1.5e-3 and abs(float(u.var()) - 1 / 12) < 4e-4
+
+
+def test_a_saved_secret_state_still_resumes_exactly():
+    noise = GaussianNoise()
+    a, b = torch.zeros(300), torch.zeros(300)
+    state = noise.state_dict() or {"cpu": [g.get_state() for g in noise._generators(torch.device("cpu"))]}
+    noise.add_([a], 1.0)
+    again = GaussianNoise()
+    again.load_state_dict(state)
+    again.add_([b], 1.0)
+    assert torch.equal(a, b)
