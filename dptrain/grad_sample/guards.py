@@ -6,7 +6,9 @@ Buffers are released with the weights (``state_dict``) without noise. So the tra
 class at ``make_private`` and guards them at every forward (a frozen BatchNorm must stay in eval mode), and
 catches the rest generically: a buffer changed in place bumps its ``_version``, a reassigned or new buffer
 changes the list of buffers, so comparing ``buffer_state`` before and after a captured forward pass finds
-any module that writes buffers, without comparing tensors.
+any module that writes buffers, without comparing tensors. Parameters are compared the same way: an
+``nn.Embedding(max_norm=...)`` renormalises the rows it looks up in place, so even a frozen one would release
+which tokens the data used.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ _FIX = "replace it with GroupNorm or LayerNorm, or call .eval() on it (frozen ru
 def is_guarded(module: nn.Module) -> bool:
     """Normalisation layers whose mode decides whether they mix samples, and modules whose weight a hook computes:
     checked at set-up and at every forward."""
-    return isinstance(module, (_BatchNorm, _InstanceNorm)) or _weight_hook(module) is not None
+    return (isinstance(module, (_BatchNorm, _InstanceNorm)) or _weight_hook(module) is not None
+            or getattr(module, "max_norm", None) is not None and isinstance(module, (nn.Embedding, nn.EmbeddingBag)))
 
 
 def _weight_hook(module: nn.Module) -> Optional[str]:
@@ -44,6 +47,9 @@ def _weight_hook(module: nn.Module) -> Optional[str]:
 
 def _mixing_reason(module: nn.Module) -> Optional[str]:
     """Why ``module`` in its current mode mixes samples or writes buffers from the data; None if it does not."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+        return (f"max_norm={module.max_norm:g} renormalises the rows it looks up in place, in every mode, so its "
+                "released weight shows which tokens the data used")
     if isinstance(module, _BatchNorm):
         if module.training:
             writes = " and writes its running statistics from them" if module.track_running_stats else ""
@@ -67,7 +73,12 @@ def check_mixing(name: str, module: nn.Module) -> None:
         )
     reason = _mixing_reason(module)
     if reason is not None:
-        fix = "use track_running_stats=False or GroupNorm, or call .eval() on it" if isinstance(module, _InstanceNorm) else _FIX
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            fix = "set max_norm=None (per-sample clipping already bounds each record's influence)"
+        elif isinstance(module, _InstanceNorm):
+            fix = "use track_running_stats=False or GroupNorm, or call .eval() on it"
+        else:
+            fix = _FIX
         raise UnsupportedModuleError(
             f"module '{name}' ({type(module).__name__}): {reason}, which differential privacy does not cover; {fix}"
         )
@@ -77,19 +88,22 @@ BufferState = List[Tuple[str, str, torch.Tensor, int]]
 
 
 def buffer_state(modules: Sequence[Tuple[str, nn.Module]]) -> BufferState:
-    """(module name, buffer name, buffer, version counter) of every buffer of ``modules``."""
-    return [(m_name, b_name, b, _version(b)) for m_name, m in modules for b_name, b in m._buffers.items() if b is not None]
+    """(module name, tensor name, tensor, version counter) of every buffer and parameter of ``modules``."""
+    return [(m_name, t_name, t, _version(t)) for m_name, m in modules
+            for t_name, t in [*m._buffers.items(), *m._parameters.items()] if t is not None]
 
 
 def check_buffers(before: BufferState, after: BufferState) -> None:
-    """Raise, naming the module and buffer, if a buffer was written, reassigned, added or removed in between."""
+    """Raise, naming the module and tensor, if a buffer or parameter was written in place, reassigned, added or
+    removed in between."""
     for old, new in zip_longest(before, after):
         if old is None or new is None or old[:2] != new[:2] or old[2] is not new[2] or old[3] != new[3]:
-            m_name, b_name = (new or old)[:2]
+            m_name, t_name = (new or old)[:2]
+            kind = "parameter" if isinstance((new or old)[2], nn.Parameter) else "buffer"
             raise UnsupportedModuleError(
-                f"module '{m_name}' changed its buffer '{b_name}' during a training forward pass; buffers are "
-                "released with the weights without noise, so a buffer written from the data leaks it. Freeze "
-                "the module (eval mode) or keep the buffer constant"
+                f"module '{m_name}' changed its {kind} '{t_name}' during a training forward pass; it is released "
+                "with the weights without noise, so a tensor written from the data leaks it. Freeze the module "
+                "(eval mode) or keep the tensor constant"
             )
 
 

@@ -360,3 +360,59 @@ def test_fsdp_norm_weight_used_outside_its_module_is_refused_by_name(one_rank_gr
     x, y = _data().tensors[0][:B], _data().tensors[1][:B]
     with pytest.raises(ValueError, match=r"parameter module\.norm\.weight received an ordinary gradient"):
         _mse(model, x, y).mean().backward()
+
+
+class TokenModel(nn.Module):
+    def __init__(self, embedding):
+        super().__init__()
+        self.embedding, self.head = embedding, nn.Linear(4, 1)
+
+    def forward(self, tokens):  # (B, T) -> (B, 1)
+        return self.head(self.embedding(tokens).mean(1))
+
+
+def _tokens(n=24, t=3, vocab=50):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randint(0, vocab, (n, t), generator=g), torch.randn(n, 1, generator=g))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_embedding_with_max_norm_is_refused_trainable_or_frozen(frozen):
+    """The attack: nn.Embedding(max_norm=1) renormalises every row it looks up, in place, in every mode; with
+    lr = 0 the released weight showed exactly which rows the data used (the canary token of ONE record among
+    them), and a trainable one crashed with a raw autograd error."""
+    torch.manual_seed(0)
+    embedding = nn.Embedding(50, 4, max_norm=1.0)
+    with torch.no_grad():
+        embedding.weight.mul_(10)  # every row above max_norm
+    embedding.weight.requires_grad_(not frozen)
+    before = embedding.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"module 'embedding' \(Embedding\): max_norm=1 renormalises the rows it "
+                                         r"looks up in place.*set max_norm=None"):
+        _private(TokenModel(embedding), data=_tokens())
+    assert torch.equal(embedding.weight, before)
+    bag = TokenModel(nn.EmbeddingBag(50, 4, max_norm=2.0))
+    with pytest.raises(ValueError, match=r"\(EmbeddingBag\): max_norm=2 renormalises"):
+        _private(bag, data=_tokens())
+
+
+class RenormalisingLookup(nn.Module):
+    """The same leak through the functional API: a frozen table renormalised by F.embedding(max_norm=...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(10 * torch.randn(50, 4), requires_grad=False)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, tokens):
+        return self.head(F.embedding(tokens, self.table, max_norm=1.0).mean(1))
+
+
+def test_a_parameter_written_in_place_by_a_training_forward_is_refused_by_name():
+    engine, model, _ = _private(RenormalisingLookup(), data=_tokens())
+    tokens = _tokens().tensors[0][:B]
+    before = model.table.detach().clone()
+    with pytest.raises(ValueError, match=r"module 'RenormalisingLookup' changed its parameter 'table' during a "
+                                         r"training forward pass"):
+        model(tokens)
+    assert not torch.equal(model.table, before)  # the check runs after the forward: the oracle that it wrote
