@@ -30,7 +30,7 @@ from dptrain.grad_sample.tracker import GradSampleTracker
 from dptrain.independence import install_probe
 from dptrain.mechanism import StepMechanism
 from dptrain.optimizer import DPOptimizer
-from dptrain.sampling import DPDataLoader
+from dptrain.sampling import DPDataLoader, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class PrivacyEngine:
                 f"batch size {batch_size} (per rank x {world} rank(s)) is larger than the dataset ({dataset_size} samples)"
             )
         sample_rate = batch_size / dataset_size
-        self.steps_per_epoch = math.ceil(1 / sample_rate) if poisson_sampling else len(data_loader)
+        self.steps_per_epoch = steps_per_epoch(dataset_size, batch_size) if poisson_sampling else len(data_loader)
         if not poisson_sampling:
             logger.warning(
                 "poisson_sampling=False: fixed batches get no privacy amplification by subsampling; each epoch is "
@@ -254,6 +254,7 @@ class PrivacyEngine:
         loader = DPDataLoader(
             data_loader, poisson_sampling=poisson_sampling, sample_rate=sample_rate, generator=generator,
             max_physical_batch_size=max_physical_batch_size, shard=(rank, world), secure=self.secure_mode,
+            steps=self.steps_per_epoch if poisson_sampling else None,
         )
         loader.optimizer = self.optimizer
         return loader

@@ -2,7 +2,7 @@
 
 Poisson sampling includes every example independently with probability q in each logical batch, which is
 what the subsampled-Gaussian accounting assumes; batches are therefore uneven and may be empty. One epoch is
-``ceil(1/q)`` logical batches. Micro-batching splits a logical batch into pieces of at most
+``ceil(N / B)`` logical batches (``steps_per_epoch``, the convention of ``dptrain budget`` too). Micro-batching splits a logical batch into pieces of at most
 ``max_physical_batch_size`` rows and tells the DP optimizer which piece ends the logical batch.
 """
 
@@ -17,7 +17,13 @@ from torch.utils.data.dataloader import default_collate
 
 from dptrain.noise import reseed_from_entropy, secret_generator
 
-__all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length"]
+__all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length", "steps_per_epoch"]
+
+
+def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
+    """ceil(N / B) in integers: one epoch of logical steps wherever steps are planned or counted (a float
+    ceil(1 / (B / N)) can round up to one step more, e.g. N = 9800, B = 100 gives 99)."""
+    return -(-int(dataset_size) // int(batch_size))
 
 
 class PoissonBatchSampler(Sampler[List[int]]):
@@ -37,7 +43,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         if secure and generator is not None:
             raise ValueError("a secure sampler draws fresh OS entropy for every batch: do not pass a generator")
         self.num_samples, self.sample_rate, self.secure = num_samples, sample_rate, bool(secure)
-        self.steps = steps if steps is not None else math.ceil(1 / sample_rate)
+        self.steps = steps if steps is not None else math.ceil(1 / sample_rate - 1e-9)  # ceil(N / B) for q = B / N
         self.generator = generator if generator is not None else secret_generator()
         self.drawn = 0  # batches drawn in the current epoch
         self._resuming = False  # load_state_dict: the next iteration continues the saved epoch
@@ -126,8 +132,10 @@ class DPDataLoader:
         max_physical_batch_size: Optional[int] = None,
         shard: Optional[tuple] = None,
         secure: bool = False,
+        steps: Optional[int] = None,
     ):
-        """``shard=(rank, world)``: Poisson-sample only this rank's indices rank, rank + world, ..."""
+        """``shard=(rank, world)``: Poisson-sample only this rank's indices rank, rank + world, ...; ``steps``:
+        logical batches per epoch (default ceil(1 / sample_rate))."""
         if max_physical_batch_size is not None and (
             isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
             or max_physical_batch_size <= 0
@@ -139,7 +147,7 @@ class DPDataLoader:
             rank, world = shard or (0, 1)
             self.sampler = PoissonBatchSampler(
                 len(self.dataset), sample_rate, generator=generator, indices=list(range(rank, len(self.dataset), world)),
-                secure=secure,
+                secure=secure, steps=steps,
             )
             collate = data_loader.collate_fn or default_collate
             self.loader = DataLoader(

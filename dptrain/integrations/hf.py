@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from dptrain.finetune.config import default_delta
-from dptrain.sampling import batch_length, split_batch
+from dptrain.sampling import batch_length, split_batch, steps_per_epoch
 
 __all__ = ["DPTrainer", "causal_lm_per_sample_loss"]
 
@@ -107,9 +107,9 @@ class DPTrainer(Trainer):
             dataset = self._remove_unused_columns(dataset, description="training")
         loader = DataLoader(dataset, batch_size=self.dp_batch_size, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers)
-        steps_per_epoch = math.ceil(1 / (self.dp_batch_size / len(dataset)))  # as the engine and sampler count
+        per_epoch = steps_per_epoch(len(dataset), self.dp_batch_size)  # as the engine and sampler count
         total = (self.args.max_steps if self.args.max_steps > 0
-                 else math.ceil(self.args.num_train_epochs * steps_per_epoch))  # as the Trainer plans its steps
+                 else math.ceil(self.args.num_train_epochs * per_epoch))  # as the Trainer plans its steps
         self.create_optimizer()
         s = self.dp_settings
         calibration = {"noise_multiplier": s["noise_multiplier"]} if s["noise_multiplier"] is not None else {

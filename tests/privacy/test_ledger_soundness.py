@@ -134,3 +134,38 @@ def test_fixed_batch_step_with_less_noise_mid_epoch_is_charged_again():
         (model(x) - y).pow(2).mean(1).mean().backward()
         optimizer.step()
     assert engine.accountant.history == [(1.0, 1.0, 1), (0.5, 1.0, 1), (0.25, 1.0, 1)]
+
+
+@pytest.mark.parametrize("n, batch", [(9800, 100), (1000, 3), (700, 7), (4096, 256), (1000, 999)])
+def test_an_epoch_has_the_same_steps_in_the_budget_the_engine_and_the_loader(n, batch):
+    """The attack: `dptrain budget` planned ceil(N/B) steps per epoch, the engine and the sampler ran
+    ceil(1 / (B/N)) in floats, one more at N = 9800, B = 100 (3 epochs: budget epsilon 1.4644, ledger 1.4677).
+    Oracle: ceil(N/B) in integers; the budget CLI's epsilon equals the ledger's after the loop really ran."""
+    import json
+
+    from dptrain.cli import main
+
+    per_epoch = -(-n // batch)
+    model = nn.Linear(5, 1)
+    engine = dptrain.PrivacyEngine()
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=DataLoader(
+            _data(n), batch_size=batch), max_grad_norm=1.0, noise_multiplier=1.0, epochs=2)
+    assert engine.steps_per_epoch == len(loader) == per_epoch
+    steps = 0
+    for _ in range(2):
+        for _ in loader:  # the ledger counts optimizer steps; an empty step is still a release
+            optimizer.step()
+            steps += 1
+    assert steps == 2 * per_epoch
+    if (n, batch) == (9800, 100):
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["budget", "--dataset-size", str(n), "--batch-size", str(batch), "--epochs", "2",
+                         "--noise-multiplier", "1", "--delta", str(DELTA), "--json"]) == 0
+        planned = json.loads(out.getvalue())
+        assert planned["steps"] == steps
+        assert engine.get_epsilon(DELTA) == pytest.approx(planned["epsilon"], rel=1e-9)
