@@ -4,7 +4,7 @@ Swap ``Trainer`` for ``DPTrainer`` and name a budget; everything else in a stand
 
     trainer = DPTrainer(model=model, args=TrainingArguments(..., per_device_train_batch_size=64),
                         train_dataset=train, data_collator=collator, target_epsilon=3.0)
-    trainer.train()            # logs "epsilon" next to "loss"
+    trainer.train()            # logs "epsilon" next to the DP-noised "loss"
     trainer.get_epsilon()
 
 What changes under the hood: the train loader Poisson-samples batches with expected size
@@ -19,8 +19,10 @@ token-averaged loss, which couples samples; ``num_items_in_batch`` is ignored); 
 forward/backward but the optimizer still steps (noise only). fp16 loss scaling would scale the per-sample
 gradients before clipping, so fp16 is refused (bf16 is fine). The Trainer's own ``max_grad_norm`` clipping is
 switched off (the engine clips per sample; pass ``max_grad_norm=`` to DPTrainer). Resuming from a Trainer
-checkpoint is refused: it holds no privacy ledger. The logged ``loss`` is computed on private data: debugging
-output, not DP.
+checkpoint is refused: it holds no privacy ledger. The logged ``loss`` (stdout, report_to loggers,
+``trainer_state.json`` of every ``checkpoint-N``) and ``train()``'s ``training_loss`` are the DP-noised losses
+of ``dptrain.loss_release``, accounted with each step's gradient (epsilon unchanged; the gradient gets ~3% more
+noise); the exact batch loss never leaves ``training_step``. A run without noise logs the exact loss.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from dptrain.finetune.config import default_delta
+from dptrain.loss_release import LossRelease
 from dptrain.sampling import batch_length, split_batch, steps_per_epoch
 
 __all__ = ["DPTrainer", "causal_lm_per_sample_loss"]
@@ -81,6 +84,9 @@ class DPTrainer(Trainer):
         n = len(self.train_dataset)
         self.target_delta = target_delta if target_delta is not None else default_delta(n)  # min(1e-5, 1/N^1.1)
         self._dp_loader = None
+        self.loss_release: Optional[LossRelease] = None  # set with the private optimizer when there is noise
+        self._dp_losses: list = []  # released losses of the steps since the last log
+        self._all_dp_losses: list = []
 
     def _check_args(self) -> None:
         if self.args.gradient_accumulation_steps != 1:
@@ -94,7 +100,10 @@ class DPTrainer(Trainer):
             raise ValueError(f"DPTrainer cannot resume from a checkpoint, found resume_from_checkpoint="
                              f"{resume_from_checkpoint!r}: it holds no privacy ledger, sampler or noise state")
         self._check_args()
-        return super().train(None, *args, **kwargs)
+        output = super().train(None, *args, **kwargs)
+        if self.loss_release is not None:  # the Trainer's own average is of training_step's zeros
+            output = output._replace(training_loss=_mean(self._all_dp_losses))
+        return output
 
     # ------------------------------------------------------------------ private loader + optimizer
     def get_train_dataloader(self):
@@ -123,7 +132,14 @@ class DPTrainer(Trainer):
             insecure_noise_seed=s["insecure_noise_seed"], insecure_sampler_seed=s["insecure_sampler_seed"],
             **calibration,
         )
+        if self.optimizer.noise_multiplier > 0:
+            self.loss_release = LossRelease(self.optimizer)
+            self.optimizer.step_callbacks.append(self._record_dp_loss)
         return self._dp_loader
+
+    def _record_dp_loss(self, optimizer, mechanism) -> None:
+        self._dp_losses.append(self.loss_release.released)
+        self._all_dp_losses.append(self.loss_release.released)
 
     # ------------------------------------------------------------------ loss and step
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -133,12 +149,16 @@ class DPTrainer(Trainer):
         if labels is None:
             labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", 1) == 0, -100)
         outputs = model(**inputs)
-        loss = causal_lm_per_sample_loss(outputs.logits, labels).mean()
+        losses = causal_lm_per_sample_loss(outputs.logits, labels)  # (B,)
+        if self.loss_release is not None and model.training:
+            self.loss_release.add(losses)
+        loss = losses.mean()
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward/backward over one logical batch, in micro-batches; the Trainer's ``optimizer.step()`` then
-        clips the last one and adds the noise. Returns the batch's mean loss (0 for an empty batch)."""
+        clips the last one and adds the noise. Returns the batch's exact mean loss only without noise (else 0:
+        the DP-noised loss of the step replaces it in ``log``)."""
         model.train()
         rows = batch_length(inputs) or 0
         size = self.max_physical_batch_size or max(rows, 1)
@@ -152,13 +172,23 @@ class DPTrainer(Trainer):
                 loss = self.compute_loss(model, part)
             loss.backward()  # not accelerator.backward: no loss scaling may touch per-sample gradients
             total += loss.detach() * batch_length(part)
-        return total / max(rows, 1)
+        return total / max(rows, 1) if self.loss_release is None else torch.zeros((), device=self.args.device)
 
     # ------------------------------------------------------------------ accounting
     def get_epsilon(self, delta: Optional[float] = None) -> float:
         return self.engine.get_epsilon(self.target_delta if delta is None else delta)
 
     def log(self, logs, *args, **kwargs):
+        """Adds epsilon and delta next to the loss; the loss logged is the mean DP-noised loss since the last log."""
         if self.engine.optimizer is not None and "loss" in logs:
             logs = {**logs, "epsilon": self.get_epsilon(), "delta": self.target_delta}
+        if self.loss_release is not None:
+            if "loss" in logs:
+                logs["loss"], self._dp_losses = _mean(self._dp_losses), []
+            if "train_loss" in logs:
+                logs = {**logs, "train_loss": _mean(self._all_dp_losses)}
         return super().log(logs, *args, **kwargs)
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else float("nan")

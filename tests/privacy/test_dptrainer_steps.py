@@ -7,6 +7,7 @@ the calibration planned.
 """
 
 import functools
+import json
 import math
 
 import dp_accounting
@@ -101,7 +102,7 @@ def test_steps_taken_and_epsilon_match_the_plan(tmp_path, physical):
     optimizer = trainer.engine.optimizer
     assert optimizer.steps_taken == PLANNED == trainer.state.global_step
     q = trainer.engine.sample_rate
-    assert q == BATCH / N and optimizer.noise_multiplier == SIGMA
+    assert q == BATCH / N and optimizer.plan_step().noise_multiplier == pytest.approx(SIGMA, rel=1e-12)
     eps = trainer.get_epsilon()
     assert eps == pytest.approx(_reference_epsilon(q, SIGMA, PLANNED, DELTA), rel=1e-6)
     logged = [h["epsilon"] for h in trainer.state.log_history if "epsilon" in h]
@@ -126,7 +127,7 @@ def test_target_epsilon_calibrates_for_the_steps_taken(tmp_path):
     assert optimizer.steps_taken == PLANNED
     eps = trainer.get_epsilon()
     assert 2.9 < eps <= 3.0 + 1e-9  # the budget is spent by the planned steps, not overrun nor left idle
-    ref = _reference_epsilon(BATCH / N, optimizer.noise_multiplier, PLANNED, DELTA, integer_orders=False)
+    ref = _reference_epsilon(BATCH / N, optimizer.plan_step().noise_multiplier, PLANNED, DELTA, integer_orders=False)
     assert eps == pytest.approx(ref, rel=1e-3)  # the optimum is at a fractional order here (see SIGMA)
 
 
@@ -165,3 +166,33 @@ def test_micro_batches_give_the_same_steps_as_whole_batches(tmp_path):
         final.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
     assert (final[0] - start).abs().max() > 1e-3  # the steps moved the model
     assert torch.allclose(final[0], final[1], atol=1e-5, rtol=0)
+
+
+def test_the_logged_loss_is_the_dp_noised_release_never_the_exact_batch_loss(tmp_path):
+    """The attack: the HF Trainer logged each private batch's exact mean loss (stdout, report_to loggers,
+    trainer_state.json of every checkpoint-N), even at sigma = 1e4. Now every logged loss is the release of
+    dptrain.loss_release: (sum of per-sample losses clipped to [0, 10] + N(0, (4 sigma 10)^2)) / B, composed with
+    the gradient of the same batch, epsilon unchanged. Oracle: the exact losses, recomputed by a spy."""
+    from dptrain.finetune.loss import per_sample_lm_loss
+    from dptrain.loss_release import LOSS_BOUND, LOSS_RELEASE_FACTOR
+
+    trainer, data = _trainer(tmp_path, 4, args={"save_strategy": "steps", "save_steps": 4})
+    trainer.get_train_dataloader()
+    exact, pending = [], []
+    trainer.model.register_forward_hook(
+        lambda m, args, kwargs, out: pending.append(per_sample_lm_loss(out.logits, kwargs["input_ids"],
+                                                                       kwargs["attention_mask"]).detach())
+        if torch.is_grad_enabled() else None, with_kwargs=True)
+    trainer.engine.optimizer.step_callbacks.append(lambda o, m: (exact.append(float(torch.cat(pending).clamp(
+        0, LOSS_BOUND).sum()) / o.expected_batch_size if pending else 0.0), pending.clear()))
+    output = trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == len(exact) == PLANNED
+    noise = torch.tensor(logged, dtype=torch.float64) - torch.tensor(exact, dtype=torch.float64)
+    std = LOSS_RELEASE_FACTOR * SIGMA * LOSS_BOUND / BATCH  # 7.5 nats
+    assert noise.abs().min() > 1e-3 * std  # no logged loss is the exact one
+    assert 0.3 * std < float(noise.pow(2).mean().sqrt()) < 2.5 * std  # chi^2_8: P(outside) < 1e-3
+    assert output.training_loss == pytest.approx(sum(logged) / len(logged))
+    checkpoint_state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [h["loss"] for h in checkpoint_state["log_history"] if "loss" in h] == logged[:4]
+    assert trainer.get_epsilon() == pytest.approx(_reference_epsilon(BATCH / N, SIGMA, PLANNED, DELTA), rel=1e-6)
