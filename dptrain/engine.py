@@ -82,7 +82,7 @@ class PrivacyEngine:
         Give ``noise_multiplier``, or ``target_epsilon`` + ``target_delta`` + the length of the run (``epochs``,
         i.e. ceil(epochs * steps per epoch) logical steps, or ``steps``) to calibrate it.
         ``error_feedback=True``: DiceSGD with feedback budget ``error_max_grad_norm`` (C2, per logical batch,
-        default C1 * batch size); ``error_feedback_accounting="worst_case"`` (the only bound offered, proven in
+        default C2 = C1); ``error_feedback_accounting="worst_case"`` (the only bound offered, proven in
         ``dptrain.error_feedback``) records every step as a full-batch Gaussian with the noise multiplier, so
         ``target_epsilon`` calibrates it at sample rate 1, and the noise std on the sum is z * (C1 + 2 C2).
         ``poisson_sampling=False``: the loader's own fixed batches, accounted without amplification (each record
@@ -103,15 +103,10 @@ class PrivacyEngine:
                                                sample_rate, "full" if error_feedback else sampling)
         tracker = self._prepare_tracker(module, clipping, max_grad_norm, loss_reduction, automatic_gamma,
                                         error_feedback)
-        distributed.check_consistent({
-            "world_size": world, "dataset_size": dataset_size, "batch_size": batch_size,
-            "total_steps": total_steps or 0, "noise_multiplier": noise_multiplier,
-            "max_grad_norm": tracker.total_max_norm, "poisson_sampling": poisson_sampling,
-            "ddp_wrapped": wrapped is not module, "trainable_parameters": sum(p.numel() for p in tracker.params),
-        })
-        if world > 1 and wrapped is module:
-            raise ValueError("torch.distributed is initialised with several ranks but the model is not wrapped in "
-                             "DistributedDataParallel; wrap it (same on every rank) before make_private")
+        _check_ranks_agree(world, wrapped is not module, dataset_size=dataset_size, batch_size=batch_size,
+                           total_steps=total_steps or 0, noise_multiplier=noise_multiplier,
+                           max_grad_norm=tracker.total_max_norm, poisson_sampling=poisson_sampling,
+                           trainable_parameters=sum(p.numel() for p in tracker.params))
         self.optimizer = DPOptimizer(
             optimizer, tracker, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
             sample_rate=sample_rate, sampling=sampling, secure_mode=self.secure_mode,
@@ -349,6 +344,14 @@ class PrivacyEngine:
                                  f"now {part is not None}")
             if part is not None:
                 part.load_state_dict(state[name])
+
+
+def _check_ranks_agree(world: int, ddp_wrapped: bool, **settings) -> None:
+    """Every rank must run the same private training: refuse a mismatch, and several ranks without DDP."""
+    distributed.check_consistent({"world_size": world, "ddp_wrapped": ddp_wrapped, **settings})
+    if world > 1 and not ddp_wrapped:
+        raise ValueError("torch.distributed is initialised with several ranks but the model is not wrapped in "
+                         "DistributedDataParallel; wrap it (same on every rank) before make_private")
 
 
 def _check_optimizer_params(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
