@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
-__all__ = ["positive_int", "nonneg_int", "finite_float"]
+__all__ = ["positive_int", "nonneg_int", "finite_float", "one_line_errors"]
+
+
+def one_line_errors(parser: argparse.ArgumentParser, command: str) -> None:
+    """argparse usage errors of ``dptrain COMMAND`` as one line on stderr, exit status 2 (no usage block)."""
+
+    def error(message: str):
+        print(f"dptrain {command}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
 
 
 def _integer(text: str, minimum: int, expected: str) -> int:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from dptrain.cli import CLIError, emit
-from dptrain.cli._types import finite_float, nonneg_int, positive_int
+from dptrain.cli._types import finite_float, nonneg_int, one_line_errors, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -42,11 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
-    def one_line_error(message: str):  # argparse usage errors: one line, exit 2
-        print(f"dptrain budget: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    parser.error = one_line_error
+    one_line_errors(parser, "budget")
     rate = parser.add_argument_group("sampling (either --sample-rate or --dataset-size with --batch-size)")
     rate.add_argument("--sample-rate", type=finite_float, help="Poisson sample rate q in (0, 1]")
     rate.add_argument("--dataset-size", type=positive_int, help="number of records N")

@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 
 from dptrain.cli import CLIError, emit
-from dptrain.cli._types import finite_float, nonneg_int, positive_int
+from dptrain.cli._types import finite_float, nonneg_int, one_line_errors, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -47,11 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
-    def one_line_error(message: str):  # argparse usage errors: one line, exit 2
-        print(f"dptrain federated: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    parser.error = one_line_error
+    one_line_errors(parser, "federated")
     fed = parser.add_argument_group("federation")
     fed.add_argument("--method", choices=("fedsvd", "ffa", "dplora"), default="fedsvd", help="default: fedsvd")
     fed.add_argument("--engine", choices=("local", "flower"), default="local", help="default: local (in process)")
