@@ -13,6 +13,13 @@ Refused instead (errors naming the module or parameter): modules that mix sample
 data, trainable parameters or not (``guards``: by class at set-up and at every forward, and any buffer a captured
 forward pass changes), and any ordinary gradient a trainable parameter receives, which can only come from a use
 outside its module (no rule lets its module's own use reach it).
+
+One captured forward pass per micro-batch: contributions are filed by sample INDEX, so the backward passes of two
+captured forward passes of the model before one ``flush()`` would add sample i of each into one clipped "sample"
+(gradient accumulation by several ``backward()`` calls before one ``optimizer.step()``). Every recorded call is
+tagged with the captured forward pass of the model it belongs to; a second pass whose gradients reach the tracker,
+or a captured forward pass after gradients arrived, before the flush, is refused with ``MergedPassesError``. The
+sanctioned micro-batch paths (``max_physical_batch_size``, ``optimizer.accumulate()``) flush between passes.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from dptrain.grad_sample import conv, embedding, linear, norms  # noqa: F401  is
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GradSampleTracker", "ClipGroup", "NonFiniteGradientError", "CLIPPING_MODES"]
+__all__ = ["GradSampleTracker", "ClipGroup", "NonFiniteGradientError", "MergedPassesError", "CLIPPING_MODES"]
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic")
 
@@ -61,6 +68,16 @@ DENSE_BUDGET_BYTES = 48 * 2**20
 
 class NonFiniteGradientError(FloatingPointError):
     """A per-sample gradient norm was NaN or inf; the logical batch is dropped, nothing is accounted."""
+
+
+class MergedPassesError(ValueError):
+    """Gradients of two captured forward passes of the model would be clipped as one sample per index."""
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. activation checkpointing re-running a forward)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
 
 
 @dataclass
@@ -114,6 +131,9 @@ class GradSampleTracker:
         self.clipped_sum: Dict[nn.Parameter, torch.Tensor] = {}
         self.unclipped_sum: Dict[nn.Parameter, torch.Tensor] = {}
         self._arrived_batch = 0
+        self._pass = 0  # captured forward passes of the model so far: tags every recorded call (see record_call)
+        self._arrived_pass: Optional[int] = None  # the pass whose gradients arrived since the last flush
+        self._isolated = False  # inside isolated_contributions(): a probe's passes, kept apart from training
         self._norm_log: List[tuple] = []  # this micro-batch's (group, threshold, norms, parts, blame): see _check_norms
         self.num_samples = 0  # samples processed since the last reset (private: never released as is)
         self.clipped_count: Dict[str, int] = {g.name: 0 for g in self.groups}  # per group, ditto
@@ -208,6 +228,10 @@ class GradSampleTracker:
         first = next((v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         self.batch_size = None if first is None else first.shape[0]
         self._buffers_before = guards.buffer_state(self._all_modules) if self.should_capture() else None
+        if self.should_capture() and not self._isolated and not _in_backward():  # checkpointing re-runs: same pass
+            if self._arrived_pass is not None:
+                self._refuse_merge("a second forward pass of the model began after a backward pass")
+            self._pass += 1
 
     def _after_forward(self, module, args, output):
         """A captured forward pass must leave every buffer as it was (see ``guards``)."""
@@ -232,17 +256,25 @@ class GradSampleTracker:
             self._enabled = previous
 
     def record_call(self, module: nn.Module) -> int:
+        """A captured call of ``module``; returns its tag (the captured forward pass of the model it belongs to),
+        which the rule hands back to ``arrive``."""
         self._outstanding[module] = self._outstanding.get(module, 0) + 1
-        return self._outstanding[module]
+        return self._pass
 
     def arrive(self, module: nn.Module, call: int, saved, grad_output: Union[torch.Tensor, tuple]) -> None:
-        """Backward reached ``module``: turn (saved, grad_output) into contributions and file them.
-        ``grad_output``: the gradient of the output, or a tuple of them (one per output tensor)."""
+        """Backward reached ``module`` (``call``: the tag ``record_call`` gave): turn (saved, grad_output) into
+        contributions and file them. ``grad_output``: the gradient of the output, or a tuple of them (one per
+        output tensor)."""
+        if not self._isolated:
+            if self._arrived_pass is not None and call != self._arrived_pass:
+                self._refuse_merge("the backward passes of two forward passes of the model reached the tracker")
+            self._arrived_pass = call
         batch = (grad_output[0] if isinstance(grad_output, tuple) else grad_output).shape[0]
         if self.batch_size is not None and batch != self.batch_size:
             raise UnsupportedModuleError(
                 f"module '{self._module_names[module]}': gradient batch dimension {batch} differs from the "
-                f"batch size {self.batch_size}; dptrain needs batch-first tensors in every layer"
+                f"batch size {self.batch_size}; dptrain needs batch-first tensors in every layer (a layer run on "
+                "a sequence-first (T, B, ...) tensor inside the model is one cause)"
             )
         self._arrived_batch = batch
         contributions = self._rules[module].contributions(module, saved, grad_output)
@@ -259,17 +291,51 @@ class GradSampleTracker:
         self._outstanding[module] -= 1
         # per-layer: a group is final once all its recorded calls reported back (frees its tensors early).
         # Flat clipping waits for flush(): with activation checkpointing, later segments are not recorded yet.
-        if self.clipping == "per_layer" and all(self._outstanding.get(m, 0) == 0 for m in group.modules):
+        if (self.clipping == "per_layer" and not self._isolated
+                and all(self._outstanding.get(m, 0) == 0 for m in group.modules)):
             self._process([group])
         return None
 
+    def _refuse_merge(self, what: str) -> None:
+        """Drop the logical batch (its sums may already hold merged samples) and refuse, in one line."""
+        self.reset()
+        self.reset_statistics()  # a dropped batch must not reach later statistic releases
+        raise MergedPassesError(
+            f"{what} with no optimizer.step() or optimizer.accumulate() in between (step {self.step_index}): several "
+            "forward/backward passes before one step merge sample i of every pass into one clipped sample, so the "
+            "noise no longer covers one record (this logical batch was dropped); for gradient accumulation pass "
+            "max_physical_batch_size to make_private or call optimizer.accumulate() after each backward, and run "
+            "forward passes you do not train on under torch.no_grad() or engine.tracker.capture_disabled()"
+        )
+
     def flush(self) -> None:
         """Process whatever contributions are still pending and check the norms (end of a micro-batch)."""
+        self._arrived_pass = None
         self._process(self.groups)
         self._outstanding.clear()
         self._check_norms()
         self.num_samples += self._arrived_batch
         self._arrived_batch = 0
+
+    def isolated_contributions(self, run, batch_size: int) -> Dict[nn.Parameter, List[Contribution]]:
+        """Call ``run()`` (a probe's captured forward and backward pass of ``batch_size`` samples; it may call the
+        model's ``forward`` directly) and return the contributions its backward filed, {parameter: uses}; nothing
+        of training's state (sums, pending contributions, counters, the current pass) sees them or changes."""
+        if self._isolated:
+            raise RuntimeError("isolated_contributions() is not re-entrant")
+        saved = (self.batch_size, self._buffers_before, self._outstanding, self._arrived_batch,
+                 [g.pending for g in self.groups])
+        self._outstanding, self._isolated, self.batch_size = {}, True, batch_size
+        for g in self.groups:
+            g.pending = {}
+        try:
+            run()
+            return {p: uses for g in self.groups for p, uses in g.pending.items()}
+        finally:
+            self.batch_size, self._buffers_before, self._outstanding, self._arrived_batch, pending = saved
+            for g, kept in zip(self.groups, pending):
+                g.pending = kept
+            self._isolated = False
 
     # ------------------------------------------------------------------ clipping
     def _process(self, groups: Sequence[ClipGroup]) -> None:
@@ -416,6 +482,7 @@ class GradSampleTracker:
         """Forget everything accumulated (after the optimizer consumed it, or after an error)."""
         self.clipped_sum, self.unclipped_sum = {}, {}
         self._norm_log = []
+        self._arrived_pass = None
         self._outstanding.clear()
         for g in self.groups:
             g.pending = {}
