@@ -7,26 +7,44 @@ invisible to them. So before the first training forward pass of two or more samp
 mode (dropout off), without gradients, on the whole batch and on its first and last samples alone; each one's
 output must equal its row of the batch's output, or ``make_private``'s model refuses to train. The probe runs
 before the real forward pass, so anything a forward pass sets on the model is left as the real one set it.
+
+Independent outputs are not enough: the per-sample rules take dim 0 of every layer's tensors as the sample, so a
+model that runs a layer on a sequence-first (T, B, ...) view of its batch (and turns it back) has per-sample
+outputs but gives that layer "per-sample" gradients of time steps, each mixing every sample (with T == B nothing
+else notices). So the probe then differentiates the eval-mode outputs with a fixed random cotangent, through the
+tracker's own rules but apart from training's sums (``isolated_contributions``), on the batch and on the first
+and last samples alone: each sample's gradient in the batch must equal its gradient alone (a batch of one is
+exact or refused: dim 0 of a layer's tensors must then be 1). Global RNG states and ``.grad`` are left as found.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Mapping
+import logging
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
+from dptrain.grad_sample.contributions import per_sample_sq_norms, select_samples, weighted_sum
 from dptrain.grad_sample.registry import UnsupportedModuleError
 
-__all__ = ["install_probe", "check_independence"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["install_probe", "check_independence", "check_per_sample_gradients"]
 
 
-def install_probe(model: nn.Module, batch_size: Callable[[], int], disabled: Callable) -> Callable[[], None]:
+def install_probe(model: nn.Module, batch_size: Callable[[], int], disabled: Callable,
+                  tracker=None) -> Callable[[], None]:
     """Probe ``model`` before its first training forward pass of >= 2 samples; returns the undo.
 
     ``batch_size()`` is the batch size of the call being probed, ``disabled()`` a context in which forward passes
-    are not captured for per-sample gradients.
+    are not captured for per-sample gradients. ``tracker``: the ``GradSampleTracker`` whose per-sample gradients
+    are checked too (default: the one ``disabled`` is a method of, if any).
     """
+    if tracker is None:
+        tracker = getattr(disabled, "__self__", None)
+    if tracker is not None and not hasattr(tracker, "isolated_contributions"):
+        tracker = None
     state = {"probing": False}
 
     def hook(module, args, kwargs):
@@ -39,6 +57,8 @@ def install_probe(model: nn.Module, batch_size: Callable[[], int], disabled: Cal
         try:
             with disabled(), torch.no_grad():
                 check_independence(module, args, kwargs, batch)
+            if tracker is not None:
+                check_per_sample_gradients(tracker, module, args, kwargs, batch)
         finally:
             state["probing"] = False
         handle.remove()
@@ -64,6 +84,90 @@ def check_independence(model: nn.Module, args: tuple, kwargs: dict, batch: int) 
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+def check_per_sample_gradients(tracker, model: nn.Module, args: tuple, kwargs: dict, batch: int) -> None:
+    """Raise if the per-sample gradient that ``tracker`` computes for the first or last sample of the batch differs
+    from the one it computes for that sample alone (eval mode, loss = <v, outputs> with a fixed random v)."""
+    modes = {m: m.training for m in model.modules()}
+    grads = [(p, p.grad) for p in model.parameters()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    args, kwargs = _detach(args), _detach(kwargs)  # the probe's backward stays inside the model
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            cotangents: Dict[int, torch.Tensor] = {}
+
+            def run(a, kw, rows: int, i: Optional[int]) -> None:
+                # identity saved-tensor hooks: an enclosing checkpoint's must not count the probe's saved tensors
+                with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                    outputs = _tensors(model.forward(*a, **kw))  # not model(): its hooks see no extra training pass
+                live = [(k, t) for k, t in enumerate(outputs) if t.requires_grad and t.is_floating_point()
+                        and t.dim() > 0 and t.shape[0] == rows]
+                if i is None:  # the batch: draw the cotangents
+                    for k, t in live:
+                        g = torch.Generator(device=t.device).manual_seed(1 + k)
+                        cotangents[k] = torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)
+                live = [(k, t) for k, t in live if k in cotangents]
+                if live:
+                    v = [cotangents[k] if i is None else cotangents[k][i:i + 1] for k, _ in live]
+                    torch.autograd.backward([t for _, t in live], v)
+
+            in_batch = tracker.isolated_contributions(lambda: run(args, kwargs, batch, None), batch)
+            if not cotangents:
+                logger.info("per-sample gradient probe skipped: the model returns no per-sample output with a gradient")
+                return
+            norms = {p: per_sample_sq_norms(uses).sqrt() for p, uses in in_batch.items()}  # {p: (B,)}
+            for i in (0, batch - 1):
+                try:
+                    alone = tracker.isolated_contributions(
+                        lambda: run(_slice(args, i, batch), _slice(kwargs, i, batch), 1, i), 1)
+                except UnsupportedModuleError as err:
+                    raise UnsupportedModuleError(f"per-sample gradient probe, sample {i} of the first batch run "
+                                                 f"alone: {err}") from None
+                _compare_gradients(tracker, in_batch, norms, alone, i)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for p, g in grads:
+            p.grad = g
+
+
+def _compare_gradients(tracker, in_batch: dict, norms: dict, alone: dict, i: int) -> None:
+    """Sample i's per-sample gradient in the batch (its uses ``in_batch``, its norm in ``norms``, as clipping
+    computes them) against its gradient alone, per parameter."""
+    params = list(dict.fromkeys(list(in_batch) + list(alone)))
+    found = {}
+    for p in params:
+        row = [select_samples(c, slice(i, i + 1)) for c in in_batch.get(p, [])]
+        mine = weighted_sum(row, _one(p), p.shape) if row else torch.zeros(p.shape, device=p.device)
+        own = weighted_sum(alone[p], _one(p), p.shape) if p in alone else torch.zeros(p.shape, device=p.device)
+        norm = float(norms[p][i]) if p in norms else 0.0
+        found[p] = (norm, float(own.norm()), float((mine - own.to(mine.device)).norm()))
+    scale = max(sum(n * n for n, _, _ in found.values()), sum(o * o for _, o, _ in found.values())) ** 0.5
+    for p, (norm, own, gap) in found.items():
+        tol = max(1e-3, 16 * torch.finfo(p.dtype).eps if p.is_floating_point() else 0.0) * scale + 1e-12
+        if gap > tol or abs(norm - own) > tol:
+            raise UnsupportedModuleError(
+                f"per-sample gradients are mixed across the batch: for parameter {tracker._name(p)}, sample {i}'s "
+                f"gradient computed in the batch (norm {norm:.4g}) differs from its gradient alone (norm {own:.4g}) "
+                f"by {gap:.3g} (tolerance {tol:.3g}), so clipping would not bound one record's influence; keep dim 0 "
+                "of every layer's tensors the sample (no sequence-first (T, B, ...) layout inside the model)"
+            )
+
+
+def _one(p: torch.Tensor) -> torch.Tensor:
+    return torch.ones(1, dtype=torch.float32, device=p.device)
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, Mapping):
+        return {k: _detach(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    return value
 
 
 def _compare(in_batch: torch.Tensor, alone: torch.Tensor, i: int, where: int) -> None:
