@@ -12,9 +12,13 @@ Independent outputs are not enough: the per-sample rules take dim 0 of every lay
 model that runs a layer on a sequence-first (T, B, ...) view of its batch (and turns it back) has per-sample
 outputs but gives that layer "per-sample" gradients of time steps, each mixing every sample (with T == B nothing
 else notices). So the probe then differentiates the eval-mode outputs with a fixed random cotangent, through the
-tracker's own rules but apart from training's sums (``isolated_contributions``), on the batch and on the first
-and last samples alone: each sample's gradient in the batch must equal its gradient alone (a batch of one is
-exact or refused: dim 0 of a layer's tensors must then be 1). Global RNG states and ``.grad`` are left as found.
+tracker's own rules but apart from training's sums (``isolated_contributions``), on the batch cut to its first and
+last samples and on each of them alone: each sample's gradient (and its norm, as clipping computes it) in the pair
+must equal its gradient alone. A batch of one is exact or refused (dim 0 of a layer's tensors must then be 1), and
+the pair is enough: a layer whose dim 0 is not the sample sees a dim 0 other than 2 there (refused by the tracker's
+batch-dimension check, as it is in training whenever that dim differs from the batch) or mixes the pair's rows
+(found by the comparison). The pair, not the whole batch, keeps the extra eval-mode backward small (eval mode runs
+without the activation checkpointing a model may train with). Global RNG states and ``.grad`` are left as found.
 """
 
 from __future__ import annotations
@@ -87,8 +91,9 @@ def check_independence(model: nn.Module, args: tuple, kwargs: dict, batch: int) 
 
 
 def check_per_sample_gradients(tracker, model: nn.Module, args: tuple, kwargs: dict, batch: int) -> None:
-    """Raise if the per-sample gradient that ``tracker`` computes for the first or last sample of the batch differs
-    from the one it computes for that sample alone (eval mode, loss = <v, outputs> with a fixed random v)."""
+    """Raise if the per-sample gradient that ``tracker`` computes for the first or last sample of the batch (on the
+    batch cut to those two) differs from the one it computes for that sample alone (eval mode, loss <v, outputs>
+    with a fixed random v)."""
     modes = {m: m.training for m in model.modules()}
     grads = [(p, p.grad) for p in model.parameters()]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
@@ -104,7 +109,7 @@ def check_per_sample_gradients(tracker, model: nn.Module, args: tuple, kwargs: d
                     outputs = _tensors(model.forward(*a, **kw))  # not model(): its hooks see no extra training pass
                 live = [(k, t) for k, t in enumerate(outputs) if t.requires_grad and t.is_floating_point()
                         and t.dim() > 0 and t.shape[0] == rows]
-                if i is None:  # the batch: draw the cotangents
+                if i is None:  # the pair: draw the cotangents
                     for k, t in live:
                         g = torch.Generator(device=t.device).manual_seed(1 + k)
                         cotangents[k] = torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)
@@ -113,19 +118,25 @@ def check_per_sample_gradients(tracker, model: nn.Module, args: tuple, kwargs: d
                     v = [cotangents[k] if i is None else cotangents[k][i:i + 1] for k, _ in live]
                     torch.autograd.backward([t for _, t in live], v)
 
-            in_batch = tracker.isolated_contributions(lambda: run(args, kwargs, batch, None), batch)
+            probed = (0, batch - 1)
+            pair = _rows(args, probed, batch), _rows(kwargs, probed, batch)  # the batch, cut to the probed samples
+            try:
+                in_batch = tracker.isolated_contributions(lambda: run(*pair, 2, None), 2)
+            except UnsupportedModuleError as err:
+                raise UnsupportedModuleError(f"per-sample gradient probe, samples {probed} of the first batch: "
+                                             f"{err}") from None
             if not cotangents:
                 logger.info("per-sample gradient probe skipped: the model returns no per-sample output with a gradient")
                 return
-            norms = {p: per_sample_sq_norms(uses).sqrt() for p, uses in in_batch.items()}  # {p: (B,)}
-            for i in (0, batch - 1):
+            norms = {p: per_sample_sq_norms(uses).sqrt() for p, uses in in_batch.items()}  # {p: (2,)}
+            for j, i in enumerate(probed):
                 try:
                     alone = tracker.isolated_contributions(
-                        lambda: run(_slice(args, i, batch), _slice(kwargs, i, batch), 1, i), 1)
+                        lambda: run(_slice(args, i, batch), _slice(kwargs, i, batch), 1, j), 1)
                 except UnsupportedModuleError as err:
                     raise UnsupportedModuleError(f"per-sample gradient probe, sample {i} of the first batch run "
                                                  f"alone: {err}") from None
-                _compare_gradients(tracker, in_batch, norms, alone, i)
+                _compare_gradients(tracker, in_batch, norms, alone, j, i)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -133,16 +144,16 @@ def check_per_sample_gradients(tracker, model: nn.Module, args: tuple, kwargs: d
             p.grad = g
 
 
-def _compare_gradients(tracker, in_batch: dict, norms: dict, alone: dict, i: int) -> None:
-    """Sample i's per-sample gradient in the batch (its uses ``in_batch``, its norm in ``norms``, as clipping
-    computes them) against its gradient alone, per parameter."""
+def _compare_gradients(tracker, in_batch: dict, norms: dict, alone: dict, j: int, i: int) -> None:
+    """Row j's per-sample gradient in the probed batch (its uses ``in_batch``, its norm in ``norms``, as clipping
+    computes them) against the gradient of that sample (``i`` of the first batch) alone, per parameter."""
     params = list(dict.fromkeys(list(in_batch) + list(alone)))
     found = {}
     for p in params:
-        row = [select_samples(c, slice(i, i + 1)) for c in in_batch.get(p, [])]
+        row = [select_samples(c, slice(j, j + 1)) for c in in_batch.get(p, [])]
         mine = weighted_sum(row, _one(p), p.shape) if row else torch.zeros(p.shape, device=p.device)
         own = weighted_sum(alone[p], _one(p), p.shape) if p in alone else torch.zeros(p.shape, device=p.device)
-        norm = float(norms[p][i]) if p in norms else 0.0
+        norm = float(norms[p][j]) if p in norms else 0.0
         found[p] = (norm, float(own.norm()), float((mine - own.to(mine.device)).norm()))
     scale = max(sum(n * n for n, _, _ in found.values()), sum(o * o for _, o, _ in found.values())) ** 0.5
     for p, (norm, own, gap) in found.items():
@@ -150,7 +161,7 @@ def _compare_gradients(tracker, in_batch: dict, norms: dict, alone: dict, i: int
         if gap > tol or abs(norm - own) > tol:
             raise UnsupportedModuleError(
                 f"per-sample gradients are mixed across the batch: for parameter {tracker._name(p)}, sample {i}'s "
-                f"gradient computed in the batch (norm {norm:.4g}) differs from its gradient alone (norm {own:.4g}) "
+                f"gradient computed in a batch (norm {norm:.4g}) differs from its gradient alone (norm {own:.4g}) "
                 f"by {gap:.3g} (tolerance {tol:.3g}), so clipping would not bound one record's influence; keep dim 0 "
                 "of every layer's tensors the sample (no sequence-first (T, B, ...) layout inside the model)"
             )
@@ -158,6 +169,19 @@ def _compare_gradients(tracker, in_batch: dict, norms: dict, alone: dict, i: int
 
 def _one(p: torch.Tensor) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=p.device)
+
+
+def _rows(value: Any, rows: tuple, batch: int) -> Any:
+    """``value`` with every tensor whose first dimension is the batch cut to the samples ``rows``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == batch:
+            return value[torch.tensor(rows, device=value.device)]
+        return value
+    if isinstance(value, Mapping):
+        return {k: _rows(v, rows, batch) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, rows, batch) for v in value)
+    return value
 
 
 def _detach(value: Any) -> Any:

@@ -154,10 +154,10 @@ def test_without_the_gradient_probe_one_record_moves_the_clipped_sum_by_more_tha
 
 
 @pytest.mark.parametrize("make, message", [
-    (SequenceFirst, r"per-sample gradient probe, sample 0 of the first batch run alone: module 'fc': gradient batch "
-                    r"dimension 8 differs from the batch size 1; dptrain needs batch-first tensors"),
+    (SequenceFirst, r"per-sample gradient probe, samples \(0, 7\) of the first batch: module .fc.: gradient batch "
+                    r"dimension 8 differs from the batch size 2; dptrain needs batch-first tensors"),
     (Scrambled, r"per-sample gradients are mixed across the batch: for parameter fc\.\w+, sample 0's gradient "
-                r"computed in the batch .* keep dim 0 of every layer's tensors the sample"),
+                r"computed in a batch .* keep dim 0 of every layer's tensors the sample"),
 ], ids=["sequence-first", "scrambled"])
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 def test_make_private_refuses_per_sample_gradients_mixed_by_the_layout(make, message, clipping):
@@ -225,7 +225,22 @@ def test_the_gradient_probe_accepts_every_parity_model(case_name, clipping, monk
         forward = case.model.forward
         case.model.forward = lambda **kw: forward(**kw).logits
     check_per_sample_gradients(tracker, case.model, args, kwargs, case.batch_size)
-    assert compared == [0, case.batch_size - 1]
+    assert compared == [0, case.batch_size - 1]  # the samples of the first batch compared
     assert all(p.grad is None for p in case.model.parameters()) and tracker.clipped_sum == {}
     assert all(not g.pending for g in tracker.groups) and tracker._outstanding == {}
     tracker.detach()
+
+
+@pytest.mark.parametrize("length", [1, 2, 3])
+def test_a_sequence_first_layer_is_refused_at_any_length(length):
+    """The probe runs the batch cut to two samples: a sequence-first layer is refused there whatever T is (T == 2
+    included, where the pair's batch dimension matches; T == 1, where dim 0 is 1 alone)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(B, length, 4, generator=g), torch.randint(0, 2, (B,), generator=g)
+    torch.manual_seed(0)
+    model = SequenceFirst()
+    dp_model, _, _ = dptrain.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=C,
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=B))
+    with pytest.raises(UnsupportedModuleError, match=r"per-sample gradient|batch-first tensors in every layer"):
+        dp_model(x)
