@@ -238,7 +238,7 @@ class PrivacyEngine:
             automatic_gamma=automatic_gamma, track_unclipped=error_feedback,
         )
         if not isinstance(tracker.model, FSDPView):  # FSDP2 forwards cannot be re-entered from a hook
-            install_probe(tracker.model, lambda: tracker.batch_size, tracker.capture_disabled)
+            install_probe(tracker.model, lambda: tracker.batch_size, tracker.capture_disabled, tracker=tracker)
         return tracker
 
     def _prepare_loader(self, data_loader, poisson_sampling, sample_rate, max_physical_batch_size,
