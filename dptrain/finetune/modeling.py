@@ -1,4 +1,4 @@
-"""Causal LMs for fine-tuning: the demo's tiny GPT-2 built from a config, hub/local loading, and LoRA.
+"""Causal LMs for fine-tuning: the demo's tiny GPT-2 built from a config, hub/local/GGUF loading, and LoRA.
 
 Nothing here downloads anything unless the user names a hub model.
 """
@@ -41,8 +41,10 @@ def tiny_gpt2(vocab_size: int, *, n_positions: int = 128, n_layer: int = 2, n_em
     return model
 
 
-def load_pretrained(name_or_path: str):
-    """``(model, tokenizer)`` via ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` (hub name or folder).
+def load_pretrained(name_or_path: str, *, cache_dir=None):
+    """``(model, tokenizer)`` via ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained``: a folder, a hub name,
+    a ``.gguf`` file (or a folder holding one) or ``smollm2-135m`` (``dptrain.finetune.models``; GGUF files are
+    converted to fp32 once and cached in ``cache_dir``, default ``dptrain.finetune.gguf.default_cache_dir()``).
 
     A local folder is read without touching the network; a hub name not in the local cache fails at once, with
     a one-line error, when the hub cannot be reached (instead of HF's minute of retries). The pad token is set
@@ -50,6 +52,16 @@ def load_pretrained(name_or_path: str):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dptrain.finetune.models import TINY, resolve_model
+
+    source = resolve_model(str(name_or_path))
+    if source.kind == TINY:
+        raise ValueError(f"model {TINY!r} is built from a config, not loaded: use dptrain.finetune.demo."
+                         "demo_model_and_tokenizer(), or a save_pretrained folder")
+    if source.kind == "gguf":
+        from dptrain.finetune.gguf import converted_folder
+
+        name_or_path = str(converted_folder(source.path, cache_dir))
     local = _resolve_model_source(str(name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
@@ -66,7 +78,8 @@ def load_pretrained(name_or_path: str):
     return model, tokenizer
 
 
-_NO_MODEL_HINT = "pass a local folder (save_pretrained), or leave out --model for the bundled demo model"
+_NO_MODEL_HINT = ("pass a local folder (save_pretrained) or a .gguf file, or --model smollm2-135m / --model tiny for the "
+                  "bundled models (no download)")
 
 
 def _resolve_model_source(name: str) -> bool:
@@ -86,7 +99,8 @@ def _resolve_model_source(name: str) -> bool:
         is_hub_name = False
     if not is_hub_name:
         raise FileNotFoundError(f"model folder not found: {name} (expected a save_pretrained folder with "
-                                "config.json, or a Hugging Face hub name such as gpt2)")
+                                "config.json, a .gguf file, smollm2-135m, tiny, or a Hugging Face hub name such as "
+                                "gpt2)")
     cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
     if constants.HF_HUB_OFFLINE:
         if cached:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = ["write_report", "plot_training", "privacy_report", "LOSS_NOTE", "NOT_PRIVATE_WARNING"]
 
@@ -67,9 +67,10 @@ def write_report(path, report: Dict[str, Any]) -> None:
 
 
 def plot_training(path, history: List[Dict[str, float]], *, target_epsilon: float, delta: float,
-                  eval_before: Optional[float] = None) -> None:
+                  eval_before: Optional[float] = None, eval_after: Optional[Tuple[int, Optional[float]]] = None) -> None:
     """Side by side against steps: training loss (DP-noised; the NON-PRIVATE debug loss only when recorded),
-    held-out perplexity (no noise: not private) and epsilon. Panels without data are left out."""
+    held-out perplexity (no noise: not private; ``eval_before`` at step 0, ``eval_after`` = (step, perplexity) at
+    the end when the history has no point there) and epsilon. Panels without data are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,6 +81,8 @@ def plot_training(path, history: List[Dict[str, float]], *, target_epsilon: floa
         return [s for s, _ in points], [v for _, v in points]
 
     dp_loss, debug_loss, ppl = series("dp_train_loss"), series("train_loss"), series("eval_perplexity")
+    if eval_after is not None and eval_after[1] is not None and eval_after[0] not in ppl[0]:
+        ppl = (ppl[0] + [eval_after[0]], ppl[1] + [eval_after[1]])
     if ppl[0] and eval_before is not None:
         ppl = ([0] + ppl[0], [eval_before] + ppl[1])
     panels = [name for name, xy in (("loss", dp_loss[0] or debug_loss[0]), ("ppl", ppl[0])) if xy] + ["eps"]

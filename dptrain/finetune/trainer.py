@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from dptrain import distributed
+from dptrain import distributed, sampling
 
 from dptrain.finetune.checkpoint import compare_fingerprints, save_checkpoint
 from dptrain.finetune.config import FinetuneConfig, default_delta
@@ -73,6 +73,8 @@ class FinetuneResult:
     finished: bool = True
     privacy: Dict[str, Any] = field(default_factory=dict)  # the trust model (report.json "privacy")
     secret_files: List[str] = field(default_factory=list)  # under output_dir: never publish
+    # greedy completions of public prompts before (pretrained model) and after (DP model) training
+    completions: Optional[Dict[str, Any]] = None
     model: Any = None
 
     def to_dict(self) -> Dict[str, Any]:
@@ -84,7 +86,8 @@ class PrivateLMTrainer:
     """Private fine-tuning of ``model`` (an ``AutoModelForCausalLM``, possibly peft-wrapped) on ``train_texts``."""
 
     def __init__(self, model, tokenizer, train_texts: Sequence[str], eval_texts: Optional[Sequence[str]] = None,
-                 config: Optional[FinetuneConfig] = None, *, controller=None):
+                 config: Optional[FinetuneConfig] = None, *, controller=None,
+                 completion_prompts: Optional[Sequence[str]] = None):
         self.config = (config or FinetuneConfig()).validate()
         cfg = self.config
         if len(train_texts) == 0:
@@ -105,6 +108,9 @@ class PrivateLMTrainer:
         self.step = 0
         self.history: List[Dict[str, float]] = []
         self.eval_perplexity_before: Optional[float] = None
+        # public prompts completed greedily before and after training (dptrain.finetune.completions)
+        self.completion_prompts: List[str] = list(completion_prompts or [])
+        self.completions_before: Optional[List[str]] = None
         self.extra_fingerprint: Dict[str, Any] = {}
         self._make_private()
 
@@ -115,7 +121,7 @@ class PrivateLMTrainer:
         cfg = self.config
         n = len(self.train_set)
         sample_rate = cfg.batch_size / n
-        steps_per_epoch = math.ceil(1 / sample_rate)
+        steps_per_epoch = sampling.steps_per_epoch(n, cfg.batch_size)
         total = math.ceil(cfg.epochs * steps_per_epoch)
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
@@ -201,6 +207,15 @@ class PrivateLMTrainer:
         with self.engine.tracker.capture_disabled():
             return perplexity(self.model, self.eval_set, self.collate)
 
+    def complete(self) -> Optional[List[str]]:
+        """Greedy completions of ``completion_prompts`` by the current model (None without prompts)."""
+        if not self.completion_prompts:
+            return None
+        from dptrain.finetune.completions import greedy_completions
+
+        with self.engine.tracker.capture_disabled():
+            return greedy_completions(self.model, self.tokenizer, self.completion_prompts)
+
     # ------------------------------------------------------------------ training
     def train(self, *, checkpoint_path=None) -> FinetuneResult:
         """Runs until ``total_steps`` (or ``config.stop_after``); checkpoints every ``checkpoint_every`` steps and
@@ -209,6 +224,8 @@ class PrivateLMTrainer:
         with _stop_requests(distributed.rank_and_world()[1]) as stop:
             if self.step == 0 and self.eval_perplexity_before is None:
                 self.eval_perplexity_before = self.evaluate()
+            if self.step == 0 and self.completions_before is None:
+                self.completions_before = self.complete()  # the pretrained model: public
             interrupted = self._steps(stop, checkpoint_path)
             if checkpoint_path is not None:
                 self.save_checkpoint(checkpoint_path)
@@ -222,13 +239,18 @@ class PrivateLMTrainer:
         after = last.get("eval_perplexity") if finished and last.get("step") == self.step else None
         if finished and after is None:
             after = self.evaluate()
+        completions = None
+        if finished and self.completion_prompts and self.completions_before is not None:
+            from dptrain.finetune.completions import completions_report
+
+            completions = completions_report(self.completion_prompts, self.completions_before, self.complete())
         return FinetuneResult(
             epsilon=self.engine.get_epsilon(self.delta), delta=self.delta, target_epsilon=cfg.target_epsilon,
             noise_multiplier=float(self.optimizer.noise_multiplier), steps=self.step, total_steps=self.total_steps,
             sample_rate=self.sample_rate, expected_batch_size=float(self.optimizer.expected_batch_size),
             dataset_size=len(self.train_set), eval_perplexity_before=self.eval_perplexity_before,
             eval_perplexity=after, history=list(self.history), finished=finished, model=self.model,
-            privacy=privacy_report(self.engine.trust_model(), cfg, self.loss_noise_multiplier),
+            privacy=privacy_report(self.engine.trust_model(), cfg, self.loss_noise_multiplier), completions=completions,
             step_noise_multiplier=None if self.controller is not None else self.optimizer.plan_step().noise_multiplier,
         )
 
@@ -346,6 +368,7 @@ class PrivateLMTrainer:
             **ranks[0],
             "history": list(self.history),
             "eval_perplexity_before": self.eval_perplexity_before,
+            "completions_before": self.completions_before,
             "config": self.config.to_dict(),
         }
 
@@ -392,6 +415,7 @@ class PrivateLMTrainer:
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.eval_perplexity_before = state["eval_perplexity_before"]
+        self.completions_before = state.get("completions_before")
 
 
 def _plain_mechanism(controller, cfg: FinetuneConfig) -> bool:

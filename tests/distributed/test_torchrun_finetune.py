@@ -16,7 +16,7 @@ def test_finetune_under_torchrun_two_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = ["torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "dptrain.cli", "finetune",
+    cmd = ["torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "dptrain.cli", "finetune", "--model", "tiny",
            "--max-steps", "3", "--pretrain-steps", "2", "--output-dir", str(out), "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)

@@ -100,7 +100,7 @@ def test_ctrl_c_before_training_says_nothing_can_be_resumed(tmp_path, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "pretrain_public", interrupted)
-    assert main(["finetune", "--output-dir", str(tmp_path / "out"), "--json"]) == 130
+    assert main(["finetune", "--model", "tiny", "--output-dir", str(tmp_path / "out"), "--json"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == ("dptrain finetune: interrupted before DP training started: nothing to resume; run the command "
                    "again (with --overwrite if the output folder was created)")

@@ -8,7 +8,8 @@ from dptrain.cli import main
 
 def test_default_report_has_no_training_loss(tmp_path):
     out = tmp_path / "run"
-    assert main(["finetune", "--max-steps", "2", "--pretrain-steps", "1", "--output-dir", str(out), "--json"]) == 0
+    assert main(["finetune", "--model", "tiny", "--max-steps", "2", "--pretrain-steps", "1", "--output-dir", str(out),
+                 "--json"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["history"] and all("train_loss" not in h and "batch_size" not in h for h in report["history"])
     assert all("dp_train_loss" in h for h in report["history"])  # released with noise, accounted
