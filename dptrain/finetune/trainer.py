@@ -7,7 +7,7 @@ inner optimizer and the accountant only when the logical batch ends. An empty Po
 forward/backward but still steps (noise only): that is what the privacy analysis assumes.
 
 Released along the way (``history``): epsilon per step, the DP-noised mean training loss (``dp_train_loss``: part
-of each step's accounted mechanism, see ``_release_train_loss``) and, every ``eval_every`` steps, the held-out
+of each step's accounted mechanism, ``dptrain.loss_release``) and, every ``eval_every`` steps, the held-out
 perplexity (no noise: NOT private). Ctrl-C (or SIGTERM) stops at the end of the current step, writes the SECRET
 checkpoint and raises ``TrainingInterrupted``; ``--resume`` continues from there exactly.
 """
@@ -34,6 +34,7 @@ from dptrain.finetune.config import FinetuneConfig, default_delta
 from dptrain.finetune.loss import PadCollator, TokenizedTexts, per_sample_lm_loss, perplexity
 from dptrain.finetune.optimizers import build_optimizer
 from dptrain.finetune.report import privacy_report
+from dptrain.loss_release import LOSS_BOUND, LossRelease
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ __all__ = ["PrivateLMTrainer", "FinetuneResult", "TrainingInterrupted", "default
 
 # a checkpoint keeps the whole model below this size, else only the trainable parameters + a checksum
 _FULL_STATE_LIMIT = 50_000_000
-LOSS_BOUND = 10.0  # nats: per-sample losses are clipped to [0, LOSS_BOUND] before any noisy release
-LOSS_RELEASE_FACTOR = 4.0  # the loss release's noise multiplier, in multiples of the step's
 EVAL_POINTS = 8  # held-out perplexities per run for the plot when eval_every is not given
 
 
@@ -156,42 +155,16 @@ class PrivateLMTrainer:
             raise ValueError(f"this dptrain build cannot run the requested setting: {err}") from None
         self.net, self.optimizer, self.loader = private  # self.net: the module to call (DDP-wrapped under torchrun)
         self.sample_rate = sample_rate
-        self.loss_noise_multiplier: Optional[float] = None
-        self._clipped_loss_sum, self._released_loss = 0.0, None
+        self.loss_release: Optional[LossRelease] = None  # the DP-noised training loss, accounted with each step
         if cfg.dp_train_loss and _plain_mechanism(self.controller, cfg) and self.optimizer.noise_multiplier > 0:
-            self._release_train_loss()
+            self.loss_release = LossRelease(self.optimizer)
         logger.info("DP fine-tuning: N=%d, q=%.4g, %d steps, sigma=%.4g, target eps=%g at delta=%.3g",
                     n, sample_rate, total, self.optimizer.noise_multiplier, cfg.target_epsilon, self.delta)
 
-    def _release_train_loss(self) -> None:
-        """Release each step's mean training loss with Gaussian noise, accounted with that step's gradient.
-
-        The per-sample losses of the batch, clipped to [0, LOSS_BOUND], are summed (sensitivity LOSS_BOUND),
-        noised with std z_l * LOSS_BOUND (z_l = 4 z, from the optimizer's secret noise source) and divided by the
-        expected batch size. Gradient and loss are two Gaussian releases of the SAME Poisson batch, i.e. one
-        subsampled Gaussian of multiplier (z_g^-2 + z_l^-2)^-1/2 (``StepMechanism.with_release``); the gradient's
-        multiplier is raised to z_g = (z^-2 - z_l^-2)^-1/2 (~3%) so that this is the calibrated z: the ledger,
-        and so epsilon, are those of the run without the release."""
-        opt = self.optimizer
-        z = opt.noise_multiplier
-        self.loss_noise_multiplier = LOSS_RELEASE_FACTOR * z
-        opt.noise_multiplier = (z**-2 - self.loss_noise_multiplier**-2) ** -0.5
-        opt.mechanism_hooks.append(lambda optimizer, mechanism: mechanism.with_release(self.loss_noise_multiplier))
-        opt.step_callbacks.append(self._publish_train_loss)
-
-    def _publish_train_loss(self, optimizer, mechanism) -> None:
-        world = distributed.rank_and_world()[1]
-        std = self.loss_noise_multiplier * LOSS_BOUND / world**0.5  # this rank's share of the noise on the sum
-        total = optimizer.release_noise(1, std) + self._clipped_loss_sum  # (1,) float64
-        if world > 1:
-            (total,) = distributed.all_reduce_sum([total.to(self.device)])
-        self._released_loss = float(total) / optimizer.expected_batch_size
-        self._clipped_loss_sum = 0.0
-
     def _dp_train_loss(self) -> Optional[float]:
         """This step's DP-noised mean loss: ours, or the one a controller released this step (noisy, accounted)."""
-        if self.loss_noise_multiplier is not None:
-            return self._released_loss
+        if self.loss_release is not None:
+            return self.loss_release.released
         c = self.controller
         if getattr(c, "loss_bound", None) is not None and getattr(c, "validation_loss", None) is None:
             last = (getattr(c, "history", None) or [{}])[-1]
@@ -250,7 +223,9 @@ class PrivateLMTrainer:
             sample_rate=self.sample_rate, expected_batch_size=float(self.optimizer.expected_batch_size),
             dataset_size=len(self.train_set), eval_perplexity_before=self.eval_perplexity_before,
             eval_perplexity=after, history=list(self.history), finished=finished, model=self.model,
-            privacy=privacy_report(self.engine.trust_model(), cfg, self.loss_noise_multiplier), completions=completions,
+            privacy=privacy_report(self.engine.trust_model(), cfg,
+                                   None if self.loss_release is None else self.loss_release.noise_multiplier),
+            completions=completions,
             step_noise_multiplier=None if self.controller is not None else self.optimizer.plan_step().noise_multiplier,
         )
 
@@ -274,7 +249,8 @@ class PrivateLMTrainer:
                         losses.mean().backward()
                         if getattr(self.controller, "loss_bound", None) is not None:
                             self.controller.observe_losses(losses)  # released with noise and accounted
-                        self._clipped_loss_sum += float(losses.detach().clamp(0, LOSS_BOUND).sum())
+                        if self.loss_release is not None:
+                            self.loss_release.add(losses)
                         loss_sum += float(losses.detach().sum())
                         rows_seen += rows
                     before = self.optimizer.steps_taken

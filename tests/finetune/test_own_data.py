@@ -10,7 +10,7 @@ import pytest
 
 from dptrain.cli import main
 from dptrain.finetune import FinetuneConfig, default_delta, finetune
-from dptrain.finetune.trainer import LOSS_BOUND, LOSS_RELEASE_FACTOR
+from dptrain.loss_release import LOSS_BOUND, LOSS_RELEASE_FACTOR
 from dptrain.noise import GaussianNoise
 from tests.finetune.helpers import tiny_model_and_tokenizer, write_jsonl
 
