@@ -59,13 +59,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is not None and name != only:
             sub.add_parser(name)
             continue
-        try:
-            module = importlib.import_module(f"dptrain.cli.{module_name}")
-        except ModuleNotFoundError as err:  # a command whose module is not written yet
-            if err.name != f"dptrain.cli.{module_name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"dptrain.cli.{module_name}").add_parser(sub)
     return parser
 
 
