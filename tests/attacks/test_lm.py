@@ -1,6 +1,5 @@
 """LM scores on a tiny GPT-2 built from config: padded batches match unpadded one-at-a-time hand computation."""
 
-import sys
 import zlib
 
 import numpy as np
@@ -19,19 +18,9 @@ def _one_thread(one_torch_thread):
 
 @pytest.fixture(scope="module")
 def tiny_gpt2():
-    # pytest puts the repo root on sys.path, where this repo's kernels/ folder would pass for the Hugging Face
-    # `kernels` package that transformers probes for; hide it while transformers loads the model classes.
-    hidden = "kernels" not in sys.modules
-    if hidden:
-        sys.modules["kernels"] = None  # find_spec("kernels") -> None: "not installed"
-    try:
-        torch.manual_seed(0)
-        config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
-        model = transformers.GPT2LMHeadModel(config).eval()
-    finally:
-        if hidden:
-            del sys.modules["kernels"]
-    return model
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    return transformers.GPT2LMHeadModel(config).eval()
 
 
 @pytest.fixture(scope="module")
