@@ -97,6 +97,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dptrain.finetune.modeling import torch_layers_only
+
     folder, name = str(gguf_file.parent), gguf_file.name
     kwargs = {}
     try:  # transformers >= 5: ask for plain dense layers even where GGUF matmul kernels are installed
@@ -107,7 +109,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
         pass
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, **kwargs,
+                                                     **torch_layers_only())
     except ImportError as err:
         raise ImportError(f"reading {name} needs the gguf package: {INSTALL_HINT} ({str(err).splitlines()[0]})") \
             from None

@@ -65,7 +65,8 @@ def load_pretrained(name_or_path: str, *, cache_dir=None):
     local = _resolve_model_source(str(name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=local,
+                                                     **torch_layers_only())
     except OSError as err:  # not found locally nor on the hub
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -76,6 +77,14 @@ def load_pretrained(name_or_path: str, *, cache_dir=None):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def torch_layers_only() -> dict:
+    """``from_pretrained`` keyword that keeps every layer's torch forward: transformers >= 5.25 replaces layers with
+    hub kernels by default when the ``kernels`` package is installed, and those bypass the per-sample rules."""
+    from transformers import PreTrainedModel
+
+    return {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
 
 
 _NO_MODEL_HINT = ("pass a local folder (save_pretrained) or a .gguf file, or --model smollm2-135m / --model tiny for the "

@@ -25,7 +25,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from dptrain.grad_sample.registry import UnsupportedModuleError
 
-__all__ = ["is_guarded", "check_mixing", "buffer_state", "check_buffers"]
+__all__ = ["is_guarded", "check_mixing", "check_hub_kernels", "buffer_state", "check_buffers"]
 
 _FIX = "replace it with GroupNorm or LayerNorm, or call .eval() on it (frozen running statistics) and keep it in eval mode"
 
@@ -81,6 +81,17 @@ def check_mixing(name: str, module: nn.Module) -> None:
             fix = _FIX
         raise UnsupportedModuleError(
             f"module '{name}' ({type(module).__name__}): {reason}, which differential privacy does not cover; {fix}"
+        )
+
+
+def check_hub_kernels(model: nn.Module) -> None:
+    """Refuse a Hugging Face model whose layers ``kernelize`` replaced with hub kernels (``use_kernels``): their
+    forward passes bypass the per-sample rules (a kernelized RMSNorm's weight got an ordinary gradient)."""
+    if getattr(model, "use_kernels", False) is True:
+        raise UnsupportedModuleError(
+            f"{type(model).__name__} runs Hugging Face hub kernels (use_kernels=True: from_pretrained's default from "
+            "transformers 5.25 when the kernels package is installed), whose layers bypass dptrain's per-sample "
+            "rules; load it with from_pretrained(..., use_kernels=False) or call model.set_use_kernels(False)"
         )
 
 

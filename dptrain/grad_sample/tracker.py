@@ -141,6 +141,7 @@ class GradSampleTracker:
     # ------------------------------------------------------------------ set-up
     def _attach_rules(self) -> None:
         root = self.model.module if isinstance(self.model, FSDPView) else self.model  # the module users call
+        guards.check_hub_kernels(root)
         self._all_modules = [(name or type(m).__name__, m) for name, m in self.model.named_modules()]
         for name, module in self._all_modules:  # sample-mixing modules, trainable parameters or not
             if guards.is_guarded(module):

@@ -2,6 +2,7 @@
 whose gradient could be lost. Each is tried against make_private and must be refused with an error naming the
 module or parameter, or give exactly the batch-size-1 oracle's clipped sum."""
 
+import os
 import socket
 import warnings
 
@@ -416,3 +417,28 @@ def test_a_parameter_written_in_place_by_a_training_forward_is_refused_by_name()
                                          r"training forward pass"):
         model(tokens)
     assert not torch.equal(model.table, before)  # the check runs after the forward: the oracle that it wrote
+
+
+def test_a_model_running_hugging_face_hub_kernels_is_refused(monkeypatch):
+    """transformers >= 5.25 kernelizes from_pretrained models by default when the `kernels` package is installed;
+    a kernelized RMSNorm's weight then got an ordinary gradient (full fine-tuning of a GGUF Llama failed in a fresh
+    venv). The engine refuses a kernelized model by name, and dptrain's loaders ask for the torch layers."""
+    transformers = pytest.importorskip("transformers")
+    from dptrain.finetune import modeling
+
+    case = CASES["llama"]()
+    case.model._use_kernels = True  # what set_use_kernels(True) records (the kernels package is not needed here)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM runs Hugging Face hub kernels \(use_kernels=True.*"
+                                         r"from_pretrained\(\.\.\., use_kernels=False\)"):
+        GradSampleTracker(case.model, clipping="flat", max_grad_norm=1.0)
+    seen = {}
+
+    def fake_from_pretrained(name, **kwargs):
+        seen.update(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        modeling.load_pretrained(os.path.dirname(__file__))  # a local folder: the fake loader stops there
+    assert seen.get("use_kernels") is False or not hasattr(transformers.PreTrainedModel, "set_use_kernels")
