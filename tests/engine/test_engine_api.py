@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dptrain
 from dptrain.grad_sample.tracker import GradSampleTracker
-from tests.helpers.models import CASES
 from tests.helpers.oracle import clipped_sum, per_sample_grads, relative_error
 
 
@@ -170,21 +169,6 @@ def test_resume_reproduces_the_uninterrupted_run():
     assert eps_resumed == pytest.approx(eps_full, rel=1e-9)
     for k in full["model"]:
         assert torch.allclose(full["model"][k], resumed["model"][k], atol=1e-6)
-
-
-def test_bf16_autocast_matches_fp32_oracle_loosely():
-    case = CASES["tiny_lm"]()
-    oracle = per_sample_grads(case.model, lambda m, i: case.per_sample_loss(m, case.sample(i)).sum(), case.batch_size)
-    tracker = GradSampleTracker(case.model, clipping="flat", max_grad_norm=0.05)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = case.per_sample_loss(case.model, case.inputs)
-    losses.float().mean().backward()
-    tracker.flush()
-    names = {p: n for n, p in case.model.named_parameters()}
-    expected = clipped_sum(oracle, [[names[p] for p in tracker.groups[0].params]], [0.05])
-    for p, s in tracker.clipped_sum.items():
-        assert s.dtype == torch.float32
-        assert relative_error(s, expected[names[p]]) < 0.05
 
 
 def test_target_epsilon_calibrates_sigma_and_the_ledger_stays_under_it():
