@@ -4,8 +4,10 @@
     python benchmarks/engine_speed.py --quick    # fewer steps
 
 Each (model, method) runs in its own subprocess so peak memory (VmHWM, reset after set-up) is its own; the
-processes of one model are alive together and take turns step by step, so that the slow and quick phases of a
-shared machine hit every method alike (ratios are taken turn by turn).
+processes of one model are alive together and take turns, so that the slow and quick phases of a shared machine
+hit every method alike (ratios are taken turn by turn). In its turn a method runs one untimed step and then
+``TIMED_PER_TURN`` timed steps back to back, as a training loop runs them: no pause in which dptrain's idle-class
+noise prefetch could draw the next step's noise for free.
 Models: a 4-layer GPT-2 (d=256, vocab 8192, batch 8, length 128) with tied embeddings (stock HF) and the
 same model untied with explicit per-sample position ids (the variant Opacus can run), and a 4-layer
 Llama-style model with LoRA adapters (r=8 on q_proj/v_proj). The loss is the per-sample mean over tokens,
@@ -107,16 +109,17 @@ def worker(model_name: str, method: str) -> None:
     for command in sys.stdin:  # one turn per line, until "end"
         if command.strip() == "end":
             break
-        step()  # untimed: the timed step follows a step of its own model, as in training
-        start = time.perf_counter()
-        step()
-        elapsed = time.perf_counter() - start
-        time.sleep(SETTLE_S)  # background work (dptrain's noise prefetch) ends before another process's turn
-        _reply({"step_s": elapsed})
+        step()  # untimed: the timed steps follow a step of their own model, as in training
+        elapsed = []
+        for _ in range(TIMED_PER_TURN):  # back to back, no pause between steps
+            start = time.perf_counter()
+            step()
+            elapsed.append(time.perf_counter() - start)
+        _reply({"step_s": statistics.median(elapsed)})
     _reply({"peak_mb": _rss_peak_mb()})
 
 
-SETTLE_S = 0.15  # idle time after every timed step, the same for every method
+TIMED_PER_TURN = 3  # timed steps per turn, back to back; the turn's median is its time
 _TAG = "@@ "  # protocol lines on stdout (libraries may print there too)
 
 
@@ -153,8 +156,8 @@ class _Worker:
 
 
 def _run_interleaved(model_name: str, methods: list, turns: int) -> dict:
-    """All methods of one model alive at once; each turn every method, in rotating order, runs an untimed and a
-    timed step, so that a slow phase of a shared machine hits every method alike. Returns per method the timed
+    """All methods of one model alive at once; each turn every method, in rotating order, runs an untimed step and
+    ``TIMED_PER_TURN`` timed ones back to back, so that a slow phase of a shared machine hits every method alike. Returns per method the timed
     steps (or the error) and the peak RSS."""
     workers = {m: _Worker(model_name, m) for m in methods}
     for w in workers.values():
@@ -226,8 +229,9 @@ def main() -> None:
     body = (
         f"Batch {BATCH}, length {LENGTH}, vocab {VOCAB}, AdamW, sigma=1, C=1, 2 threads. Every (model, method) runs "
         f"in its own process (so peak memory is its own), all methods of a model alive at once and stepping in "
-        f"turns: each turn, in rotating order, every method runs one untimed and one timed step, then idles "
-        f"{SETTLE_S * 1000:.0f} ms; the others wait blocked. {rounds} set(s) of fresh processes x {steps} turns. "
+        f"turns: each turn, in rotating order, every method runs one untimed step and then {TIMED_PER_TURN} timed "
+        f"steps back to back (no pause: a training loop's rhythm), the turn's time being their median; the others "
+        f"wait blocked. {rounds} set(s) of fresh processes x {steps} turns. "
         "Columns: the median timed step (and the range of the per-set medians), the median over turns of the ratio "
         "to the same turn's non-DP step (a slow phase of the shared machine hits both), and the largest peak RSS "
         "(VmHWM during the timed turns).\n\n"
