@@ -241,7 +241,7 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from _results import write_section
 
-    command = "python benchmarks/engine_speed.py" + (" --quick" if args.quick else "")
+    command = " ".join(["python benchmarks/engine_speed.py", *sys.argv[1:]])
     write_section("engine_speed", body, command=command)
 
 
