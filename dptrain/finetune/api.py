@@ -16,7 +16,7 @@ import random
 import time
 from importlib import import_module
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -186,22 +186,13 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
                            seed=cfg.seed)
     if controller is None and cfg.controller:
         controller = resolve_controller(cfg.controller, seed=cfg.seed)
-    prompts = None
-    if cfg.completions and not own_data:  # public prompts from the bundled records' generator
-        from dptrain.finetune.completions import completion_prompts
-
-        prompts = completion_prompts(cfg.completions, seed=cfg.seed)
     trainer = PrivateLMTrainer(model, tokenizer, train_texts, eval_texts, cfg, controller=controller,
-                               completion_prompts=prompts)
+                               completion_prompts=_completion_prompts(cfg, own_data))
     if state is not None:
         trainer.load_state_dict(state)
         logger.info("resumed from %s at step %d", checkpoint, trainer.step)
-    if out is not None:  # the secrets, apart from the release (folder 0700, files 0600), once the run is set up
-        private_dir(out)
-        if canaries is not None and not cfg.resume:
-            save_audit_secret(out, canaries)
-        if membership is not None:
-            save_membership(out, *membership, seed=cfg.seed)
+    if out is not None:  # the secrets, apart from the release, once the run is set up
+        _save_secrets(out, cfg, canaries, membership)
     result = trainer.train(checkpoint_path=checkpoint)
     if cfg.output_dir is not None:
         result.secret_files = [CHECKPOINT_FILE] + ([AUDIT_SECRET_FILE] if canaries is not None else []) + (
@@ -209,6 +200,24 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
     if out is not None:
         _write_outputs(out, cfg, trainer, result, time.perf_counter() - started)
     return result
+
+
+def _completion_prompts(cfg: FinetuneConfig, own_data: bool) -> Optional[List[str]]:
+    """Public prompts for the before/after completions: from the bundled records' generator, never own data."""
+    if not cfg.completions or own_data:
+        return None
+    from dptrain.finetune.completions import completion_prompts
+
+    return completion_prompts(cfg.completions, seed=cfg.seed)
+
+
+def _save_secrets(out: Path, cfg: FinetuneConfig, canaries, membership) -> None:
+    """The SECRET files under ``out/private/`` (folder 0700, files 0600): audit secret, member lists."""
+    private_dir(out)
+    if canaries is not None and not cfg.resume:
+        save_audit_secret(out, canaries)
+    if membership is not None:
+        save_membership(out, *membership, seed=cfg.seed)
 
 
 def _write_outputs(out: Path, cfg: FinetuneConfig, trainer: PrivateLMTrainer, result: FinetuneResult,
