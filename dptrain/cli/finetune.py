@@ -51,9 +51,8 @@ def _optional_int(text: str):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from dptrain.finetune.config import ACCOUNTANTS, CLIPPING_MODES, FinetuneConfig
-
-    from dptrain.finetune.models import MODEL_NAMES, SMOLLM2
+    from dptrain.finetune.config import FinetuneConfig
+    from dptrain.finetune.models import SMOLLM2
     from dptrain.finetune.presets import PRESETS
 
     d = FinetuneConfig()
@@ -61,10 +60,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     def per_model(name, fmt=str):
         return f"(per model: {fmt(s[name])} for {SMOLLM2}, {fmt(getattr(d, name))} otherwise)"
+
     p = subparsers.add_parser(
-        "finetune", help="DP fine-tuning of a causal LM (runs an offline demo with no arguments)",
+        "finetune", help="DP fine-tuning of a causal LM (no arguments: the SmolLM2-135M main job, offline)",
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _model_and_data_arguments(p, d, per_model)
+    _training_arguments(p, d, per_model)
+    _output_arguments(p, d, per_model)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object (no progress bar)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _model_and_data_arguments(p, d, per_model) -> None:
+    from dptrain.finetune.models import MODEL_NAMES, SMOLLM2
+
     p.add_argument("--model", default=SMOLLM2, help=f"{' or '.join(MODEL_NAMES)}, a .gguf file, a folder or a hub "
                    f"name (default {SMOLLM2})")
     p.add_argument("--data", default=None, help=".jsonl, .csv/.tsv, .txt (one record per line) or a folder of .txt "
@@ -78,6 +89,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha " + per_model("lora_alpha", "{:g}".format))
     p.add_argument("--lora-targets", nargs="+", default=None,
                    help="LoRA target modules " + per_model("lora_targets", lambda v: " ".join(v) if v else "detected"))
+
+
+def _training_arguments(p, d, per_model) -> None:
+    from dptrain.finetune.config import ACCOUNTANTS, CLIPPING_MODES
+
     p.add_argument("--target-epsilon", type=float, default=d.target_epsilon, help="privacy budget epsilon (default 3)")
     p.add_argument("--delta", type=float, default=None, help="delta (default min(1e-5, 1/N^1.1), as dptrain budget)")
     p.add_argument("--epochs", type=float, default=None, help="epochs " + per_model("epochs", "{:g}".format))
@@ -103,6 +119,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--completions", type=int, default=None, metavar="K",
                    help="greedy completions of K public prompts before and after training, in report.json (bundled "
                         "records only) " + per_model("completions"))
+
+
+def _output_arguments(p, d, per_model) -> None:
+    from dptrain.finetune.models import SMOLLM2
+    from dptrain.finetune.presets import PRESETS
+
     p.add_argument("--output-dir", default="dptrain-finetune-output", help="where outputs go")
     p.add_argument("--overwrite", action="store_true", help="write over a non-empty --output-dir")
     p.add_argument("--resume", action="store_true", help="continue from --output-dir/private/checkpoint.pt")
@@ -119,7 +141,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="skip the held-out perplexity (computed without noise from private records: not private)")
     p.add_argument("--eval-every", type=int, default=None, metavar="K",
                    help="held-out perplexity every K steps for training.png (0: before and after only; per model: "
-                        f"{s['eval_every']} for {SMOLLM2}, 8 points per run otherwise)")
+                        f"{PRESETS[SMOLLM2]['eval_every']} for {SMOLLM2}, 8 points per run otherwise)")
     p.add_argument("--no-dp-train-loss", dest="dp_train_loss", action="store_false",
                    help="do not release the DP-noised training loss (it is accounted in epsilon; releasing it costs "
                         "~3%% more gradient noise)")
@@ -129,9 +151,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="one-run audit: add M random canaries, each trained on once with probability 1/2 (secret "
                         "entropy); --output-dir/private/audit_secret.json keeps them as the AUDITOR'S SECRET for "
                         "'dptrain audit --model' (default 0: off)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object (no progress bar)")
-    p.set_defaults(func=run)
-    return p
 
 
 # settings whose default depends on the model (dptrain.finetune.presets): None on the command line = not given

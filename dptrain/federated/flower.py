@@ -227,22 +227,30 @@ def run_flower(run_config: Mapping, *, node_configs: Optional[Sequence[Mapping]]
             start(f"supernode{k}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                                     "--port", str(_free_port()), "--node-config", str(node_file.resolve())])
         runner = start("flwr-run", ["flwr", "run", str(app.resolve()), "dptrain-local", "--stream"])
-        deadline = time.time() + timeout
-        while runner.poll() is None and not (out / "result.json").exists():
-            if time.time() > deadline:
-                raise TimeoutError(f"the Flower run did not finish in {timeout:.0f} s; logs in {logs}")
-            for name, p in zip(["superlink"] + [f"supernode{k}" for k in range(num_clients)], procs):
-                if p.poll() is not None:
-                    raise RuntimeError(f"Flower's {name} exited early (status {p.returncode}); logs in {logs}\n"
-                                       f"{_tail(logs / f'{name}.log')}")
-            time.sleep(1)
-        if not (out / "result.json").exists():
-            raise RuntimeError(f"the Flower run ended without a result; logs in {logs}\n{_tail(logs / 'flwr-run.log')}")
+        servers = dict(zip(["superlink"] + [f"supernode{k}" for k in range(num_clients)], procs))
+        _wait_for_result(runner, servers, out / "result.json", logs, timeout)
     finally:
         _stop(procs)
     summary = json.loads((out / "result.json").read_text())
     factors = torch.load(out / "factors.pt", map_location="cpu", weights_only=True)
     return FederatedResult(factors, summary["history"], summary["epsilons"], summary["deltas"])
+
+
+def _wait_for_result(runner: subprocess.Popen, servers: Mapping[str, subprocess.Popen], result: Path, logs: Path,
+                     timeout: float) -> None:
+    """Until ``flwr run`` writes ``result``; raises, naming the process and its log, if a server exits early, the
+    run ends without a result, or ``timeout`` seconds pass."""
+    deadline = time.time() + timeout
+    while runner.poll() is None and not result.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"the Flower run did not finish in {timeout:.0f} s; logs in {logs}")
+        for name, p in servers.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"Flower's {name} exited early (status {p.returncode}); logs in {logs}\n"
+                                   f"{_tail(logs / f'{name}.log')}")
+        time.sleep(1)
+    if not result.exists():
+        raise RuntimeError(f"the Flower run ended without a result; logs in {logs}\n{_tail(logs / 'flwr-run.log')}")
 
 
 def _path() -> str:
