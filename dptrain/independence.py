@@ -171,27 +171,24 @@ def _one(p: torch.Tensor) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=p.device)
 
 
+def _map(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (tuples, lists and mappings rebuilt)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {k: _map(v, fn) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map(v, fn) for v in value)
+    return value
+
+
 def _rows(value: Any, rows: tuple, batch: int) -> Any:
     """``value`` with every tensor whose first dimension is the batch cut to the samples ``rows``."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() > 0 and value.shape[0] == batch:
-            return value[torch.tensor(rows, device=value.device)]
-        return value
-    if isinstance(value, Mapping):
-        return {k: _rows(v, rows, batch) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_rows(v, rows, batch) for v in value)
-    return value
+    return _map(value, lambda t: t[torch.tensor(rows, device=t.device)] if t.dim() > 0 and t.shape[0] == batch else t)
 
 
 def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, Mapping):
-        return {k: _detach(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detach(v) for v in value)
-    return value
+    return _map(value, torch.Tensor.detach)
 
 
 def _compare(in_batch: torch.Tensor, alone: torch.Tensor, i: int, where: int) -> None:
@@ -210,13 +207,7 @@ def _compare(in_batch: torch.Tensor, alone: torch.Tensor, i: int, where: int) ->
 
 def _slice(value: Any, i: int, batch: int) -> Any:
     """``value`` with every tensor whose first dimension is the batch cut to sample ``i`` (kept 1 long)."""
-    if isinstance(value, torch.Tensor):
-        return value[i:i + 1] if value.dim() > 0 and value.shape[0] == batch else value
-    if isinstance(value, Mapping):
-        return {k: _slice(v, i, batch) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_slice(v, i, batch) for v in value)
-    return value
+    return _map(value, lambda t: t[i:i + 1] if t.dim() > 0 and t.shape[0] == batch else t)
 
 
 def _tensors(value: Any) -> List[torch.Tensor]:

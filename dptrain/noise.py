@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["GaussianNoise", "entropy_seed", "secret_generator", "reseed_from_entropy"]
+__all__ = ["GaussianNoise", "secret_generator", "reseed_from_entropy"]
 
 _POOL: Optional[ThreadPoolExecutor] = None
 
@@ -48,12 +48,6 @@ def _pool() -> ThreadPoolExecutor:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=GaussianNoise.STREAMS, thread_name_prefix="dptrain-noise")
     return _POOL
-
-
-def entropy_seed() -> int:
-    """A 63-bit integer from the operating system's entropy source (NOT enough to seed a CPU generator: its
-    ``manual_seed`` keeps 32 bits; use ``secret_generator``)."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 _MT_WORDS = 624  # mt19937's state: 624 32-bit words

@@ -120,8 +120,7 @@ class PrivateLMTrainer:
         cfg = self.config
         n = len(self.train_set)
         sample_rate = cfg.batch_size / n
-        steps_per_epoch = sampling.steps_per_epoch(n, cfg.batch_size)
-        total = math.ceil(cfg.epochs * steps_per_epoch)
+        total = math.ceil(cfg.epochs * sampling.steps_per_epoch(n, cfg.batch_size))
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
         self.total_steps = total
@@ -142,11 +141,10 @@ class PrivateLMTrainer:
             else None
         self.engine = dptrain.PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.secure_mode)
         seed = cfg.insecure_seed  # NOT PRIVATE when given: the noise and the batches can be regenerated from it
-        # epochs chosen so that the engine calibrates the noise for exactly `total` steps: ceil(total - 0.5)
         try:
             private = self.engine.make_private(
                 module=net, optimizer=inner, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
-                target_epsilon=cfg.target_epsilon, target_delta=self.delta, epochs=(total - 0.5) / steps_per_epoch,
+                target_epsilon=cfg.target_epsilon, target_delta=self.delta, steps=total,
                 clipping=cfg.clipping, poisson_sampling=True, max_physical_batch_size=physical, loss_reduction="mean",
                 error_feedback=cfg.error_feedback, controller=self.controller,
                 insecure_noise_seed=seed, insecure_sampler_seed=None if seed is None else seed + 1,

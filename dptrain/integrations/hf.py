@@ -85,8 +85,8 @@ class DPTrainer(Trainer):
         self.target_delta = target_delta if target_delta is not None else default_delta(n)  # min(1e-5, 1/N^1.1)
         self._dp_loader = None
         self.loss_release: Optional[LossRelease] = None  # set with the private optimizer when there is noise
-        self._dp_losses: list = []  # released losses of the steps since the last log
-        self._all_dp_losses: list = []
+        self._dp_losses: list = []  # the released loss of every step
+        self._logged = 0  # how many of them the last logged loss covered
 
     def _check_args(self) -> None:
         if self.args.gradient_accumulation_steps != 1:
@@ -102,7 +102,7 @@ class DPTrainer(Trainer):
         self._check_args()
         output = super().train(None, *args, **kwargs)
         if self.loss_release is not None:  # the Trainer's own average is of training_step's zeros
-            output = output._replace(training_loss=_mean(self._all_dp_losses))
+            output = output._replace(training_loss=_mean(self._dp_losses))
         return output
 
     # ------------------------------------------------------------------ private loader + optimizer
@@ -139,7 +139,6 @@ class DPTrainer(Trainer):
 
     def _record_dp_loss(self, optimizer, mechanism) -> None:
         self._dp_losses.append(self.loss_release.released)
-        self._all_dp_losses.append(self.loss_release.released)
 
     # ------------------------------------------------------------------ loss and step
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -184,9 +183,9 @@ class DPTrainer(Trainer):
             logs = {**logs, "epsilon": self.get_epsilon(), "delta": self.target_delta}
         if self.loss_release is not None:
             if "loss" in logs:
-                logs["loss"], self._dp_losses = _mean(self._dp_losses), []
+                logs["loss"], self._logged = _mean(self._dp_losses[self._logged:]), len(self._dp_losses)
             if "train_loss" in logs:
-                logs = {**logs, "train_loss": _mean(self._all_dp_losses)}
+                logs = {**logs, "train_loss": _mean(self._dp_losses)}
         return super().log(logs, *args, **kwargs)
 
 
