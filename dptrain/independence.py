@@ -160,7 +160,7 @@ def _compare_gradients(tracker, in_batch: dict, norms: dict, alone: dict, j: int
         tol = max(1e-3, 16 * torch.finfo(p.dtype).eps if p.is_floating_point() else 0.0) * scale + 1e-12
         if gap > tol or abs(norm - own) > tol:
             raise UnsupportedModuleError(
-                f"per-sample gradients are mixed across the batch: for parameter {tracker._name(p)}, sample {i}'s "
+                f"per-sample gradients are mixed across the batch: for parameter {tracker.parameter_name(p)}, sample {i}'s "
                 f"gradient computed in a batch (norm {norm:.4g}) differs from its gradient alone (norm {own:.4g}) "
                 f"by {gap:.3g} (tolerance {tol:.3g}), so clipping would not bound one record's influence; keep dim 0 "
                 "of every layer's tensors the sample (no sequence-first (T, B, ...) layout inside the model)"

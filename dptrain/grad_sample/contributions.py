@@ -156,14 +156,15 @@ def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch
 DENSE_PASS_COST = 8
 
 
-def densify_gain(uses: Sequence[Contribution], numel: int) -> float:
-    """Multiply-adds per sample saved by densifying ``uses`` (<= 0: keep them factored)."""
+def densify_gain(uses: Sequence[Contribution], numel: int, pass_cost: float = DENSE_PASS_COST) -> float:
+    """Multiply-adds per sample saved by densifying ``uses`` (<= 0: keep them factored); ``pass_cost``: see
+    ``DENSE_PASS_COST``."""
     saved = 0.0
     for c in uses:
         if isinstance(c, Factored) and not c.is_index:
             t, rows, cols = c.left.shape[1], c.rows, c.right.shape[2]
             saved += min(t * t * (rows + cols), t * rows * cols)  # the factored norm (ghost or instantiate)
-    return saved - DENSE_PASS_COST * numel if saved else 0.0
+    return saved - pass_cost * numel if saved else 0.0
 
 
 def densify(uses: Sequence[Contribution], out: torch.Tensor) -> Instantiated:

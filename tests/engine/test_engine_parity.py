@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dptrain.grad_sample import contributions, tracker as tracker_module
+from dptrain.grad_sample.routes import RoutePlanner
 from dptrain.grad_sample.tracker import GradSampleTracker
 from tests.helpers.models import CASES
 from tests.helpers.oracle import clipped_sum, per_sample_grads, relative_error
@@ -15,27 +15,30 @@ def _median_norm(grads):
 
 
 @pytest.fixture(params=["factored", "densified", "chunked"])
-def dense_mode(request, monkeypatch):
+def dense_mode(request):
     """Each parity case: uses kept factored; every dense use densified (explicit gradients); and densified in
     batch chunks of 3 samples (the budget is set by the test, from the model's size)."""
-    if request.param == "factored":
-        monkeypatch.setattr(tracker_module, "DENSE_BUDGET_BYTES", 0)
-    else:
-        monkeypatch.setattr(contributions, "DENSE_PASS_COST", -1e9)
     return request.param
+
+
+def _planner(dense_mode: str, model) -> RoutePlanner:
+    if dense_mode == "factored":
+        return RoutePlanner(dense_budget_bytes=0)
+    if dense_mode == "chunked":
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return RoutePlanner(dense_budget_bytes=4 * 3 * numel, dense_pass_cost=-1e9)
+    return RoutePlanner(dense_pass_cost=-1e9)
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("case_name", list(CASES))
-def test_clipped_sum_matches_batch_size_one_oracle(case_name, clipping, reduction, dense_mode, monkeypatch):
+def test_clipped_sum_matches_batch_size_one_oracle(case_name, clipping, reduction, dense_mode):
     case = CASES[case_name]()
-    if dense_mode == "chunked":
-        numel = sum(p.numel() for p in case.model.parameters() if p.requires_grad)
-        monkeypatch.setattr(tracker_module, "DENSE_BUDGET_BYTES", 4 * 3 * numel)
     oracle = per_sample_grads(case.model, lambda m, i: case.per_sample_loss(m, case.sample(i)).sum(), case.batch_size)
     c = 0.7 * _median_norm(oracle)  # some samples clipped, some not
-    tracker = GradSampleTracker(case.model, clipping=clipping, max_grad_norm=c, loss_reduction=reduction)
+    tracker = GradSampleTracker(case.model, clipping=clipping, max_grad_norm=c, loss_reduction=reduction,
+                                planner=_planner(dense_mode, case.model))
     losses = case.per_sample_loss(case.model, case.inputs)  # (B,)
     (losses.mean() if reduction == "mean" else losses.sum()).backward()
     tracker.flush()
