@@ -15,7 +15,7 @@ _LAZY = {
     "PoissonBatchSampler": "dptrain.sampling",
     "GradSampleTracker": "dptrain.grad_sample.tracker",
     "NonFiniteGradientError": "dptrain.grad_sample.tracker",
-    "register_norm_sampler": "dptrain.grad_sample.registry",
+    "register_rule": "dptrain.grad_sample.registry",
     "UnsupportedModuleError": "dptrain.grad_sample.registry",
 }
 

@@ -9,21 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from dptrain.grad_sample.contributions import Factored, Instantiated
-from dptrain.grad_sample.registry import register_norm_sampler
+from dptrain.grad_sample.registry import register_rule
 from dptrain.grad_sample.rules_base import HookRule
 
 __all__ = ["ConvRule"]
 
 
-@register_norm_sampler(nn.Conv1d, nn.Conv2d)
+@register_rule(nn.Conv1d, nn.Conv2d)
 class ConvRule(HookRule):
     def supports(self, module):
-        return (
-            type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward)
-            and module.groups == 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        )
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
     def contributions(self, module, x, g):
         if x.dim() == 3:  # treat (B, C, L) as a (B, C, 1, L) image

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dptrain.grad_sample.contributions import Factored
-from dptrain.grad_sample.registry import register_norm_sampler
+from dptrain.grad_sample.registry import register_rule
 from dptrain.grad_sample.rules_base import FunctionRule
 
 __all__ = ["EmbeddingRule"]
@@ -31,15 +31,10 @@ class _TrackedEmbedding(torch.autograd.Function):
         return None, None, None, None
 
 
-@register_norm_sampler(nn.Embedding)
+@register_rule(nn.Embedding)
 class EmbeddingRule(FunctionRule):
     def supports(self, module):
-        return (
-            type(module).forward is nn.Embedding.forward
-            and module.max_norm is None
-            and not module.scale_grad_by_freq
-            and not module.sparse
-        )
+        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
 
     def dp_forward(self, module, tracker, ids):
         batch = tracker.batch_size

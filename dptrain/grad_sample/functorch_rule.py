@@ -78,7 +78,7 @@ class FunctorchRule(HookRule):
         except Exception as err:  # torch.func could not run this module per sample
             raise UnsupportedModuleError(
                 f"module '{self.name}' ({type(module).__name__}) has no per-sample rule and the torch.func "
-                f"fallback failed on it: {err}. Register a rule with dptrain.register_norm_sampler."
+                f"fallback failed on it: {err}. Register a rule with dptrain.register_rule."
             ) from err
         if not all(torch.allclose(o.float(), r.float(), rtol=1e-3, atol=1e-5) for o, r in zip(outputs, saved.recorded)):
             raise UnsupportedModuleError(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dptrain.grad_sample.contributions import Factored, Instantiated
-from dptrain.grad_sample.registry import own_forward, register_norm_sampler
+from dptrain.grad_sample.registry import register_rule
 from dptrain.grad_sample.rules_base import FunctionRule
 
 __all__ = ["LinearRule", "HFConv1DRule"]
@@ -70,17 +70,13 @@ class _LinearLike(FunctionRule):
         return out
 
 
-@register_norm_sampler(nn.Linear)
+@register_rule(nn.Linear)
 class LinearRule(_LinearLike):
-    def supports(self, module):
-        return type(module).forward is nn.Linear.forward  # subclasses with their own forward -> fallback
+    pass
 
 
-@register_norm_sampler("transformers.pytorch_utils.Conv1D")
+@register_rule("transformers.pytorch_utils.Conv1D")
 class HFConv1DRule(_LinearLike):
     """Hugging Face GPT-2 style ``Conv1D``: y = x W + b with W stored (d_in, d_out)."""
 
     weight_is_in_out = True
-
-    def supports(self, module):
-        return own_forward(module, "transformers.pytorch_utils.Conv1D")

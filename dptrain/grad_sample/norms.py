@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dptrain.grad_sample.contributions import Instantiated
-from dptrain.grad_sample.registry import own_forward, register_norm_sampler
+from dptrain.grad_sample.registry import register_rule
 from dptrain.grad_sample.rules_base import HookRule
 
 __all__ = ["LayerNormRule", "RMSNormRule", "HFRMSNormRule"]
@@ -30,11 +30,8 @@ def _norm_layer_contributions(module, x_hat: torch.Tensor, g: torch.Tensor, shap
     return out
 
 
-@register_norm_sampler(nn.LayerNorm)
+@register_rule(nn.LayerNorm)
 class LayerNormRule(HookRule):
-    def supports(self, module):
-        return type(module).forward is nn.LayerNorm.forward
-
     def contributions(self, module, x, g):
         x_hat = F.layer_norm(x.float(), module.normalized_shape, eps=module.eps)
         return _norm_layer_contributions(module, x_hat, g.float(), torch.Size(module.normalized_shape))
@@ -42,11 +39,8 @@ class LayerNormRule(HookRule):
 
 if hasattr(nn, "RMSNorm"):
 
-    @register_norm_sampler(nn.RMSNorm)
+    @register_rule(nn.RMSNorm)
     class RMSNormRule(HookRule):
-        def supports(self, module):
-            return type(module).forward is nn.RMSNorm.forward
-
         def contributions(self, module, x, g):
             x_hat = F.rms_norm(x.float(), module.normalized_shape, eps=module.eps if module.eps is not None else torch.finfo(x.dtype).eps)
             return _norm_layer_contributions(module, x_hat, g.float(), torch.Size(module.normalized_shape))
@@ -60,10 +54,10 @@ _HF_RMSNORMS = tuple(
 )
 
 
-@register_norm_sampler(*_HF_RMSNORMS)
+@register_rule(*_HF_RMSNORMS)
 class HFRMSNormRule(HookRule):
     def supports(self, module):
-        return hasattr(module, "variance_epsilon") and own_forward(module, *_HF_RMSNORMS)
+        return hasattr(module, "variance_epsilon")
 
     def contributions(self, module, x, g):
         x32 = x.float()

@@ -34,7 +34,8 @@ class Rule:
     """Per-sample gradient rule for one module type."""
 
     def supports(self, module: nn.Module) -> bool:
-        """False sends this module to the fallback instead (e.g. an unusual configuration)."""
+        """False sends this module to the fallback instead (e.g. an unusual configuration); only modules that
+        run the registered class's own forward are asked."""
         return True
 
     def attach(self, module: nn.Module, tracker: "GradSampleTracker") -> list:
