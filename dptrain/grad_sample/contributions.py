@@ -21,7 +21,7 @@ densify only within a byte budget (``densify_gain`` says whether it pays).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -47,6 +47,11 @@ class Factored:
     @property
     def is_index(self) -> bool:
         return not self.left.is_floating_point()
+
+    @property
+    def kernel_args(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x, g) as ``dptrain.kernels`` names a linear layer's factors (G_i = g_i^T x_i): (right, left)."""
+        return self.right, self.left
 
     def matrix_view(self, grad: torch.Tensor) -> torch.Tensor:
         """View per-sample gradients (B, *shape) as (B, rows, cols)."""
@@ -90,7 +95,7 @@ def _self_sq_norm(c: Contribution) -> torch.Tensor:
         return torch.linalg.vector_norm(c.grad.flatten(1), dim=1, dtype=torch.float32).square()  # (B,) one pass
     if c.is_index:
         return kernels.per_sample_embedding_grad_sq_norms(c.left, c.right)
-    return kernels.per_sample_linear_grad_sq_norms(c.right, c.left)
+    return kernels.per_sample_linear_grad_sq_norms(*c.kernel_args)
 
 
 def _left_gram(a: Factored, b: Factored) -> torch.Tensor:
@@ -146,7 +151,7 @@ def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch
             rows = (_fp32(c.right) * scale[:, None, None]).flatten(0, 1)  # (B*T, cols)
             out.view(c.rows, -1).index_add_(0, c.left.flatten(), rows)
         else:
-            part = kernels.scaled_linear_grad(c.right, c.left, scale).float().reshape(shape)  # one GEMM
+            part = kernels.scaled_linear_grad(*c.kernel_args, scale).float().reshape(shape)  # one GEMM
             out = part if out is None else out.add_(part)
     return out
 
