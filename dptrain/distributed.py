@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_distributed", "rank_and_world", "unwrap_ddp", "check_consistent", "all_reduce_sum",
+__all__ = ["is_distributed", "rank_and_world", "tracked_module", "check_consistent", "all_reduce_sum",
            "reduce_scatter_sum", "on_rank0",
            "gather_to_rank0", "CollectiveError", "COLLECTIVE_TIMEOUT_S"]
 
@@ -35,7 +35,7 @@ def rank_and_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
-def unwrap_ddp(module: nn.Module) -> nn.Module:
+def tracked_module(module: nn.Module) -> nn.Module:
     """What the privacy engine tracks: the inner module of a DistributedDataParallel wrapper (DDP's own gradient
     sync switched off), or for an FSDP2 model (``fully_shard``) a ``dptrain.fsdp.FSDPView`` of it; else ``module``."""
     if isinstance(module, nn.parallel.DistributedDataParallel):
