@@ -29,19 +29,18 @@ from torch.utils.data import DataLoader
 
 from dptrain import distributed, sampling
 
-from dptrain.finetune.checkpoint import compare_fingerprints, save_checkpoint
+from dptrain.finetune.checkpoint import save_checkpoint
 from dptrain.finetune.config import FinetuneConfig, default_delta
 from dptrain.finetune.loss import PadCollator, TokenizedTexts, per_sample_lm_loss, perplexity
-from dptrain.finetune.optimizers import build_optimizer
+from dptrain.finetune.private_setup import make_private_lm
 from dptrain.finetune.report import privacy_report
+from dptrain.finetune.trainer_state import restore_trainer, run_fingerprint, trainer_state
 from dptrain.loss_release import LOSS_BOUND, LossRelease
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PrivateLMTrainer", "FinetuneResult", "TrainingInterrupted", "default_delta", "LOSS_BOUND"]
 
-# a checkpoint keeps the whole model below this size, else only the trainable parameters + a checksum
-_FULL_STATE_LIMIT = 50_000_000
 EVAL_POINTS = 8  # held-out perplexities per run for the plot when eval_every is not given
 
 
@@ -115,49 +114,17 @@ class PrivateLMTrainer:
 
     # ------------------------------------------------------------------ set-up
     def _make_private(self) -> None:
-        import dptrain
-
         cfg = self.config
-        n = len(self.train_set)
-        sample_rate = cfg.batch_size / n
-        total = math.ceil(cfg.epochs * sampling.steps_per_epoch(n, cfg.batch_size))
-        if cfg.max_steps is not None:
-            total = min(total, cfg.max_steps)
-        self.total_steps = total
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable parameter")
-        torch.manual_seed(cfg.seed)
-        inner = build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        _, world = distributed.rank_and_world()
-        if cfg.batch_size % world:
-            raise ValueError(f"batch-size {cfg.batch_size} must be a multiple of the number of processes ({world})")
-        net = self.model
-        if world > 1:  # torchrun: each rank clips its shard, the engine all-reduces the noised sums
-            net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        loader = DataLoader(self.train_set, batch_size=cfg.batch_size // world, collate_fn=self.collate)
-        physical = cfg.physical_batch_size if cfg.physical_batch_size and cfg.physical_batch_size < cfg.batch_size \
-            else None
-        self.engine = dptrain.PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.secure_mode)
-        seed = cfg.insecure_seed  # NOT PRIVATE when given: the noise and the batches can be regenerated from it
-        try:
-            private = self.engine.make_private(
-                module=net, optimizer=inner, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
-                target_epsilon=cfg.target_epsilon, target_delta=self.delta, steps=total,
-                clipping=cfg.clipping, poisson_sampling=True, max_physical_batch_size=physical, loss_reduction="mean",
-                error_feedback=cfg.error_feedback, controller=self.controller,
-                insecure_noise_seed=seed, insecure_sampler_seed=None if seed is None else seed + 1,
-            )
-        except ImportError as err:  # an optional engine part (e.g. error feedback) missing from this build
-            raise ValueError(f"this dptrain build cannot run the requested setting: {err}") from None
-        self.net, self.optimizer, self.loader = private  # self.net: the module to call (DDP-wrapped under torchrun)
-        self.sample_rate = sample_rate
+        private = make_private_lm(self.model, self.train_set, self.collate, cfg, self.delta, self.controller,
+                                  self.device)
+        self.engine, self.net, self.optimizer, self.loader, self.total_steps = private
+        self.sample_rate = cfg.batch_size / len(self.train_set)
         self.loss_release: Optional[LossRelease] = None  # the DP-noised training loss, accounted with each step
         if cfg.dp_train_loss and _plain_mechanism(self.controller, cfg) and self.optimizer.noise_multiplier > 0:
             self.loss_release = LossRelease(self.optimizer)
         logger.info("DP fine-tuning: N=%d, q=%.4g, %d steps, sigma=%.4g, target eps=%g at delta=%.3g",
-                    n, sample_rate, total, self.optimizer.noise_multiplier, cfg.target_epsilon, self.delta)
+                    len(self.train_set), self.sample_rate, self.total_steps, self.optimizer.noise_multiplier,
+                    cfg.target_epsilon, self.delta)
 
     def _dp_train_loss(self) -> Optional[float]:
         """This step's DP-noised mean loss: ours, or the one a controller released this step (noisy, accounted)."""
@@ -294,57 +261,14 @@ class PrivateLMTrainer:
         flag = torch.tensor([1.0 if stop["requested"] else 0.0], device=self.device)
         return bool(distributed.all_reduce_sum([flag])[0].item() > 0)
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (dptrain.finetune.trainer_state)
     def fingerprint(self) -> Dict[str, Any]:
         """What must match for a checkpoint to continue this run: settings, data, parameter names/shapes."""
-        import hashlib
-
-        data = hashlib.sha256()
-        for item in self.train_set.items:
-            data.update(item.numpy().tobytes() + b"|")
-        shapes = [f"{n}:{tuple(p.shape)}:{p.requires_grad}" for n, p in self.model.named_parameters()]
-        frozen = [p for p in self.model.parameters() if not p.requires_grad]
-        checksum = float(sum(p.detach().double().abs().sum() for p in frozen)) if frozen else 0.0
-        return {**self.config.fingerprint(), **self.extra_fingerprint, "data_sha256": data.hexdigest(),
-                "parameters": hashlib.sha256("\n".join(shapes).encode()).hexdigest(),
-                "frozen_checksum": round(checksum, 3), "total_steps": self.total_steps, "delta": self.delta}
-
-    def _rank_state(self) -> Dict[str, Any]:
-        """What differs between ranks: sampler and noise generators (in the engine state, SECRET unless
-        secure_mode), torch/python RNGs."""
-        return {
-            "engine": self.engine.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python_rng": random.getstate(),
-        }
+        return run_fingerprint(self)
 
     def state_dict(self) -> Optional[Dict[str, Any]]:
-        """The checkpoint payload on rank 0 (None on other ranks): SECRET (generator states, error-feedback
-        buffers), never released. Under torchrun every rank must call it: each rank's own generator states are
-        gathered so that a resume on the same world size continues exactly (with fresh entropy in secure mode)."""
-        ranks = distributed.gather_to_rank0(self._rank_state())
-        if ranks is None:
-            return None
-        numel = sum(p.numel() for p in self.model.parameters())
-        if numel <= _FULL_STATE_LIMIT:
-            weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        else:
-            weights = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        return {
-            "fingerprint": self.fingerprint(),
-            "step": self.step,
-            "model": weights,
-            "model_is_full": numel <= _FULL_STATE_LIMIT,
-            "optimizer": self.optimizer.state_dict(),  # identical on every rank (all-reduced gradients)
-            "world_size": len(ranks),
-            "ranks": ranks,  # rank r's engine/RNG state at index r; ranks[0] also at the top level
-            **ranks[0],
-            "history": list(self.history),
-            "eval_perplexity_before": self.eval_perplexity_before,
-            "completions_before": self.completions_before,
-            "config": self.config.to_dict(),
-        }
+        """The SECRET checkpoint payload on rank 0 (None on other ranks); a collective under torchrun."""
+        return trainer_state(self)
 
     def save_checkpoint(self, path) -> None:
         """Collective under torchrun (gathers every rank's RNG states); only rank 0 writes ``path``."""
@@ -354,43 +278,8 @@ class PrivateLMTrainer:
             logger.info("checkpoint at step %d -> %s", self.step, path)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue from a checkpoint of the same run (refused with ``ValueError`` otherwise).
-
-        Under torchrun every rank loads the same payload and takes its own entry of ``state["ranks"]``."""
-        rank, world = distributed.rank_and_world()
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != world:
-            raise ValueError(
-                f"checkpoint was written by {saved_world} process(es), this run has {world}: each rank's sampler "
-                f"and noise generators are saved, so resume with the same number of processes "
-                f"(torchrun --nproc-per-node {saved_world})" if saved_world > 1 else
-                f"checkpoint was written by 1 process, this run has {world}: resume it without torchrun")
-        saved, now = dict(state["fingerprint"]), self.fingerprint()
-        if state.get("model_is_full"):  # the frozen weights come from the checkpoint itself
-            saved.pop("frozen_checksum", None)
-            now.pop("frozen_checksum", None)
-        compare_fingerprints(saved, now)
-        if not 0 <= int(state["step"]) <= self.total_steps:
-            raise ValueError(f"checkpoint step {state['step']} is outside this run's 0..{self.total_steps} steps")
-        named = dict(self.model.named_parameters())
-        missing = [n for n, p in named.items() if p.requires_grad and n not in state["model"]]
-        if missing:
-            raise ValueError(f"checkpoint lacks trainable parameter(s) {missing[:3]}")
-        result = self.model.load_state_dict(state["model"], strict=bool(state["model_is_full"]))
-        if state["model_is_full"] and (result.missing_keys or result.unexpected_keys):
-            raise ValueError(f"checkpoint model does not match: {result}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        own = state["ranks"][rank] if "ranks" in state else state  # checkpoints from before per-rank states
-        self.engine.load_state_dict(own["engine"])
-        torch.set_rng_state(own["torch_rng"])
-        if own.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(own["cuda_rng"])
-        random.setstate(own["python_rng"])
-        self.step = int(state["step"])
-        self.history = list(state["history"])
-        self.eval_perplexity_before = state["eval_perplexity_before"]
-        self.completions_before = state.get("completions_before")
-
+        """Continue from a checkpoint of the same run (refused with ``ValueError`` otherwise)."""
+        restore_trainer(self, state)
 
 def _plain_mechanism(controller, cfg: FinetuneConfig) -> bool:
     """Our own loss release needs the plain step mechanism (a controller releases its own noisy loss; error
