@@ -347,7 +347,7 @@ def test_thresholds_raised_above_c2_later_are_refused_at_the_step():
 
 
 @pytest.mark.parametrize("name, message", [
-    ("paper", "'paper' is not offered"),
+    ("paper", r"must be one of \('worst_case',\), found 'paper'"),
     ("rdp", r"must be one of \('worst_case',\), found 'rdp'"),
     (None, "found None"),
 ])
