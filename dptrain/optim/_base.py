@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from dptrain.validation import check_positive_int
 
 from ._common import (
     adam_direction,
@@ -133,10 +134,7 @@ def check_rank(group: dict[str, Any], name: str = "rank") -> None:
     rank = group[name]
     if rank is None:
         return
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"{name} must be a positive int or None, found {rank!r} ({type(rank).__name__})")
-    if rank < 1:
-        raise ValueError(f"{name} must be >= 1, found {rank}")
+    rank = check_positive_int(name, rank)
     for m, n, shape in LowMemoryOptimizer._matrix_shapes(group):
         if rank > m:
             raise ValueError(f"{name}={rank} is larger than the smaller side {m} of a parameter of shape "

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dptrain.validation import check_fraction, check_nonnegative, check_positive, check_positive_int  # noqa: F401  re-exported
+
 __all__ = [
     "adam_compute_dtype",
     "adam_direction",
@@ -34,44 +36,6 @@ _MASK64 = (1 << 64) - 1
 
 
 # ----------------------------------------------------------------------------- validation
-def check_positive(name: str, value: Any) -> float:
-    """Return ``value`` as a float if it is a real number > 0, else raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number, found {value!r} ({type(value).__name__})")
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be > 0 and finite, found {value}")
-    return float(value)
-
-
-def check_nonnegative(name: str, value: Any) -> float:
-    """Return ``value`` as a float if it is a finite real number >= 0, else raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number >= 0, found {value!r} ({type(value).__name__})")
-    if not value >= 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be >= 0 and finite, found {value}")
-    return float(value)
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an int >= 1, else raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, found {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, found {value}")
-    return value
-
-
-def check_fraction(name: str, value: Any, *, closed_right: bool) -> float:
-    """Check ``value`` lies in [0, 1) (``closed_right=False``) or (0, 1] (``closed_right=True``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, found {value!r} ({type(value).__name__})")
-    ok = 0 < value <= 1 if closed_right else 0 <= value < 1
-    if not ok:
-        interval = "(0, 1]" if closed_right else "[0, 1)"
-        raise ValueError(f"{name} must be in {interval}, found {value}")
-    return float(value)
-
-
 def check_betas(betas: Any) -> tuple[float, float]:
     """Adam betas: a pair of numbers, each in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from dptrain.validation import check_choice, check_int, check_number
 
 from ._base import LowMemoryOptimizer, check_rank, resolve_rank
 from ._common import adam_direction, check_positive, check_positive_int, derive_seed, gaussian_projection
@@ -65,13 +66,10 @@ class Apollo(LowMemoryOptimizer):
         check_rank(group)
         check_positive_int("update_proj_gap", group["update_proj_gap"])
         check_positive("scale", group["scale"])
-        if group["scale_type"] not in _SCALE_TYPES:
-            raise ValueError(f"scale_type must be one of {_SCALE_TYPES}, found {group['scale_type']!r}")
-        gamma = group["norm_growth_limit"]
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 1:
-            raise ValueError(f"norm_growth_limit must be a number >= 1 (inf disables it), found {gamma!r}")
-        if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
-            raise TypeError(f"seed must be an int, found {group['seed']!r}")
+        check_choice("scale_type", group["scale_type"], _SCALE_TYPES)
+        if group["norm_growth_limit"] != math.inf:  # inf disables the limit
+            check_number("norm_growth_limit", group["norm_growth_limit"], low=1.0)
+        check_int("seed", group["seed"])
 
     def _matrix_direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> Tensor:
         m, n = grad.shape

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from dptrain.validation import check_choice, check_int
 
 from ._base import LowMemoryOptimizer
 from ._common import (
@@ -60,12 +61,10 @@ class Frugal(LowMemoryOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_fraction("density", group["density"], closed_right=True)
-        if group["proj"] not in _PROJS:
-            raise ValueError(f"proj must be one of {_PROJS}, found {group['proj']!r}")
+        check_choice("proj", group["proj"], _PROJS)
         check_positive_int("update_proj_gap", group["update_proj_gap"])
         check_nonnegative("free_lr_scale", group["free_lr_scale"])
-        if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
-            raise TypeError(f"seed must be an int, found {group['seed']!r}")
+        check_int("seed", group["seed"])
 
     def _matrix_direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> Tensor:
         m, n = grad.shape
