@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from dptrain import distributed
 from dptrain.accountants import calibrate_noise
 from dptrain.sampling import steps_per_epoch
+from dptrain.validation import check_nonnegative, check_optional_int, check_positive, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,7 @@ def check_arguments(args: MakePrivateArgs, secure_mode: bool) -> None:
             raise TypeError(f"{name} must be a {expected.__module__}.{expected.__qualname__}, "
                             f"found {type(getattr(args, name)).__name__}")
     for name in ("insecure_noise_seed", "insecure_sampler_seed"):
-        seed = getattr(args, name)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"{name} must be an integer or None, found {seed!r}")
+        check_optional_int(name, getattr(args, name))
     if secure_mode and args.insecure_seeds:
         raise ValueError(f"secure_mode draws fresh OS entropy for noise and sampling: do not pass {args.insecure_seeds[0]}")
     if args.error_max_grad_norm is not None and not args.error_feedback:
@@ -128,14 +127,10 @@ def total_steps(epochs, steps, per_epoch: int) -> Optional[int]:
     if epochs is not None and steps is not None:
         raise ValueError(f"give epochs or steps, not both (found epochs={epochs!r}, steps={steps!r})")
     if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-            raise ValueError(f"steps must be a positive integer, found {steps!r}")
-        return steps
+        return check_positive_int("steps", steps)
     if epochs is None:
         return None
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not (math.isfinite(epochs) and epochs > 0):
-        raise ValueError(f"epochs must be a number > 0, found {epochs!r}")
-    return math.ceil(epochs * per_epoch)
+    return math.ceil(check_positive("epochs", epochs) * per_epoch)
 
 
 def resolve_noise(args: MakePrivateArgs, steps: Optional[int], batching: Batching, accountant: str) -> float:
@@ -162,13 +157,10 @@ def resolve_noise(args: MakePrivateArgs, steps: Optional[int], batching: Batchin
 def _given_noise(noise_multiplier, target_epsilon) -> float:
     if target_epsilon is not None:
         raise ValueError("give either noise_multiplier or target_epsilon, not both")
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) or not (
-        math.isfinite(noise_multiplier) and noise_multiplier >= 0
-    ):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, found {noise_multiplier!r}")
+    noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
     if noise_multiplier == 0:
         logger.warning("noise_multiplier=0: training is NOT private (epsilon = inf)")
-    return float(noise_multiplier)
+    return noise_multiplier
 
 
 def check_ranks_agree(world: int, ddp_wrapped: bool, batching: Batching, planned_steps: Optional[int],

@@ -24,6 +24,7 @@ import torch
 
 from dptrain import distributed
 from dptrain.mechanism import StepMechanism
+from dptrain.validation import check_choice, check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +35,7 @@ ACCOUNTING_METHODS = ("worst_case",)
 
 def check_accounting(name) -> str:
     """Validates ``error_feedback_accounting``; only the bound proven in docs/error_feedback.md is offered."""
-    if name not in ACCOUNTING_METHODS:
-        raise ValueError(f"error_feedback_accounting must be one of {ACCOUNTING_METHODS}, found {name!r}")
-    return name
+    return check_choice("error_feedback_accounting", name, ACCOUNTING_METHODS)
 
 
 def sensitivity(max_grad_norm: float, error_max_grad_norm: float, *, poisson_sampling: bool = True) -> float:
@@ -55,12 +54,8 @@ def dice_noise_scale(max_grad_norm: float, error_max_grad_norm: float, *, poisso
 
 
 def _check_thresholds(c1: float, c2: float) -> None:
-    if not (isinstance(c1, (int, float)) and math.isfinite(c1) and c1 > 0):
-        raise ValueError(f"max_grad_norm (C1) must be a finite number > 0, found {c1!r}")
-    if isinstance(c2, bool) or not isinstance(c2, (int, float)):
-        raise TypeError(f"error_max_grad_norm (C2) must be a number, found {c2!r}")
-    if not (math.isfinite(c2) and c2 > 0):
-        raise ValueError(f"error_max_grad_norm (C2) must be a finite number > 0, found {c2!r}")
+    check_positive("max_grad_norm (C1)", c1)
+    check_positive("error_max_grad_norm (C2)", c2)
     if c2 < c1:
         raise ValueError(
             f"error_max_grad_norm (C2) must be >= max_grad_norm (C1): C2 is the feedback per logical batch, "

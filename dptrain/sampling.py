@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from dptrain.noise import reseed_from_entropy, secret_generator
+from dptrain.validation import check_positive_int
 
 __all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length", "steps_per_epoch"]
 
@@ -136,11 +137,8 @@ class DPDataLoader:
     ):
         """``shard=(rank, world)``: Poisson-sample only this rank's indices rank, rank + world, ...; ``steps``:
         logical batches per epoch (default ceil(1 / sample_rate))."""
-        if max_physical_batch_size is not None and (
-            isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
-            or max_physical_batch_size <= 0
-        ):
-            raise ValueError(f"max_physical_batch_size must be a positive integer, found {max_physical_batch_size!r}")
+        if max_physical_batch_size is not None:
+            check_positive_int("max_physical_batch_size", max_physical_batch_size)
         self.dataset = data_loader.dataset
         self.sampler: Optional[PoissonBatchSampler] = None
         if poisson_sampling:

@@ -14,8 +14,9 @@ from typing import Dict, List, Mapping, Sequence
 from torch import nn
 
 from dptrain.grad_sample.contributions import Contribution
+from dptrain.validation import check_positive
 
-__all__ = ["ClipGroup", "CLIPPING_MODES", "build_groups", "positive_threshold"]
+__all__ = ["ClipGroup", "CLIPPING_MODES", "build_groups"]
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic")
 
@@ -37,7 +38,7 @@ def build_groups(clipping: str, module_names: Dict[nn.Module, str], max_grad_nor
     params_of = {m: [p for p in m.parameters(recurse=False) if p.requires_grad] for m in modules}
     if clipping in ("flat", "automatic"):
         params = list(dict.fromkeys(p for m in modules for p in params_of[m]))
-        return [ClipGroup("all", modules, params, positive_threshold(max_grad_norm, "max_grad_norm"))]
+        return [ClipGroup("all", modules, params, check_positive("max_grad_norm", max_grad_norm))]
     merged = _merge_tied(modules, params_of)
     names = ["+".join(module_names[m] for m in grp) for grp in merged]
     thresholds = _per_layer_thresholds(max_grad_norm, names)
@@ -57,14 +58,6 @@ def _merge_tied(modules: List[nn.Module], params_of) -> List[List[nn.Module]]:
     return sorted(merged, key=lambda grp: modules.index(grp[0]))
 
 
-def positive_threshold(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number, found {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{what} must be a finite number > 0, found {value}")
-    return float(value)
-
-
 def _per_layer_thresholds(max_grad_norm, names: Sequence[str]) -> List[float]:
     if isinstance(max_grad_norm, Mapping):
         unknown = sorted(set(max_grad_norm) - set(names))
@@ -73,12 +66,12 @@ def _per_layer_thresholds(max_grad_norm, names: Sequence[str]) -> List[float]:
             raise ValueError(
                 f"per-layer max_grad_norm must have exactly the keys {list(names)}; unknown {unknown}, missing {missing}"
             )
-        return [positive_threshold(max_grad_norm[n], f"max_grad_norm['{n}']") for n in names]
+        return [check_positive(f"max_grad_norm['{n}']", max_grad_norm[n]) for n in names]
     if isinstance(max_grad_norm, (list, tuple)):
         if len(max_grad_norm) != len(names):
             raise ValueError(
                 f"per-layer max_grad_norm needs {len(names)} values (layers {list(names)}), found {len(max_grad_norm)}"
             )
-        return [positive_threshold(c, f"max_grad_norm[{i}]") for i, c in enumerate(max_grad_norm)]
-    total = positive_threshold(max_grad_norm, "max_grad_norm")
+        return [check_positive(f"max_grad_norm[{i}]", c) for i, c in enumerate(max_grad_norm)]
+    total = check_positive("max_grad_norm", max_grad_norm)
     return [total / math.sqrt(len(names))] * len(names)

@@ -35,11 +35,12 @@ from dptrain.grad_sample import guards
 from dptrain.grad_sample.attachment import RuleAttachment
 from dptrain.grad_sample.clipping import Clipper
 from dptrain.grad_sample.contributions import Contribution
-from dptrain.grad_sample.grouping import CLIPPING_MODES, ClipGroup, build_groups, positive_threshold
+from dptrain.grad_sample.grouping import CLIPPING_MODES, ClipGroup, build_groups
 from dptrain.grad_sample.registry import UnsupportedModuleError
 from dptrain.grad_sample.routes import RoutePlanner
 from dptrain.grad_sample.statistics import NonFiniteGradientError, NormLog
 from dptrain.losses import check_model_call
+from dptrain.validation import check_choice, check_positive
 
 __all__ = ["GradSampleTracker", "ClipGroup", "NonFiniteGradientError", "MergedPassesError", "CLIPPING_MODES"]
 
@@ -127,7 +128,7 @@ class GradSampleTracker:
         if len(norms) != len(self.groups):
             raise ValueError(f"expected {len(self.groups)} thresholds, found {len(norms)}")
         for g, c in zip(self.groups, norms):
-            g.max_norm = positive_threshold(c, f"max_grad_norm of group '{g.name}'")
+            g.max_norm = check_positive(f"max_grad_norm of group '{g.name}'", c)
 
     def detach(self) -> None:
         """Remove every hook and restore the modules' own forward."""
@@ -256,12 +257,9 @@ class GradSampleTracker:
 
 
 def _check_settings(clipping: str, loss_reduction: str, automatic_gamma: float) -> None:
-    if clipping not in CLIPPING_MODES:
-        raise ValueError(f"clipping must be one of {CLIPPING_MODES}, found {clipping!r}")
-    if loss_reduction not in ("mean", "sum"):
-        raise ValueError(f"loss_reduction must be 'mean' or 'sum', found {loss_reduction!r}")
-    if not automatic_gamma > 0:
-        raise ValueError(f"automatic_gamma must be > 0, found {automatic_gamma}")
+    check_choice("clipping", clipping, CLIPPING_MODES)
+    check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+    check_positive("automatic_gamma", automatic_gamma)
 
 
 _MERGE_ADVICE = (

@@ -37,6 +37,7 @@ from transformers import Trainer
 from dptrain.finetune.config import default_delta
 from dptrain.loss_release import LossRelease
 from dptrain.sampling import batch_length, split_batch, steps_per_epoch
+from dptrain.validation import check_positive_int
 
 __all__ = ["DPTrainer", "causal_lm_per_sample_loss"]
 
@@ -62,9 +63,8 @@ class DPTrainer(Trainer):
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ValueError("give exactly one of target_epsilon or noise_multiplier, found "
                              f"target_epsilon={target_epsilon!r}, noise_multiplier={noise_multiplier!r}")
-        if max_physical_batch_size is not None and (isinstance(max_physical_batch_size, bool) or not isinstance(
-                max_physical_batch_size, int) or max_physical_batch_size <= 0):
-            raise ValueError(f"max_physical_batch_size must be a positive integer, found {max_physical_batch_size!r}")
+        if max_physical_batch_size is not None:
+            check_positive_int("max_physical_batch_size", max_physical_batch_size)
         if secure_mode and (insecure_noise_seed is not None or insecure_sampler_seed is not None):
             raise ValueError("secure_mode draws fresh OS entropy for noise and sampling: do not pass "
                              "insecure_noise_seed or insecure_sampler_seed")

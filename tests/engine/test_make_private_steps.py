@@ -33,14 +33,14 @@ def test_steps_calibrate_like_the_epochs_that_give_them(poisson):
         assert by_steps == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(steps=0), "steps must be a positive integer, found 0"),
-    (dict(steps=2.5), "steps must be a positive integer, found 2.5"),
-    (dict(steps=True), "steps must be a positive integer, found True"),
-    (dict(epochs=float("nan")), "epochs must be a number > 0, found nan"),
-    (dict(epochs=1, steps=10), "give epochs or steps, not both"),
-    (dict(), "found target_delta=1e-05 and no epochs or steps"),
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(steps=0), ValueError, "steps must be an integer >= 1, found 0"),
+    (dict(steps=2.5), TypeError, "steps must be an integer >= 1, found 2.5"),
+    (dict(steps=True), TypeError, "steps must be an integer >= 1, found True"),
+    (dict(epochs=float("nan")), ValueError, "epochs must be a finite number > 0, found nan"),
+    (dict(epochs=1, steps=10), ValueError, "give epochs or steps, not both"),
+    (dict(), ValueError, "found target_delta=1e-05 and no epochs or steps"),
 ])
-def test_bad_run_lengths_are_refused(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_run_lengths_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
         _private(target_epsilon=2.0, target_delta=1e-5, **kwargs)

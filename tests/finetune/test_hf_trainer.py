@@ -83,10 +83,10 @@ def test_secure_mode_trains_and_refuses_seeds(tmp_path):
     assert trainer.engine.optimizer.steps_taken == 2
 
 
-@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
-def test_rejects_bad_max_physical_batch_size(tmp_path, bad):
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_rejects_bad_max_physical_batch_size(tmp_path, bad, error):
     model, tok = tiny_model_and_tokenizer()
-    with pytest.raises(ValueError, match=f"max_physical_batch_size must be a positive integer, found {bad!r}"):
+    with pytest.raises(error, match=f"max_physical_batch_size must be an integer >= 1, found {bad!r}"):
         DPTrainer(model=model, args=_args(tmp_path), train_dataset=TokenizedTexts(TEXTS, tok, 48),
                   noise_multiplier=1.0, max_physical_batch_size=bad)
 
