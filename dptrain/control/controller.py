@@ -15,7 +15,6 @@ accounted release), else none (reward 0). ``history[i]["epsilon"]`` is the plann
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
@@ -28,6 +27,7 @@ from dptrain.control.policy import ActionSpace, HyperPolicy
 from dptrain.control.release import StatisticReleases
 from dptrain.control.sac import SAC
 from dptrain.control.state import controller_state, history_entry, load_controller_state
+from dptrain.validation import check_int, check_nonnegative, check_number, check_positive, check_positive_int, check_probability
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +37,12 @@ _SIGMA_CAP = 1e4  # search limit for the floor when the user gives no sigma_max
 
 
 def _positive_or_none(value, name: str) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, found {value!r}")
-    return float(value)
+    return None if value is None else check_positive(name, value)
 
 
 def _check_bounds(low, high, what: str) -> None:
     if low is not None and high is not None and not low < high:
         raise ValueError(f"{what} bounds are inverted or empty: lower {low} must be < upper {high}")
-
-
-def _check_number(value, name: str, ok: Callable[[float], bool], expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise ValueError(f"{name} must be {expected}, found {value!r}")
-    return float(value)
-
-
-def _check_count(value, name: str, expected: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be {expected}, found {value!r}")
-    return value
 
 
 def _check_loss_signal(validation_loss, loss_bound) -> None:
@@ -82,9 +66,9 @@ def _first_floor(plan: BudgetPlan, releases: StatisticReleases, sigma_max: float
 
 def _check_run(engine, target_epsilon, target_delta, total_steps) -> None:
     """The engine and the run's budget are ones the controller can plan for."""
-    _check_number(target_epsilon, "target_epsilon", lambda x: math.isfinite(x) and x > 0, "a finite number > 0")
-    _check_number(target_delta, "target_delta", lambda x: 0 < x < 1, "in (0, 1)")
-    _check_count(total_steps, "total_steps", "a positive integer", 1)
+    check_positive("target_epsilon", target_epsilon)
+    check_probability("target_delta", target_delta)
+    check_positive_int("total_steps", total_steps)
     if engine.tracker.clipping == "automatic":
         raise ValueError("SACController needs clipping='flat' or 'per_layer' (automatic clipping clips nothing "
                          "to count), found 'automatic'")
@@ -136,24 +120,23 @@ class SACController:
         largest initial threshold; ``max_factor``: thresholds change by at most [1/f, f] per action (besides the
         quantile step). ``release_noise_std``: per-coordinate noise of the releases (default m/20).
         """
-        self.interval = _check_count(interval, "interval", "a positive integer (logical steps between actions)", 1)
+        self.interval = check_positive_int("interval (logical steps between actions)", interval)
         self.sigma_min = _positive_or_none(sigma_min, "sigma_min")
         self.sigma_max = _positive_or_none(sigma_max, "sigma_max")
         self.min_clip = _positive_or_none(min_clip, "min_clip")
         self.max_clip = _positive_or_none(max_clip, "max_clip")
         _check_bounds(self.sigma_min, self.sigma_max, "sigma (sigma_min, sigma_max)")
         _check_bounds(self.min_clip, self.max_clip, "clip threshold (min_clip, max_clip)")
-        self.max_factor = _check_number(max_factor, "max_factor", lambda x: x > 1,
-                                        "a number > 1 (thresholds change by [1/f, f])")
+        self.max_factor = check_number("max_factor (thresholds change by [1/f, f])", max_factor, low=1.0, low_open=True)
         self.release_noise_std = _positive_or_none(release_noise_std, "release_noise_std")
         self.loss_bound = _positive_or_none(loss_bound, "loss_bound")
         if quantile_target is not None:
-            _check_number(quantile_target, "quantile_target", lambda x: 0 < x < 1, "in (0, 1) or None")
+            check_probability("quantile_target", quantile_target)
         self.quantile_target = quantile_target
-        self.quantile_lr = _check_number(quantile_lr, "quantile_lr", lambda x: x >= 0, "a number >= 0")
+        self.quantile_lr = check_nonnegative("quantile_lr", quantile_lr)
         _check_loss_signal(validation_loss, loss_bound)
-        self.warmup = _check_count(warmup, "warmup", "an integer >= 0", 0)
-        self.updates_per_action = _check_count(updates_per_action, "updates_per_action", "an integer >= 0", 0)
+        self.warmup = check_int("warmup", warmup, minimum=0)
+        self.updates_per_action = check_int("updates_per_action", updates_per_action, minimum=0)
         self.seed, self.validation_loss, self.policy = seed, validation_loss, policy
         self.sac_kwargs = {"init_log_std": -1.0, **(sac_kwargs or {})}
         self.engine = None

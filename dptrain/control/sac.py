@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from dptrain.validation import check_fraction, check_positive_int
 
 __all__ = ["SAC", "ReplayBuffer"]
 
@@ -141,12 +142,9 @@ class SAC:
         seed: Optional[int] = None,
     ):
         for name, value in (("obs_dim", obs_dim), ("act_dim", act_dim), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, found {value!r}")
-        if not 0 <= gamma < 1:
-            raise ValueError(f"gamma must be in [0, 1), found {gamma}")
-        if not 0 < tau <= 1:
-            raise ValueError(f"tau must be in (0, 1], found {tau}")
+            check_positive_int(name, value)
+        check_fraction("gamma", gamma, closed_right=False)
+        check_fraction("tau", tau, closed_right=True)
         if not (lr > 0 and init_alpha > 0):
             raise ValueError(f"lr and init_alpha must be > 0, found lr={lr}, init_alpha={init_alpha}")
         self.obs_dim, self.act_dim = obs_dim, act_dim

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from dptrain.accountants import calibrate_noise, make_accountant
 from dptrain.federated.lora import METHODS, get_factors, pairs, set_factors, set_trainable, trained_factors
 from dptrain.federated.svd import svd_refactorize
+from dptrain.validation import check_choice, check_int, check_optional_int, check_positive, check_positive_int, check_probability
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +66,17 @@ class FedConfig:
     physical_batch_size: Optional[int] = None  # memory knob: micro-batches of at most this many rows
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, found {self.method!r}")
+        check_choice("method", self.method, METHODS)
         for name in ("rounds", "local_steps", "batch_size", "svd_period"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("svd_warmup", self.svd_warmup, 0)
+            check_positive_int(name, getattr(self, name))
+        check_int("svd_warmup", self.svd_warmup, minimum=0)
         if self.physical_batch_size is not None:
-            _check_int("physical_batch_size", self.physical_batch_size, 1)
+            check_positive_int("physical_batch_size", self.physical_batch_size)
         for name in ("lr", "max_grad_norm", "target_epsilon"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, found {value!r}")
-        if self.delta is not None and not (isinstance(self.delta, float) and 0 < self.delta < 1):
-            raise ValueError(f"delta must be a float in (0, 1), found {self.delta!r}")
-        if self.accountant not in ("rdp", "pld"):
-            raise ValueError(f"accountant must be 'rdp' or 'pld', found {self.accountant!r}")
+            check_positive(name, getattr(self, name))
+        if self.delta is not None:
+            check_probability("delta", self.delta)
+        check_choice("accountant", self.accountant, ("rdp", "pld"))
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -91,11 +88,6 @@ class FedConfig:
         if unknown:
             raise ValueError(f"unknown setting(s) {unknown}; expected some of {sorted(names)}")
         return cls(**dict(values))
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, found {value!r}")
 
 
 def lm_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -128,8 +120,7 @@ class FederatedClient:
         n = len(dataset)
         if config.batch_size > n:
             raise ValueError(f"client {client_id}: batch_size {config.batch_size} is larger than its {n} records")
-        if insecure_seed is not None and (isinstance(insecure_seed, bool) or not isinstance(insecure_seed, int)):
-            raise TypeError(f"insecure_seed must be an integer or None, found {insecure_seed!r}")
+        check_optional_int("insecure_seed", insecure_seed)
         self.client_id, self.dataset, self.collate, self.config = client_id, dataset, collate, config
         self.insecure_seed, self.loss_fn = insecure_seed, loss_fn
         self.num_examples = n

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List, Mapping, Optional, Sequence
 
 from dptrain.federated.algorithm import FedConfig, FederatedClient, FederatedResult, run_in_process
+from dptrain.validation import check_int, check_positive_int
 
 __all__ = ["APP_DEFAULTS", "AppSettings", "run_local"]
 
@@ -32,9 +33,7 @@ class AppSettings:
             raise ValueError(f"unknown run-config key(s) {unknown}; expected FedConfig fields or {sorted(APP_DEFAULTS)}")
         self.fed = FedConfig.from_dict({k: v for k, v in run_config.items() if k in names})
         self.app = {**APP_DEFAULTS, **{k: v for k, v in run_config.items() if k in APP_DEFAULTS}}
-        n = self.app["num_clients"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_clients must be a positive integer, found {n!r}")
+        check_positive_int("num_clients", self.app["num_clients"])
 
     def load_model(self):
         """``(peft model, tokenizer)``: the same base and LoRA initialisation on every party."""
@@ -61,11 +60,8 @@ class AppSettings:
         return self.demo_parts()[0][self.client_id(node_config)]
 
     def client_id(self, node_config: Mapping) -> int:
-        k = node_config.get("partition-id")
         n = int(self.app["num_clients"])
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
-            raise ValueError(f"node config partition-id must be an integer in [0, {n}), found {k!r}")
-        return k
+        return check_int("node config partition-id", node_config.get("partition-id"), minimum=0, maximum=n - 1)
 
     def make_client(self, node_config: Mapping, tokenizer) -> FederatedClient:
         """The client named by ``node_config``, on its own records."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 import numpy as np
+from dptrain.validation import check_positive, check_positive_int
 
 __all__ = ["dirichlet_split", "demo_label", "demo_federation", "DEMO_LABELS"]
 
@@ -22,10 +23,8 @@ def dirichlet_split(labels: Sequence[int], num_clients: int, alpha: float, *, se
 
     Small ``alpha`` gives skewed (non-IID) clients. Draws again until every client has ``min_size`` records.
     """
-    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive integer, found {num_clients!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (np.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0, found {alpha!r}")
+    check_positive_int("num_clients", num_clients)
+    check_positive("alpha", alpha)
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) == 0:
         raise ValueError(f"labels must be a non-empty 1-D sequence, found shape {labels.shape}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
+from dptrain.validation import check_positive_int
 
 __all__ = ["completion_prompts", "greedy_completions", "completions_report", "COMPLETIONS_NOTE", "MAX_NEW_TOKENS"]
 
@@ -24,8 +25,7 @@ def completion_prompts(count: int, *, seed: int) -> List[str]:
     """``count`` prompts: the first half of the words of fresh synthetic records (no canaries)."""
     from dptrain.finetune.data import synthetic_private_records
 
-    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
-        raise ValueError(f"count must be a positive integer, found {count!r}")
+    check_positive_int("count", count)
     records = synthetic_private_records(count, seed=seed + 2, canary_repeats=()).records
     return [" ".join(text.split()[: max(1, len(text.split()) // 2)]) for text in records]
 

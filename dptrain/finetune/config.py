@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from dptrain.validation import check_choice, check_int, check_optional_int, check_positive, check_positive_int, check_probability
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -22,9 +22,7 @@ DEFAULT_DELTA_RULE = "min(1e-5, 1/N^1.1)"
 def default_delta(n: int) -> float:
     """The default delta for N records, min(1e-5, 1/N^1.1): well below 1/N, and at most 1e-5. One rule for
     ``dptrain budget``, ``dptrain finetune`` and ``DPTrainer``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"the number of records N must be a positive integer, found {n!r}")
-    return min(1e-5, n ** -1.1)
+    return min(1e-5, check_positive_int("the number of records N", n) ** -1.1)
 
 
 @dataclass
@@ -93,52 +91,32 @@ class FinetuneConfig:
         return cls(model=model, **{**preset(model), **settings})
 
     def validate(self) -> "FinetuneConfig":
-        def positive(name, integer=False):
-            v = getattr(self, name)
-            bad = isinstance(v, bool) or not isinstance(v, int if integer else (int, float))
-            if bad or not (v > 0 and math.isfinite(v)):
-                kind = "a positive integer" if integer else "a finite number > 0"
-                raise ValueError(f"{name.replace('_', '-')} must be {kind}, found {v!r}")
-
-        positive("target_epsilon")
-        positive("epochs")
-        positive("batch_size", integer=True)
-        positive("lr")
-        positive("max_grad_norm")
-        positive("max_length", integer=True)
-        positive("lora_r", integer=True)
-        positive("lora_alpha")
+        for name in ("target_epsilon", "epochs", "lr", "max_grad_norm", "lora_alpha"):
+            check_positive(_flag(name), getattr(self, name))
+        for name in ("batch_size", "max_length", "lora_r"):
+            check_positive_int(_flag(name), getattr(self, name))
         for name in ("physical_batch_size", "max_steps", "stop_after"):
             if getattr(self, name) is not None:
-                positive(name, integer=True)
-        e = self.eval_every
-        if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 0):
-            raise ValueError(f"eval-every must be an integer >= 0 (0: before and after only), found {e!r}")
+                check_positive_int(_flag(name), getattr(self, name))
+        if self.eval_every is not None:  # 0: before and after only
+            check_int("eval-every", self.eval_every, minimum=0)
         if not isinstance(self.text_column, str) or not self.text_column:
             raise ValueError(f"text-column must be a non-empty name, found {self.text_column!r}")
         from dptrain.finetune.data import MAX_AUDIT_CANARIES
 
-        c = self.completions
-        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 20:
-            raise ValueError(f"completions must be an integer in [0, 20], found {c!r}")
-        m = self.audit_canaries
-        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_AUDIT_CANARIES:
-            raise ValueError(f"audit-canaries must be an integer in [0, {MAX_AUDIT_CANARIES}], found {m!r}")
-        if self.delta is not None and not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
-            raise ValueError(f"delta must be in (0, 1), found {self.delta!r}")
-        if self.clipping not in CLIPPING_MODES:
-            raise ValueError(f"clipping must be one of {', '.join(CLIPPING_MODES)}, found {self.clipping!r}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, found {self.accountant!r}")
+        check_int("completions", self.completions, minimum=0, maximum=20)
+        check_int("audit-canaries", self.audit_canaries, minimum=0, maximum=MAX_AUDIT_CANARIES)
+        if self.delta is not None:
+            check_probability("delta", self.delta)
+        check_choice("clipping", self.clipping, CLIPPING_MODES)
+        check_choice("accountant", self.accountant, ACCOUNTANTS)
         from dptrain.finetune.optimizers import OPTIMIZERS
 
         if str(self.optimizer).lower() not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if self.max_length < 8:
             raise ValueError(f"max-length must be >= 8, found {self.max_length}")
-        s = self.insecure_seed
-        if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
-            raise ValueError(f"insecure-seed must be an integer or None, found {s!r}")
+        s = check_optional_int("insecure-seed", self.insecure_seed)
         if self.secure_mode and s is not None:
             raise ValueError(f"--secure-mode draws fresh OS entropy for the noise and the batches; --insecure-seed {s} "
                              "would fix them: pick one")
@@ -155,3 +133,8 @@ class FinetuneConfig:
             if not out[name]:
                 out.pop(name)
         return out
+
+
+def _flag(name: str) -> str:
+    """A setting as the command line names it."""
+    return name.replace("_", "-")

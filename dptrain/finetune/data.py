@@ -13,6 +13,7 @@ run's public seed) and keeps it in ``private/audit_secret.json``, so a resumed r
 
 from __future__ import annotations
 
+from dptrain.validation import check_int, check_positive_int
 import json
 import random
 from dataclasses import dataclass, field
@@ -110,8 +111,7 @@ def synthetic_private_records(n: int, *, seed: int = 0, canary_repeats: Sequence
 
     The canaries' copies replace ordinary records, so the corpus has exactly ``n`` records.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive integer, found {n!r}")
+    check_positive_int("n", n)
     if sum(canary_repeats) > n:
         raise ValueError(f"the canaries need {sum(canary_repeats)} records, more than n={n}")
     rng = random.Random(seed)
@@ -127,8 +127,7 @@ def synthetic_private_records(n: int, *, seed: int = 0, canary_repeats: Sequence
 
 def synthetic_public_corpus(n: int, *, seed: int = 0) -> List[str]:
     """``n`` everyday sentences from templates and names disjoint from the private records."""
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive integer, found {n!r}")
+    check_positive_int("n", n)
     rng = random.Random(seed)
     return [
         rng.choice(_PUBLIC_TEMPLATES).format(
@@ -169,8 +168,7 @@ def audit_canaries(num: int, *, seed: int) -> AuditCanaries:
     from dptrain.attacks.audit import sample_inclusion_mask
     from dptrain.attacks.canaries import CanaryTemplate
 
-    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_AUDIT_CANARIES:
-        raise ValueError(f"audit-canaries must be an integer in [1, {MAX_AUDIT_CANARIES}], found {num!r}")
+    check_int("audit-canaries", num, minimum=1, maximum=MAX_AUDIT_CANARIES)
     template = CanaryTemplate(AUDIT_CANARY_TEMPLATE)
     indices = template.sample_indices(num, seed=_audit_stream(seed, 0))  # (num,) distinct
     mask = sample_inclusion_mask(num, seed=_audit_stream(seed, 1))  # (num,) bool, P[True] = 1/2 each

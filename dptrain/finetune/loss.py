@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dptrain.losses import causal_lm
+from dptrain.validation import check_int
 
 __all__ = ["per_sample_lm_loss", "token_nll", "TokenizedTexts", "PadCollator", "perplexity"]
 
@@ -40,8 +41,7 @@ class TokenizedTexts(Dataset):
     end and ``generate`` stops there."""
 
     def __init__(self, texts: Sequence[str], tokenizer, max_length: int):
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be an integer >= 2, found {max_length!r}")
+        check_int("max_length", max_length, minimum=2)
         encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
         eos = tokenizer.eos_token_id
         if eos is not None:

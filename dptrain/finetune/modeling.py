@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
+from dptrain.validation import check_positive_int
 
 __all__ = ["tiny_gpt2", "load_pretrained", "detect_lora_targets", "apply_lora", "trainable_parameters"]
 
@@ -150,8 +151,7 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, target_modu
     """
     from peft import LoraConfig, get_peft_model
 
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"lora r must be a positive integer, found {r!r}")
+    check_positive_int("lora r", r)
     targets = list(target_modules) if target_modules else detect_lora_targets(model)
     conv1d = any(type(m).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] in targets
                  for name, m in model.named_modules())

@@ -10,6 +10,7 @@ from importlib import import_module
 from typing import Iterable
 
 import torch
+from dptrain.validation import check_positive
 
 __all__ = ["OPTIMIZERS", "build_optimizer"]
 
@@ -35,8 +36,7 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: floa
     """The optimizer called ``name`` (case-insensitive) over ``params``."""
     if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a number > 0, found {lr!r}")
+    check_positive("lr", lr)
     module_name, class_name = OPTIMIZERS[name.lower()]
     try:
         cls = getattr(import_module(module_name), class_name)

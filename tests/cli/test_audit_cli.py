@@ -173,7 +173,7 @@ def test_bad_folders_and_options_exit_2_with_one_line(run_dir, tmp_path, capsys)
     ]
     for argv, fragment in cases:
         assert fragment in fails_with_one_line(capsys, *argv), argv
-    with pytest.raises(ValueError, match="audit-canaries must be an integer"):
+    with pytest.raises(TypeError, match="audit-canaries must be an integer"):
         FinetuneConfig(audit_canaries=True).validate()
 
 

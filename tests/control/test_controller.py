@@ -188,19 +188,23 @@ def test_checkpoint_resume_restores_the_controller():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"interval": 0}, "interval must be a positive integer.*found 0"),
+        ({"interval": 0}, "interval .* must be an integer >= 1, found 0"),
         ({"interval": -3}, "found -3"),
-        ({"interval": 2.5}, "found 2.5"),
         ({"sigma_min": 2.0, "sigma_max": 1.0}, "lower 2.0 must be < upper 1.0"),
         ({"min_clip": 5.0, "max_clip": 0.1}, "lower 5.0 must be < upper 0.1"),
         ({"sigma_min": -1.0}, "sigma_min must be a finite number > 0, found -1.0"),
-        ({"max_factor": 0.5}, "max_factor must be a number > 1.*found 0.5"),
+        ({"max_factor": 0.5}, r"max_factor .* must be a finite number > 1, found 0.5"),
         ({"validation_loss": lambda: 0.0, "loss_bound": 1.0}, "not both"),
     ],
 )
 def test_bad_settings_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SACController(**kwargs)
+
+
+def test_a_non_integer_interval_is_a_type_error():
+    with pytest.raises(TypeError, match="interval .* must be an integer >= 1, found 2.5"):
+        SACController(interval=2.5)
 
 
 def test_bad_attachments_are_rejected():

@@ -54,7 +54,7 @@ def test_server_update_per_method():
     ({"method": "fedprox"}, "method must be one of"),
     ({"rounds": 0}, "rounds must be an integer >= 1"),
     ({"lr": float("nan")}, "lr must be a finite number > 0"),
-    ({"delta": 1.5}, r"delta must be a float in \(0, 1\)"),
+    ({"delta": 1.5}, r"delta must be a number in \(0, 1\)"),
     ({"svd_warmup": -1}, "svd_warmup must be an integer >= 0"),
     ({"accountant": "gdp"}, "accountant must be"),
 ])

@@ -30,7 +30,7 @@ def test_small_alpha_is_more_skewed():
 
 
 @pytest.mark.parametrize("args,match", [
-    (([0, 1], 0, 0.5), "num_clients must be a positive integer"),
+    (([0, 1], 0, 0.5), "num_clients must be an integer >= 1"),
     (([0, 1], 2, 0.0), "alpha must be a finite number > 0"),
     (([], 2, 0.5), "non-empty 1-D"),
     (([0, 1, 1], 2, 0.5, 2), "cannot give 2 clients 2 records each"),
