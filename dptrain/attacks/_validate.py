@@ -1,7 +1,5 @@
-"""Input checks shared by the attack and audit modules (numpy only).
-
-Every public function in ``dptrain.attacks`` validates user input here so the messages are uniform:
-they name the argument, what was found, and what was expected.
+"""Array checks shared by the attack and audit modules (numpy only); scalar arguments go through
+``dptrain.validation``. Messages name the argument, what was expected and what was found.
 """
 
 from __future__ import annotations
@@ -10,14 +8,7 @@ import numbers
 
 import numpy as np
 
-__all__ = [
-    "as_scores",
-    "as_bool_mask",
-    "check_probability",
-    "check_confidence",
-    "check_delta",
-    "check_count",
-]
+__all__ = ["as_scores", "as_bool_mask"]
 
 _NUMERIC_KINDS = "iuf"  # signed int, unsigned int, float; bool/complex/object/strings are rejected
 
@@ -58,38 +49,3 @@ def as_bool_mask(values, name: str, *, shape: tuple[int, ...] | None = None) -> 
     if shape is not None and mask.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, found {mask.shape}")
     return mask
-
-
-def check_probability(value, name: str) -> float:
-    """Check ``0 < value < 1`` and return it as float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number in (0, 1), found {value!r}")
-    value = float(value)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in (0, 1), found {value}")
-    return value
-
-
-def check_confidence(confidence) -> float:
-    """Check ``0 < confidence < 1``."""
-    return check_probability(confidence, "confidence")
-
-
-def check_delta(delta) -> float:
-    """Check ``0 <= delta < 1``."""
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
-        raise TypeError(f"delta must be a real number in [0, 1), found {delta!r}")
-    delta = float(delta)
-    if not 0.0 <= delta < 1.0:
-        raise ValueError(f"delta must be in [0, 1), found {delta}")
-    return delta
-
-
-def check_count(value, name: str, *, minimum: int = 0) -> int:
-    """Check that ``value`` is an integer ``>= minimum`` (Python or numpy int; not bool, not float)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, found {value!r} ({type(value).__name__})")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, found {value}")
-    return value

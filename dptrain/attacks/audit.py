@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from ._validate import as_bool_mask, as_scores, check_confidence, check_count, check_delta
+from dptrain.validation import check_int, check_number, check_probability
+
+from ._validate import as_bool_mask, as_scores
 
 __all__ = [
     "one_run_audit_epsilon",
@@ -57,7 +59,7 @@ def one_run_audit_p_value(eps: float, *, num_canaries: int, num_guesses: int, nu
     m, r, v = _check_counts(num_canaries, num_guesses, num_correct)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, found {eps}")
-    return _p_value(float(eps), m, r, v, check_delta(delta))
+    return _p_value(float(eps), m, r, v, check_number("delta", delta, low=0.0, high=1.0, high_open=True))
 
 
 def _p_value(eps: float, m: int, r: int, v: int, delta: float) -> float:
@@ -73,9 +75,9 @@ def _p_value(eps: float, m: int, r: int, v: int, delta: float) -> float:
 
 
 def _check_counts(num_canaries, num_guesses, num_correct) -> tuple[int, int, int]:
-    m = check_count(num_canaries, "num_canaries", minimum=1)
-    r = check_count(num_guesses, "num_guesses")
-    v = check_count(num_correct, "num_correct")
+    m = check_int("num_canaries", num_canaries, minimum=1)
+    r = check_int("num_guesses", num_guesses, minimum=0)
+    v = check_int("num_correct", num_correct, minimum=0)
     if r > m:
         raise ValueError(f"num_guesses must be <= num_canaries ({m}), found {r}")
     if v > r:
@@ -92,8 +94,8 @@ def one_run_audit_epsilon(
     Golden values (delta = 0, 95%): 100/100 -> 3.49, 90/100 -> 1.63, 1000/1000 -> 5.81.
     """
     m, r, v = _check_counts(num_canaries, num_guesses, num_correct)
-    delta = check_delta(delta)
-    threshold = 1.0 - check_confidence(confidence)
+    delta = check_number("delta", delta, low=0.0, high=1.0, high_open=True)
+    threshold = 1.0 - check_probability("confidence", confidence)
 
     def rejected(eps: float) -> bool:
         return _p_value(eps, m, r, v, delta) < threshold
@@ -146,7 +148,7 @@ def _guess_outcome(scores: np.ndarray, members: np.ndarray, k_pos: int, k_neg: i
 def sample_inclusion_mask(num_canaries: int, *, seed: int | None = 0) -> np.ndarray:
     """Which of ``num_canaries`` canaries go into training: independent fair coins, as the one-run audit's
     analysis assumes (draw this BEFORE training; train on the canaries marked True, score all of them)."""
-    m = check_count(num_canaries, "num_canaries", minimum=1)
+    m = check_int("num_canaries", num_canaries, minimum=1)
     return np.random.default_rng(seed).random(m) < 0.5
 
 
@@ -173,8 +175,8 @@ def one_run_audit(
     :func:`scan_one_run_audit` for a corrected search.
     """
     s, mask = _check_audit_inputs(scores, inclusion_mask)
-    k_pos = check_count(num_guesses_pos, "num_guesses_pos")
-    k_neg = check_count(num_guesses_neg, "num_guesses_neg")
+    k_pos = check_int("num_guesses_pos", num_guesses_pos, minimum=0)
+    k_neg = check_int("num_guesses_neg", num_guesses_neg, minimum=0)
     if k_pos + k_neg > s.size:
         raise ValueError(
             f"num_guesses_pos + num_guesses_neg must be <= the number of canaries ({s.size}), found {k_pos + k_neg}"
@@ -200,8 +202,8 @@ def run_one_run_audit(
     ``train_and_score(inclusion_mask) -> scores`` (train with the included canaries only, then score ALL
     ``num_canaries``; higher = more likely included), and audit with guess counts fixed here, in advance."""
     mask = sample_inclusion_mask(num_canaries, seed=seed)
-    k_pos = check_count(num_guesses_pos, "num_guesses_pos")
-    k_neg = check_count(num_guesses_neg, "num_guesses_neg")
+    k_pos = check_int("num_guesses_pos", num_guesses_pos, minimum=0)
+    k_neg = check_int("num_guesses_neg", num_guesses_neg, minimum=0)
     if k_pos + k_neg > mask.size:
         raise ValueError(f"num_guesses_pos + num_guesses_neg must be <= num_canaries ({mask.size}), found {k_pos + k_neg}")
     scores = as_scores(train_and_score(mask.copy()), "scores returned by train_and_score")
@@ -232,12 +234,12 @@ def scan_one_run_audit(
       none of the audited canaries, so no correction is needed, at the cost of half the canaries.
     """
     s, mask = _check_audit_inputs(scores, inclusion_mask)
-    grid = [(check_count(kp, "k+"), check_count(kn, "k-")) for kp, kn in guesses]
+    grid = [(check_int("k+", kp, minimum=0), check_int("k-", kn, minimum=0)) for kp, kn in guesses]
     if not grid:
         raise ValueError("guesses must hold at least one (k+, k-) pair, found none")
     rng = np.random.default_rng(seed)
     if method == "bonferroni":
-        level = 1.0 - (1.0 - check_confidence(confidence)) / len(grid)
+        level = 1.0 - (1.0 - check_probability("confidence", confidence)) / len(grid)
         results = [
             one_run_audit(s, mask, num_guesses_pos=kp, num_guesses_neg=kn, delta=delta, confidence=level, seed=rng.integers(2**32))
             for kp, kn in grid
@@ -332,8 +334,8 @@ def multi_run_audit(
     """
     member = as_scores(member_scores, "member_scores")
     nonmember = as_scores(nonmember_scores, "nonmember_scores")
-    delta = check_delta(delta)
-    alpha = 1.0 - check_confidence(confidence)
+    delta = check_number("delta", delta, low=0.0, high=1.0, high_open=True)
+    alpha = 1.0 - check_probability("confidence", confidence)
     if thresholds is not None:
         t = as_scores(thresholds, "thresholds")
         eps, tpr_lo, fpr_hi = _eps_bounds(member, nonmember, t, delta, alpha / t.size)

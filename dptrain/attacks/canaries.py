@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from ._validate import as_scores, check_count
+from dptrain.validation import check_int, check_number
+
+from ._validate import as_scores
 
 __all__ = [
     "SLOT_ALPHABETS",
@@ -120,7 +122,7 @@ class CanaryTemplate:
 
     def sample_indices(self, num: int, *, seed: int | None = 0, exclude=()) -> np.ndarray:
         """``num`` distinct uniform candidate indices, none in ``exclude``."""
-        num = check_count(num, "num")
+        num = check_int("num", num, minimum=0)
         excluded = {int(i) for i in exclude}
         if num > self.space_size - len(excluded):
             raise ValueError(f"num must be <= {self.space_size - len(excluded)} free candidates, found {num}")
@@ -153,7 +155,7 @@ def make_canaries(
 ) -> list[Canary]:
     """``num`` distinct random canaries from ``template`` with a seeded RNG."""
     tpl = template if isinstance(template, CanaryTemplate) else CanaryTemplate(template)
-    indices = tpl.sample_indices(check_count(num, "num", minimum=1), seed=seed)
+    indices = tpl.sample_indices(check_int("num", num, minimum=1), seed=seed)
     return [Canary(tpl.candidate(int(i)), tpl.secret(int(i)), int(i)) for i in indices]
 
 
@@ -167,7 +169,7 @@ def insert_canaries(texts, canaries, repetitions, *, seed: int | None = 0) -> li
     reps = [repetitions] * len(canary_texts) if np.ndim(repetitions) == 0 else list(repetitions)
     if len(reps) != len(canary_texts):
         raise ValueError(f"repetitions must be one int or one count per canary ({len(canary_texts)}), found {len(reps)}")
-    extra = [t for t, r in zip(canary_texts, reps) for _ in range(check_count(r, "repetitions"))]
+    extra = [t for t, r in zip(canary_texts, reps) for _ in range(check_int("repetitions", r, minimum=0))]
     combined = texts + extra
     order = np.random.default_rng(seed).permutation(len(combined))
     return [combined[i] for i in order]
@@ -175,9 +177,7 @@ def insert_canaries(texts, canaries, repetitions, *, seed: int | None = 0) -> li
 
 # ---------------------------------------------------------------------------------------------------- exposure
 def _space_bits(space_size) -> float:
-    if isinstance(space_size, bool) or not isinstance(space_size, (int, np.integer, float)) or space_size < 1:
-        raise ValueError(f"space_size must be a number >= 1, found {space_size!r}")
-    return math.log2(space_size)
+    return math.log2(check_number("space_size", space_size, low=1.0))
 
 
 def exposure_exact(canary_scores, candidate_scores) -> np.ndarray:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from ._validate import as_bool_mask, as_scores, check_count, check_probability
+from dptrain.validation import check_int, check_probability
+
+from ._validate import as_bool_mask, as_scores
 
 __all__ = ["lira_online", "lira_offline", "ShadowModels", "train_shadow_models", "inclusion_masks"]
 
@@ -85,9 +87,9 @@ def lira_offline(target_stats, shadow_stats, in_mask, *, fix_variance: bool = Fa
 
 def inclusion_masks(num_shadow: int, num_examples: int, *, pkeep: float = 0.5, seed: int | None = 0) -> np.ndarray:
     """(S, N) bool mask where every example is IN for exactly round(pkeep * S) shadows, chosen at random."""
-    s = check_count(num_shadow, "num_shadow", minimum=2)
-    n = check_count(num_examples, "num_examples", minimum=1)
-    keep = int(round(check_probability(pkeep, "pkeep") * s))
+    s = check_int("num_shadow", num_shadow, minimum=2)
+    n = check_int("num_examples", num_examples, minimum=1)
+    keep = int(round(check_probability("pkeep", pkeep) * s))
     if not 0 < keep < s:
         raise ValueError(f"pkeep * num_shadow must round to 1..{s - 1} so each example has IN and OUT shadows, found {keep}")
     rng = np.random.default_rng(seed)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from ._validate import as_scores, check_count
+from dptrain.validation import check_int
+
+from ._validate import as_scores
 
 __all__ = ["roc_curve", "roc_auc", "tpr_at_fpr", "roc_metrics", "METRIC_KEYS"]
 
@@ -93,7 +95,7 @@ def roc_metrics(member_scores, nonmember_scores, *, bootstrap: int = 0, seed: in
     resamples (members and non-members resampled separately, with replacement).
     """
     member, nonmember = _pair(member_scores, nonmember_scores)
-    b = check_count(bootstrap, "bootstrap")
+    b = check_int("bootstrap", bootstrap, minimum=0)
     out: dict = _metrics(member, nonmember)
     if b:
         rng = np.random.default_rng(seed)

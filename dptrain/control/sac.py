@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from dptrain.validation import check_fraction, check_positive_int
 
 __all__ = ["SAC", "ReplayBuffer"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 import numpy as np
+
 from dptrain.validation import check_positive, check_positive_int
 
 __all__ = ["dirichlet_split", "demo_label", "demo_federation", "DEMO_LABELS"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
+
 from dptrain.validation import check_positive_int
 
 __all__ = ["completion_prompts", "greedy_completions", "completions_report", "COMPLETIONS_NOTE", "MAX_NEW_TOKENS"]

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
+
 from dptrain.validation import check_positive_int
 
 __all__ = ["tiny_gpt2", "load_pretrained", "detect_lora_targets", "apply_lora", "trainable_parameters"]

@@ -10,6 +10,7 @@ from importlib import import_module
 from typing import Iterable
 
 import torch
+
 from dptrain.validation import check_positive
 
 __all__ = ["OPTIMIZERS", "build_optimizer"]

@@ -15,18 +15,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from dptrain.validation import check_positive_int
 
-from ._common import (
-    adam_direction,
-    canonical_matrix,
-    canonical_shape,
-    check_betas,
-    check_nonnegative,
-    check_positive,
-    from_canonical,
-    is_matrix,
-)
+from dptrain.validation import check_nonnegative, check_positive, check_positive_int
+
+from ._common import adam_direction, canonical_matrix, canonical_shape, check_betas, from_canonical, is_matrix
 
 __all__ = ["LowMemoryOptimizer"]
 

@@ -14,17 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dptrain.validation import check_fraction, check_nonnegative, check_positive, check_positive_int  # noqa: F401  re-exported
+from dptrain.validation import check_fraction
 
 __all__ = [
     "adam_compute_dtype",
     "adam_direction",
     "canonical_matrix",
     "check_betas",
-    "check_fraction",
-    "check_nonnegative",
-    "check_positive",
-    "check_positive_int",
     "derive_seed",
     "from_canonical",
     "gaussian_projection",

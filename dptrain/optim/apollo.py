@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from dptrain.validation import check_choice, check_int, check_number
+
+from dptrain.validation import check_choice, check_int, check_number, check_positive, check_positive_int
 
 from ._base import LowMemoryOptimizer, check_rank, resolve_rank
-from ._common import adam_direction, check_positive, check_positive_int, derive_seed, gaussian_projection
+from ._common import adam_direction, derive_seed, gaussian_projection
 
 __all__ = ["Apollo", "ApolloMini"]
 

@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dptrain.validation import check_positive_int
+
 from ._base import LowMemoryOptimizer, resolve_rank
-from ._common import adam_direction, check_positive_int
+from ._common import adam_direction
 
 __all__ = ["DCTAdamW", "dct_basis"]
 

@@ -20,17 +20,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from dptrain.validation import check_choice, check_int
+
+from dptrain.validation import check_choice, check_fraction, check_int, check_nonnegative, check_positive_int
 
 from ._base import LowMemoryOptimizer
-from ._common import (
-    adam_direction,
-    check_fraction,
-    check_nonnegative,
-    check_positive_int,
-    derive_seed,
-    random_columns,
-)
+from ._common import adam_direction, derive_seed, random_columns
 from .galore import top_left_singular_vectors
 
 __all__ = ["Frugal"]

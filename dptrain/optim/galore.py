@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dptrain.validation import check_positive, check_positive_int
+
 from ._base import LowMemoryOptimizer, check_rank, resolve_rank
-from ._common import adam_direction, check_positive, check_positive_int
+from ._common import adam_direction
 
 __all__ = ["GaLoreAdamW", "top_left_singular_vectors"]
 

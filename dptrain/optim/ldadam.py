@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dptrain.validation import check_fraction, check_positive_int
+
 from ._base import LowMemoryOptimizer
-from ._common import adam_compute_dtype, adam_direction, canonical_matrix, check_fraction, check_positive_int, from_canonical
+from ._common import adam_compute_dtype, adam_direction, canonical_matrix, from_canonical
 
 __all__ = ["LDAdam"]
 

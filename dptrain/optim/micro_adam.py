@@ -30,8 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dptrain.validation import check_fraction, check_positive_int
+
 from ._base import LowMemoryOptimizer
-from ._common import adam_compute_dtype, check_fraction, check_positive_int
+from ._common import adam_compute_dtype
 
 __all__ = ["MicroAdam", "dequantize_4bit", "quantize_4bit"]
 

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dptrain.validation import check_fraction, check_positive_int
+
 from ._base import LowMemoryOptimizer
-from ._common import check_fraction, check_positive_int
 
 __all__ = ["SGDSaI", "gradient_snr"]
 

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dptrain.validation import check_positive_int
+
 from ._base import LowMemoryOptimizer
-from ._common import check_positive_int
 
 __all__ = ["Swan", "inverse_sqrt_newton_schulz"]
 

@@ -70,19 +70,19 @@ class AccountantSuite:
         assert self.eps(0.01, 1.0, 300) < forward.get_epsilon(1e-5) < self.eps(0.1, 0.8, 550)
 
     @pytest.mark.parametrize(
-        "kwargs",
+        "kwargs, error",
         [
-            dict(noise_multiplier=1.0, sample_rate=1.5),
-            dict(noise_multiplier=1.0, sample_rate=0.0),
-            dict(noise_multiplier=-1.0, sample_rate=0.1),
-            dict(noise_multiplier=float("nan"), sample_rate=0.1),
-            dict(noise_multiplier=1.0, sample_rate=0.1, steps=-1),
-            dict(noise_multiplier=1.0, sample_rate=0.1, steps=2.5),
-            dict(noise_multiplier=1.0, sample_rate=0.1, steps=True),
+            (dict(noise_multiplier=1.0, sample_rate=1.5), ValueError),
+            (dict(noise_multiplier=1.0, sample_rate=0.0), ValueError),
+            (dict(noise_multiplier=-1.0, sample_rate=0.1), ValueError),
+            (dict(noise_multiplier=float("nan"), sample_rate=0.1), ValueError),
+            (dict(noise_multiplier=1.0, sample_rate=0.1, steps=-1), ValueError),
+            (dict(noise_multiplier=1.0, sample_rate=0.1, steps=2.5), TypeError),
+            (dict(noise_multiplier=1.0, sample_rate=0.1, steps=True), TypeError),
         ],
     )
-    def test_bad_step_input_raises_naming_the_value(self, kwargs):
-        with pytest.raises(ValueError, match="found"):
+    def test_bad_step_input_raises_naming_the_value(self, kwargs, error):
+        with pytest.raises(error, match="found"):
             self.make().step(**kwargs)
 
     @pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, 2])

@@ -62,23 +62,23 @@ def test_registry_adds_names_and_refuses_a_taken_one():
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "kwargs,error,match",
     [
-        (dict(sample_rate=1.5), "sample_rate.*1.5"),
-        (dict(sample_rate=0), "sample_rate"),
-        (dict(noise_multiplier=-0.5), "noise_multiplier.*-0.5"),
-        (dict(delta=0.0), "delta"),
-        (dict(delta=1.0), "delta"),
-        (dict(steps=10.5), "steps.*10.5"),
-        (dict(steps=-3), "steps.*-3"),
-        (dict(steps=True), "steps.*True"),
-        (dict(accountant="moments"), "moments"),
+        (dict(sample_rate=1.5), ValueError, "sample_rate.*1.5"),
+        (dict(sample_rate=0), ValueError, "sample_rate"),
+        (dict(noise_multiplier=-0.5), ValueError, "noise_multiplier.*-0.5"),
+        (dict(delta=0.0), ValueError, "delta"),
+        (dict(delta=1.0), ValueError, "delta"),
+        (dict(steps=10.5), TypeError, "steps.*10.5"),
+        (dict(steps=-3), ValueError, "steps.*-3"),
+        (dict(steps=True), TypeError, "steps.*True"),
+        (dict(accountant="moments"), ValueError, "moments"),
     ],
 )
-def test_compute_epsilon_bad_input(kwargs, match):
+def test_compute_epsilon_bad_input(kwargs, error, match):
     args = dict(sample_rate=0.01, noise_multiplier=1.0, steps=100, delta=1e-5)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         compute_epsilon(**args)
 
 

@@ -170,12 +170,12 @@ def test_multi_run_audit_bonferroni_bound_by_hand():
     [
         (dict(num_canaries=10, num_guesses=5, num_correct=6), "num_correct must be <= num_guesses"),
         (dict(num_canaries=10, num_guesses=11, num_correct=3), "num_guesses must be <= num_canaries"),
-        (dict(num_canaries=10, num_guesses=5, num_correct=3, confidence=1.0), "confidence must be in"),
-        (dict(num_canaries=10, num_guesses=5, num_correct=3, confidence=0.0), "confidence must be in"),
-        (dict(num_canaries=10, num_guesses=5, num_correct=3, delta=1.0), "delta must be in"),
-        (dict(num_canaries=10, num_guesses=5, num_correct=3, delta=-0.1), "delta must be in"),
-        (dict(num_canaries=0, num_guesses=0, num_correct=0), "num_canaries must be >= 1"),
-        (dict(num_canaries=10, num_guesses=-1, num_correct=0), "num_guesses must be >= 0"),
+        (dict(num_canaries=10, num_guesses=5, num_correct=3, confidence=1.0), "confidence must be a number in"),
+        (dict(num_canaries=10, num_guesses=5, num_correct=3, confidence=0.0), "confidence must be a number in"),
+        (dict(num_canaries=10, num_guesses=5, num_correct=3, delta=1.0), "delta must be a number in"),
+        (dict(num_canaries=10, num_guesses=5, num_correct=3, delta=-0.1), "delta must be a number in"),
+        (dict(num_canaries=0, num_guesses=0, num_correct=0), "num_canaries must be an integer >= 1"),
+        (dict(num_canaries=10, num_guesses=-1, num_correct=0), "num_guesses must be an integer >= 0"),
     ],
 )
 def test_one_run_bad_counts(kwargs, match):

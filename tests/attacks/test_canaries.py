@@ -128,7 +128,7 @@ def test_skewnorm_extrapolation_on_skewed_reference():
         (lambda: CanaryTemplate("{d}").fill("a"), ValueError, "secret character 0"),
         (lambda: make_canaries("{d}", num=11), ValueError, "num must be <= 10"),
         (lambda: insert_canaries(["a"], ["b", "c"], [1]), ValueError, "one count per canary"),
-        (lambda: insert_canaries(["a"], ["b"], -1), ValueError, "repetitions must be >= 0"),
+        (lambda: insert_canaries(["a"], ["b"], -1), ValueError, "repetitions must be an integer >= 0"),
         (lambda: exposure_exact([1.0], []), ValueError, "candidate_scores must not be empty"),
         (lambda: exposure_interpolated([np.nan], [1.0], space_size=10), ValueError, "canary_scores must be finite"),
         (lambda: exposure_interpolated([1.0], [1.0], space_size=0), ValueError, "space_size must be"),
