@@ -13,7 +13,6 @@ if __name__ == "dptrain.kernels":
     from .embedding_norms import per_sample_embedding_grad_norms, per_sample_embedding_grad_sq_norms
     from .fused_clip import fused_clip_linear_grad
     from .linear_norms import choose_linear_strategy, per_sample_linear_grad_norms, per_sample_linear_grad_sq_norms
-    from .norm_layers import per_sample_norm_layer_bias_grads, per_sample_norm_layer_grad_norms, per_sample_norm_layer_grads
     from .scaled_grad import scaled_linear_grad
 
 __all__ = [
@@ -25,7 +24,4 @@ __all__ = [
     "fused_clip_linear_grad",
     "per_sample_embedding_grad_norms",
     "per_sample_embedding_grad_sq_norms",
-    "per_sample_norm_layer_grads",
-    "per_sample_norm_layer_bias_grads",
-    "per_sample_norm_layer_grad_norms",
 ]

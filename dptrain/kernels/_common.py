@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -14,6 +14,14 @@ __all__ = [
     "INTERPRETED",
     "DOT_FP32",
     "dot_acc",
+    "upper_tile",
+    "gram_tile",
+    "scaled_tile",
+    "autotune_configs",
+    "min_block",
+    "rows_2d",
+    "SUM_BLOCKS",
+    "SUM_TABLE",
     "MEMORY_CAP_BYTES",
     "triton",
     "tl",
@@ -61,8 +69,93 @@ if HAS_TRITON:
             b = b.to(tl.float32)
         return tl.dot(a, b, acc)
 
+    @triton.jit
+    def upper_tile(p, T, BLOCK_T: tl.constexpr):
+        """Program ``p``'s tile of a symmetric (T, T) Gram: row and column offsets, whether it does work (on or
+        above the diagonal) and its weight in the sum (2 above the diagonal, 1 on it, 0 below)."""
+        n_t = tl.cdiv(T, BLOCK_T)
+        tr = p // n_t
+        tc = p % n_t
+        offs_r = tr * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_c = tc * BLOCK_T + tl.arange(0, BLOCK_T)
+        upper = tc >= tr
+        weight = tl.where(tc > tr, 2.0, tl.where(upper, 1.0, 0.0))
+        return offs_r, offs_c, upper, weight
+
+    @triton.jit
+    def gram_tile(base, offs_r, offs_c, T, D, end, stride_t, stride_d,
+                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+        """(BLOCK_T, BLOCK_T) tile of a sample's Gram matrix v v^T, v: (T, D) at ``base``, summed over the
+        features [0, end) (end = 0: a skipped tile), fp32."""
+        offs_k = tl.arange(0, BLOCK_K)
+        gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        for k0 in range(0, end, BLOCK_K):
+            k = k0 + offs_k
+            a = tl.load(base + offs_r[:, None] * stride_t + k[None, :] * stride_d,
+                        mask=(offs_r[:, None] < T) & (k[None, :] < D), other=0.0)  # (BLOCK_T, BLOCK_K)
+            bt = tl.load(base + offs_c[None, :] * stride_t + k[:, None] * stride_d,
+                         mask=(offs_c[None, :] < T) & (k[:, None] < D), other=0.0)  # (BLOCK_K, BLOCK_T)
+            gram = dot_acc(a, bt, gram, DOT_FP32)
+        return gram
+
+    @triton.jit
+    def scaled_tile(
+        x_ptr, g_ptr, scale_ptr,
+        max_norm, eps,
+        N, T, D_IN, D_OUT,
+        stride_xr, stride_xd, stride_gr, stride_gd,
+        offs_o, offs_i,
+        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, CLIP: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+    ):
+        """Tile (BLOCK_O, BLOCK_I) of sum_r s[r // T] g[r, o] x[r, i] over the N = B*T rows, fp32.
+
+        CLIP=False: s = scale_ptr[b]. CLIP=True: scale_ptr holds squared norms and s = min(1, C / (norm + eps)),
+        the clip factor computed in registers (the formula of ``clip.clip_factors``).
+        """
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        for k0 in range(0, N, BLOCK_K):
+            r = k0 + offs_k
+            row_ok = r < N
+            s = tl.load(scale_ptr + r // T, mask=row_ok, other=0.0)  # (BLOCK_K,) per-row sample scale
+            if CLIP:
+                s = tl.minimum(max_norm / (tl.sqrt(s) + eps), 1.0)
+            g_tile = tl.load(g_ptr + r[None, :].to(tl.int64) * stride_gr + offs_o[:, None] * stride_gd,
+                             mask=row_ok[None, :] & (offs_o[:, None] < D_OUT), other=0.0)  # (BLOCK_O, BLOCK_K)
+            x_tile = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_xr + offs_i[None, :] * stride_xd,
+                             mask=row_ok[:, None] & (offs_i[None, :] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_I)
+            g_tile = (g_tile.to(tl.float32) * s[None, :]).to(x_tile.dtype)
+            acc = dot_acc(g_tile, x_tile, acc, DOT_FP32)
+        return acc
+
 else:  # pragma: no cover - depends on the environment
-    dot_acc = None
+    dot_acc = upper_tile = gram_tile = scaled_tile = None
+
+
+def autotune_configs(names: Sequence[str], table: Sequence[tuple]) -> list:
+    """One ``triton.Config`` per row of ``table`` (the block sizes in ``names`` order, then num_warps and
+    num_stages); under the interpreter a single small config (every block 16)."""
+    if INTERPRETED:
+        return [triton.Config({name: 16 for name in names})]
+    return [triton.Config(dict(zip(names, row)), num_warps=row[-2], num_stages=row[-1]) for row in table]
+
+
+def min_block(configs: list, name: str) -> int:
+    """The smallest ``name`` block of ``configs`` (sizes the partial-sum buffers so that any config fits)."""
+    return min(c.kwargs[name] for c in configs)
+
+
+def rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) as a (B*T, d) tensor with a row stride (copies only if the (B, T) dims cannot merge)."""
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
+
+
+# Autotune tables: (blocks..., num_warps, num_stages). Linear-layer sums (BLOCK_O, BLOCK_I, BLOCK_K) are shared by
+# the scaled-gradient and fused-clip kernels.
+SUM_BLOCKS = ("BLOCK_O", "BLOCK_I", "BLOCK_K")
+SUM_TABLE = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (256, 128, 32, 8, 3),
+             (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
 
 
 def is_half(dtype: torch.dtype) -> bool:

@@ -16,13 +16,15 @@ import torch
 from ._common import (
     DOT_FP32,
     HAS_TRITON,
-    INTERPRETED,
     as_3d,
+    autotune_configs,
     batch_chunks,
     check_strategy,
-    dot_acc,
+    gram_tile,
+    min_block,
     tl,
     triton,
+    upper_tile,
     use_triton,
 )
 
@@ -79,13 +81,8 @@ def embedding_grad_sq_norms_torch(ids: torch.Tensor, g: torch.Tensor, strategy: 
 
 # ----------------------------------------------------------------------------------------------- Triton kernel
 if HAS_TRITON:
-    if INTERPRETED:
-        _CONFIGS = [triton.Config({"BLOCK_T": 16, "BLOCK_K": 16})]
-    else:
-        _CONFIGS = [
-            triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bt, bk, w, s in [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 4)]
-        ]
+    _CONFIGS = autotune_configs(("BLOCK_T", "BLOCK_K"), [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3),
+                                                         (32, 128, 4, 4)])
 
     # partial sums: zeroed again after tuning, so no config leaves stale tiles behind
     @triton.autotune(configs=_CONFIGS, key=["T", "D"], reset_to_zero=["out_ptr"])
@@ -100,37 +97,22 @@ if HAS_TRITON:
         """One program: Gram tile (g g^T)[r, c] of sample b masked by token equality, summed (upper tiles only)."""
         b = tl.program_id(0)
         p = tl.program_id(1)
-        n_t = tl.cdiv(T, BLOCK_T)
-        tr = p // n_t
-        tc = p % n_t
-        offs_r = tr * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_c = tc * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_k = tl.arange(0, BLOCK_K)
+        offs_r, offs_c, upper, weight = upper_tile(p, T, BLOCK_T)
         id_base = ids_ptr + b.to(tl.int64) * stride_ib
-        g_base = g_ptr + b.to(tl.int64) * stride_gb
         id_r = tl.load(id_base + offs_r * stride_it, mask=offs_r < T, other=-1)
         id_c = tl.load(id_base + offs_c * stride_it, mask=offs_c < T, other=-2)
         same = id_r[:, None] == id_c[None, :]  # (BLOCK_T, BLOCK_T); padded rows never match
         if HAS_PAD:
             same = same & (id_r[:, None] != pad)
-        upper = tc >= tr
-        end = tl.where(upper, D, 0)
-        gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        for k0 in range(0, end, BLOCK_K):
-            k = k0 + offs_k
-            a = tl.load(g_base + offs_r[:, None] * stride_gt + k[None, :] * stride_gd,
-                        mask=(offs_r[:, None] < T) & (k[None, :] < D), other=0.0)  # (BLOCK_T, BLOCK_K)
-            bt = tl.load(g_base + offs_c[None, :] * stride_gt + k[:, None] * stride_gd,
-                         mask=(offs_c[None, :] < T) & (k[:, None] < D), other=0.0)  # (BLOCK_K, BLOCK_T)
-            gram = dot_acc(a, bt, gram, DOT_FP32)
-        weight = tl.where(tc > tr, 2.0, tl.where(upper, 1.0, 0.0))
+        gram = gram_tile(g_ptr + b.to(tl.int64) * stride_gb, offs_r, offs_c, T, D, tl.where(upper, D, 0),
+                         stride_gt, stride_gd, BLOCK_T, BLOCK_K, DOT_FP32)
         total = tl.sum(tl.sum(tl.where(same, gram, 0.0), axis=1), axis=0)
         tl.store(out_ptr + b * out_stride + p, weight * total)
 
 
 def embedding_grad_sq_norms_triton(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
     B, T, d = g.shape
-    n_t = triton.cdiv(T, min(c.kwargs["BLOCK_T"] for c in _CONFIGS))
+    n_t = triton.cdiv(T, min_block(_CONFIGS, "BLOCK_T"))
     partial = torch.zeros(B, n_t * n_t, dtype=torch.float32, device=g.device)
 
     def grid(meta):

@@ -13,9 +13,14 @@ import torch
 from ._common import (
     DOT_FP32,
     HAS_TRITON,
+    SUM_BLOCKS,
+    SUM_TABLE,
+    autotune_configs,
     check_linear_inputs,
     check_per_sample,
     check_strategy,
+    rows_2d,
+    scaled_tile,
     tl,
     triton,
     use_triton,
@@ -39,7 +44,7 @@ def fused_clip_linear_grad_torch(x, g, max_norm, extra_sq_norms, strategy):
 
 # ----------------------------------------------------------------------------------------------- Triton kernel
 if HAS_TRITON:
-    from .scaled_grad import _CONFIGS, _scaled_tile, rows_2d
+    _CONFIGS = autotune_configs(SUM_BLOCKS, SUM_TABLE)
 
     @triton.autotune(configs=_CONFIGS, key=["N", "D_IN", "D_OUT"])
     @triton.jit
@@ -55,7 +60,7 @@ if HAS_TRITON:
         pid_i = tl.program_id(1)
         offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-        acc = _scaled_tile(x_ptr, g_ptr, sq_ptr, max_norm, eps, N, T, D_IN, D_OUT,
+        acc = scaled_tile(x_ptr, g_ptr, sq_ptr, max_norm, eps, N, T, D_IN, D_OUT,
                            stride_xr, stride_xd, stride_gr, stride_gd, offs_o, offs_i, BLOCK_O, BLOCK_I, BLOCK_K, True, DOT_FP32)
         tl.store(out_ptr + offs_o[:, None] * stride_oo + offs_i[None, :] * stride_oi,
                  acc.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < D_OUT) & (offs_i[None, :] < D_IN))

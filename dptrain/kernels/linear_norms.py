@@ -16,12 +16,15 @@ import torch
 from ._common import (
     DOT_FP32,
     HAS_TRITON,
-    INTERPRETED,
+    autotune_configs,
     batch_chunks,
     check_linear_inputs,
     check_strategy,
     dot_acc,
+    gram_tile,
+    min_block,
     tl,
+    upper_tile,
     triton,
     use_triton,
 )
@@ -72,25 +75,12 @@ def linear_grad_sq_norms_torch(x: torch.Tensor, g: torch.Tensor, strategy: str) 
 
 # ----------------------------------------------------------------------------------------------- Triton kernels
 if HAS_TRITON:
-    if INTERPRETED:  # one small config keeps interpreter runs (CI) fast
-        _INST_CONFIGS = [triton.Config({"BLOCK_O": 16, "BLOCK_I": 16, "BLOCK_T": 16})]
-        _GHOST_CONFIGS = [triton.Config({"BLOCK_T": 16, "BLOCK_K": 16})]
-    else:
-        _INST_CONFIGS = [
-            triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=s)
-            for bo, bi, bt, w, s in [
-                (128, 128, 32, 8, 3),
-                (128, 128, 64, 8, 3),
-                (64, 128, 64, 4, 4),
-                (128, 64, 64, 4, 4),
-                (64, 64, 64, 4, 4),
-                (128, 256, 32, 8, 3),
-            ]
-        ]
-        _GHOST_CONFIGS = [
-            triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bt, bk, w, s in [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 8, 4)]
-        ]
+    _INST_CONFIGS = autotune_configs(("BLOCK_O", "BLOCK_I", "BLOCK_T"), [
+        (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+        (128, 256, 32, 8, 3),
+    ])
+    _GHOST_CONFIGS = autotune_configs(("BLOCK_T", "BLOCK_K"), [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3),
+                                                               (128, 32, 8, 4)])
 
     # partial sums: zeroed again after tuning, so no config leaves stale tiles behind
     @triton.autotune(configs=_INST_CONFIGS, key=["T", "D_IN", "D_OUT"], reset_to_zero=["out_ptr"])
@@ -143,39 +133,14 @@ if HAS_TRITON:
         """
         b = tl.program_id(0)
         p = tl.program_id(1)
-        n_t = tl.cdiv(T, BLOCK_T)
-        tr = p // n_t
-        tc = p % n_t
-        offs_r = tr * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_c = tc * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_k = tl.arange(0, BLOCK_K)
+        offs_r, offs_c, upper, weight = upper_tile(p, T, BLOCK_T)
         x_base = x_ptr + b.to(tl.int64) * stride_xb
         g_base = g_ptr + b.to(tl.int64) * stride_gb
-        upper = tc >= tr
-        end_in = tl.where(upper, D_IN, 0)
-        end_out = tl.where(upper, D_OUT, 0)
-        gram_x = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        for k0 in range(0, end_in, BLOCK_K):
-            k = k0 + offs_k
-            a = tl.load(x_base + offs_r[:, None] * stride_xt + k[None, :] * stride_xd,
-                        mask=(offs_r[:, None] < T) & (k[None, :] < D_IN), other=0.0)  # (BLOCK_T, BLOCK_K)
-            bt = tl.load(x_base + offs_c[None, :] * stride_xt + k[:, None] * stride_xd,
-                         mask=(offs_c[None, :] < T) & (k[:, None] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_T)
-            gram_x = dot_acc(a, bt, gram_x, DOT_FP32)
-        gram_g = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        for k0 in range(0, end_out, BLOCK_K):
-            k = k0 + offs_k
-            a = tl.load(g_base + offs_r[:, None] * stride_gt + k[None, :] * stride_gd,
-                        mask=(offs_r[:, None] < T) & (k[None, :] < D_OUT), other=0.0)  # (BLOCK_T, BLOCK_K)
-            bt = tl.load(g_base + offs_c[None, :] * stride_gt + k[:, None] * stride_gd,
-                         mask=(offs_c[None, :] < T) & (k[:, None] < D_OUT), other=0.0)  # (BLOCK_K, BLOCK_T)
-            gram_g = dot_acc(a, bt, gram_g, DOT_FP32)
-        weight = tl.where(tc > tr, 2.0, tl.where(upper, 1.0, 0.0))
+        gram_x = gram_tile(x_base, offs_r, offs_c, T, D_IN, tl.where(upper, D_IN, 0), stride_xt, stride_xd,
+                           BLOCK_T, BLOCK_K, DOT_FP32)
+        gram_g = gram_tile(g_base, offs_r, offs_c, T, D_OUT, tl.where(upper, D_OUT, 0), stride_gt, stride_gd,
+                           BLOCK_T, BLOCK_K, DOT_FP32)
         tl.store(out_ptr + b * out_stride + p, weight * tl.sum(tl.sum(gram_x * gram_g, axis=1), axis=0))
-
-
-def _min_block(configs, name: str) -> int:
-    return min(c.kwargs[name] for c in configs)
 
 
 def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str) -> torch.Tensor:
@@ -188,7 +153,7 @@ def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str)
     d_out = g.shape[2]
     strides = (*x.stride(), *g.stride())
     if strategy == "ghost":
-        n_t = triton.cdiv(T, _min_block(_GHOST_CONFIGS, "BLOCK_T"))
+        n_t = triton.cdiv(T, min_block(_GHOST_CONFIGS, "BLOCK_T"))
         partial = torch.zeros(B, n_t * n_t, dtype=torch.float32, device=x.device)
 
         def grid(meta):
@@ -196,8 +161,8 @@ def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str)
 
         _linear_norms_ghost_kernel[grid](x, g, partial, T, d_in, d_out, *strides, partial.shape[1], DOT_FP32=DOT_FP32)
         return partial.sum(1)
-    n_tiles = triton.cdiv(d_out, _min_block(_INST_CONFIGS, "BLOCK_O")) * triton.cdiv(
-        d_in, _min_block(_INST_CONFIGS, "BLOCK_I")
+    n_tiles = triton.cdiv(d_out, min_block(_INST_CONFIGS, "BLOCK_O")) * triton.cdiv(
+        d_in, min_block(_INST_CONFIGS, "BLOCK_I")
     )
     partial = torch.zeros(B, n_tiles, dtype=torch.float32, device=x.device)
 

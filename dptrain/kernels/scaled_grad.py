@@ -11,11 +11,14 @@ import torch
 from ._common import (
     DOT_FP32,
     HAS_TRITON,
-    INTERPRETED,
+    SUM_BLOCKS,
+    SUM_TABLE,
+    autotune_configs,
     check_linear_inputs,
     check_per_sample,
-    dot_acc,
     is_half,
+    rows_2d,
+    scaled_tile,
     tl,
     triton,
     use_triton,
@@ -43,51 +46,7 @@ def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tens
 
 # ----------------------------------------------------------------------------------------------- Triton kernel
 if HAS_TRITON:
-    if INTERPRETED:
-        _CONFIGS = [triton.Config({"BLOCK_O": 16, "BLOCK_I": 16, "BLOCK_K": 16})]
-    else:
-        _CONFIGS = [
-            triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bo, bi, bk, w, s in [
-                (128, 128, 32, 8, 3),
-                (128, 128, 64, 8, 3),
-                (128, 256, 32, 8, 3),
-                (256, 128, 32, 8, 3),
-                (64, 128, 64, 4, 4),
-                (128, 64, 64, 4, 4),
-            ]
-        ]
-
-    @triton.jit
-    def _scaled_tile(
-        x_ptr, g_ptr, scale_ptr,
-        max_norm, eps,
-        N, T, D_IN, D_OUT,
-        stride_xr, stride_xd, stride_gr, stride_gd,
-        offs_o, offs_i,
-        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, CLIP: tl.constexpr,
-        DOT_FP32: tl.constexpr,
-    ):
-        """Tile (BLOCK_O, BLOCK_I) of sum_r s[r // T] g[r, o] x[r, i] over the N = B*T rows, fp32.
-
-        CLIP=False: s = scale_ptr[b]. CLIP=True: scale_ptr holds squared norms and s = min(1, C / (norm + eps)),
-        the clip factor computed in registers (the formula of ``clip.clip_factors``).
-        """
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-        for k0 in range(0, N, BLOCK_K):
-            r = k0 + offs_k
-            row_ok = r < N
-            s = tl.load(scale_ptr + r // T, mask=row_ok, other=0.0)  # (BLOCK_K,) per-row sample scale
-            if CLIP:
-                s = tl.minimum(max_norm / (tl.sqrt(s) + eps), 1.0)
-            g_tile = tl.load(g_ptr + r[None, :].to(tl.int64) * stride_gr + offs_o[:, None] * stride_gd,
-                             mask=row_ok[None, :] & (offs_o[:, None] < D_OUT), other=0.0)  # (BLOCK_O, BLOCK_K)
-            x_tile = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_xr + offs_i[None, :] * stride_xd,
-                             mask=row_ok[:, None] & (offs_i[None, :] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_I)
-            g_tile = (g_tile.to(tl.float32) * s[None, :]).to(x_tile.dtype)
-            acc = dot_acc(g_tile, x_tile, acc, DOT_FP32)
-        return acc
+    _CONFIGS = autotune_configs(SUM_BLOCKS, SUM_TABLE)
 
     @triton.autotune(configs=_CONFIGS, key=["N", "D_IN", "D_OUT"])
     @triton.jit
@@ -102,15 +61,10 @@ if HAS_TRITON:
         pid_i = tl.program_id(1)
         offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-        acc = _scaled_tile(x_ptr, g_ptr, scale_ptr, 1.0, 0.0, N, T, D_IN, D_OUT,
+        acc = scaled_tile(x_ptr, g_ptr, scale_ptr, 1.0, 0.0, N, T, D_IN, D_OUT,
                            stride_xr, stride_xd, stride_gr, stride_gd, offs_o, offs_i, BLOCK_O, BLOCK_I, BLOCK_K, False, DOT_FP32)
         tl.store(out_ptr + offs_o[:, None] * stride_oo + offs_i[None, :] * stride_oi,
                  acc.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < D_OUT) & (offs_i[None, :] < D_IN))
-
-
-def rows_2d(t: torch.Tensor) -> torch.Tensor:
-    """(B, T, d) as a (B*T, d) tensor with a row stride (copies only if the (B, T) dims cannot merge)."""
-    return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
 
 
 def scaled_linear_grad_triton(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -100,20 +100,6 @@ def test_embedding_norms(padding_idx, dtype, atol, rtol):
     torch.testing.assert_close(got.cpu().double(), want, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-def test_norm_layer_grads(dtype, atol, rtol):
-    gen = torch.Generator().manual_seed(4)
-    x_hat = torch.randn(3, 19, 21, generator=gen).to(device=DEVICE, dtype=dtype)
-    gy = torch.randn(3, 19, 21, generator=gen).to(device=DEVICE, dtype=dtype)
-    w_ref = (gy.double() * x_hat.double()).sum(1)
-    b_ref = gy.double().sum(1)
-    torch.testing.assert_close(K.per_sample_norm_layer_grads(x_hat, gy, backend="triton").double(), w_ref, atol=atol, rtol=rtol)
-    torch.testing.assert_close(K.per_sample_norm_layer_bias_grads(gy, backend="triton").double(), b_ref, atol=atol, rtol=rtol)
-    joint = (w_ref.square().sum(1) + b_ref.square().sum(1)).sqrt()
-    got = K.per_sample_norm_layer_grad_norms(x_hat, gy, include_bias=True, backend="triton")
-    torch.testing.assert_close(got.double(), joint, atol=atol, rtol=rtol)
-
-
 @pytest.mark.skipif(DEVICE != "cuda", reason="dispatch of backend='auto' to Triton happens on CUDA tensors only")
 def test_auto_backend_uses_triton_on_cuda(monkeypatch):
     import dptrain.kernels.linear_norms as ln
