@@ -1,6 +1,6 @@
 """Accountant speed and agreement: our RDP / PLD vs dp_accounting's PLD and Opacus' PRV, same run.
 
-Run: python benchmarks/accountants_speed.py            (about 5 minutes on 2 cores; --quick for a smoke run)
+Run: python -m benchmarks.accountants_speed            (about 5 minutes on 2 cores; --quick for a smoke run)
 Writes the "accountants" section of benchmarks/RESULTS.md.
 """
 
@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks._results import write_section
 
-from _results import write_section  # noqa: E402
-
-from dptrain.accountants import PLDAccountant, RDPAccountant, calibrate_noise, compute_epsilon  # noqa: E402
-from dptrain.accountants import _pld_math, rdp  # noqa: E402
+from dptrain.accountants import PLDAccountant, RDPAccountant, calibrate_noise, compute_epsilon
+from dptrain.accountants import _pld_math, rdp
 
 warnings.simplefilter("ignore")
 

@@ -1,7 +1,7 @@
 """What exact per-layer clipping costs by itself: each weight matrix of the engine_speed GPT-2, timed alone.
 
-    python benchmarks/clip_floor.py            # writes the "clip_floor" section of RESULTS.md
-    python benchmarks/clip_floor.py --reps 5   # quicker
+    python -m benchmarks.clip_floor            # writes the "clip_floor" section of RESULTS.md
+    python -m benchmarks.clip_floor --reps 5   # quicker
 
 For every weight matrix of the 4-layer GPT-2 of engine_speed (batch 8, length 128, width 256, vocab 8192), on the
 same random layer inputs x (B, T, d_in) and output gradients g (B, T, d_out), three computations are timed:
@@ -23,15 +23,12 @@ costs timed beside it (the noise for every parameter, the LayerNorms' per-sample
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from engine_speed import BATCH, LENGTH, VOCAB, _build  # noqa: E402  (the same model and sizes)
+from benchmarks.engine_speed import BATCH, LENGTH, VOCAB, _build  # the same model and sizes
 
 # (name, d_in, d_out, matrices of this shape in the model)
 LAYERS = [
@@ -47,20 +44,24 @@ MAX_NORM = 0.1  # small enough that every sample is clipped (the usual DP regime
 def _routes(d_in: int, d_out: int):
     """The three computations for one layer shape, as zero-argument callables on fixed random data."""
     from dptrain import kernels
-    from dptrain.grad_sample.contributions import Factored, densify, per_sample_sq_norms, weighted_sum
+    from dptrain.grad_sample.contributions import Factored, per_sample_sq_norms, weighted_sum
+    from dptrain.grad_sample.routes import RoutePlanner
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, LENGTH, d_in, generator=gen)  # (B, T, d_in)
     g = torch.randn(BATCH, LENGTH, d_out, generator=gen) / LENGTH  # (B, T, d_out)
     shape = torch.Size((d_out, d_in))
-    use = Factored(g, x, d_out, shape)  # per-sample gradient g_i^T x_i
-    buffer = torch.empty(BATCH, d_out, d_in)  # reused, as the tracker's arena is
+    weight = torch.nn.Parameter(torch.empty(shape))
+    pending = {weight: [Factored(g, x, d_out, shape)]}  # per-sample gradient g_i^T x_i
+    planner = RoutePlanner(dense_pass_cost=-1e9)  # the tracker's dense route (its reused arena), whatever the gain
+    routes = planner.plan(pending, BATCH, per_layer=True)
+    assert weight in routes.dense and routes.chunk == BATCH, "one chunk of explicit per-sample gradients"
 
     def non_dp():
         return g.reshape(-1, d_out).T @ x.reshape(-1, d_in)  # (d_out, d_in)
 
     def instantiate():
-        dense = densify([use], buffer)  # (B, d_out, d_in)
+        dense = planner.densify(routes, pending, slice(0, BATCH))[weight]  # (B, d_out, d_in)
         factors = kernels.clip_factors(per_sample_sq_norms([dense]).sqrt_(), MAX_NORM)  # (B,)
         return weighted_sum([dense], factors, shape)
 
@@ -162,9 +163,9 @@ def main() -> None:
         "cycles ahead of time, which hides part of it)."
     )
     print(body)
-    from _results import write_section
+    from benchmarks._results import write_section
 
-    write_section("clip_floor", body, command="python benchmarks/clip_floor.py"
+    write_section("clip_floor", body, command="python -m benchmarks.clip_floor"
                   + (f" --reps {args.reps}" if args.reps != 15 else ""))
 
 

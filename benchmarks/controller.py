@@ -1,8 +1,8 @@
 """Fixed-sigma DP-SGD vs the SAC controller at the same (epsilon, delta), several seeds.
 
-    python benchmarks/controller.py                 # synthetic classification task, 3 seeds (~3 min on 2 cores)
-    python benchmarks/controller.py --seeds 0 1 2 3 4 --epochs 10
-    python benchmarks/controller.py --task lm       # the dptrain.finetune LM demo (~10 min on 2 cores)
+    python -m benchmarks.controller                 # synthetic classification task, 3 seeds (~3 min on 2 cores)
+    python -m benchmarks.controller --seeds 0 1 2 3 4 --epochs 10
+    python -m benchmarks.controller --task lm       # the dptrain.finetune LM demo (~10 min on 2 cores)
 
 Task: a two-layer MLP (per-layer clipping: 2 groups) on a synthetic 10-class Gaussian-mixture problem.
 Methods (same model init, data, sampler and initial thresholds per seed):
@@ -21,7 +21,6 @@ import argparse
 import logging
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,11 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dptrain  # noqa: E402
-from dptrain.control import SACController  # noqa: E402
+import dptrain
+from dptrain.control import SACController
 
-from _results import write_section  # noqa: E402
+from benchmarks._results import write_section
 
 DELTA = 1e-5
 METHODS = ("fixed", "quantile", "sac-public", "sac-noisy")

@@ -1,7 +1,7 @@
 """Step time and peak memory: non-DP vs dptrain (flat, per_layer) vs Opacus (hooks, ghost), same run.
 
-    python benchmarks/engine_speed.py            # all configurations, writes the "engine_speed" section
-    python benchmarks/engine_speed.py --quick    # fewer steps
+    python -m benchmarks.engine_speed            # all configurations, writes the "engine_speed" section
+    python -m benchmarks.engine_speed --quick    # fewer steps
 
 Each (model, method) runs in its own subprocess so peak memory (VmHWM, reset after set-up) is its own; the
 processes of one model are alive together and take turns, so that the slow and quick phases of a shared machine
@@ -25,15 +25,10 @@ import sys
 import tempfile
 import time
 
+from benchmarks._harness import ROOT, lm_step, make_method, module_command, reset_rss_peak, rss_peak_mb
+from benchmarks._results import write_section
+
 BATCH, LENGTH, VOCAB = 8, 128, 8192
-
-
-def _rss_peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _build(model_name: str):
@@ -55,7 +50,6 @@ def _build(model_name: str):
 
 def worker(model_name: str, method: str) -> None:
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.set_num_threads(2)
@@ -65,46 +59,12 @@ def worker(model_name: str, method: str) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     # per-sample position ids: lets Opacus see a batch dimension on the position embedding
     extra = {"position_ids": torch.arange(LENGTH).repeat(BATCH, 1)} if model_name == "gpt2-untied" else {}
-    criterion = None
-    if method.startswith("dptrain"):
-        import dptrain
-
-        engine = dptrain.PrivacyEngine()
-        model, optimizer, _ = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                  max_grad_norm=1.0, noise_multiplier=1.0, poisson_sampling=False,
-                                                  clipping=method.split("-")[1])
-    elif method.startswith("opacus"):
-        import warnings
-
-        from opacus import PrivacyEngine as OpacusEngine
-
-        warnings.filterwarnings("ignore")
-        mode = method.split("-")[1]
-        criterion = torch.nn.CrossEntropyLoss()
-        out = OpacusEngine().make_private(module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-                                          noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-                                          grad_sample_mode=mode)
-        model, optimizer = out[0], out[1]
-        criterion = out[2] if mode == "ghost" else None
-
-    batch = ids[:BATCH]
-
-    def step():
-        logits = model(input_ids=batch, **extra).logits[:, :-1].contiguous()  # (B, T-1, V)
-        targets = batch[:, 1:]
-        if criterion is not None:  # Opacus ghost clipping: its loss wrapper runs the second backward
-            loss = criterion(logits.reshape(-1, VOCAB), targets.reshape(-1), shape=logits.shape)
-        else:
-            per_token = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none")
-            loss = per_token.view(BATCH, -1).mean(1).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    model, optimizer, criterion = make_method(method, model, optimizer, loader)
+    step = lm_step(model, optimizer, criterion, ids[:BATCH], VOCAB, **extra)
 
     step()
     step()
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS counter after set-up
-        f.write("5")
+    reset_rss_peak()  # after set-up
     _reply({"ready": True})
     for command in sys.stdin:  # one turn per line, until "end"
         if command.strip() == "end":
@@ -116,7 +76,7 @@ def worker(model_name: str, method: str) -> None:
             step()
             elapsed.append(time.perf_counter() - start)
         _reply({"step_s": statistics.median(elapsed)})
-    _reply({"peak_mb": _rss_peak_mb()})
+    _reply({"peak_mb": rss_peak_mb()})
 
 
 TIMED_PER_TURN = 3  # timed steps per turn, back to back; the turn's median is its time
@@ -131,10 +91,10 @@ class _Worker:
     """One (model, method) in its own process, stepping when told to."""
 
     def __init__(self, model_name: str, method: str):
-        cmd = [sys.executable, __file__, "--worker", model_name, method]
+        cmd = module_command("engine_speed", "--worker", model_name, method)
         self.stderr = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill up and block the worker
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                                     text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"})
         self.error: str | None = None
 
     def ask(self, command: str | None) -> dict:
@@ -238,10 +198,7 @@ def main() -> None:
         "| model | method | step ms | range ms | vs non-DP | peak RSS MB | vs non-DP |\n|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
     )
-    sys.path.insert(0, os.path.dirname(__file__))
-    from _results import write_section
-
-    command = " ".join(["python benchmarks/engine_speed.py", *sys.argv[1:]])
+    command = " ".join(["python -m benchmarks.engine_speed", *sys.argv[1:]])
     write_section("engine_speed", body, command=command)
 
 

@@ -1,4 +1,4 @@
-"""python benchmarks/error_feedback.py [--seeds 5]
+"""python -m benchmarks.error_feedback [--seeds 5]
 
 DP-SGD vs DiceSGD (clipping error feedback) at the SAME (eps, delta), each under the accounting dptrain
 implements: DP-SGD with the Poisson-subsampled Gaussian ledger, DiceSGD with the worst-case bound of
@@ -20,19 +20,16 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import dptrain  # noqa: E402
+import dptrain
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from benchmarks._results import write_section
 
 DELTA = 1e-5
 

@@ -1,4 +1,4 @@
-"""python benchmarks/federated.py [--seeds 3] [--rounds 6] [--local-steps 4] [--epsilons 1 3] [--base MODEL_DIR]
+"""python -m benchmarks.federated [--seeds 3] [--rounds 6] [--local-steps 4] [--epsilons 1 3] [--base MODEL_DIR]
 
 FedSVD vs FFA-LoRA vs DP-LoRA (both factors trained) at the SAME per-client (epsilon, delta), on the non-IID
 demo federation: 3 clients, the bundled synthetic records split by template with Dirichlet(0.5), the demo GPT-2
@@ -16,19 +16,17 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from benchmarks._results import write_section
 
-from dptrain.federated import get_factors, save_demo_base, set_factors  # noqa: E402
-from dptrain.federated.app import AppSettings, run_local  # noqa: E402
-from dptrain.finetune.loss import PadCollator, TokenizedTexts, perplexity  # noqa: E402
+from dptrain.federated import get_factors, save_demo_base, set_factors
+from dptrain.federated.app import AppSettings, run_local
+from dptrain.finetune.loss import PadCollator, TokenizedTexts, perplexity
 
 METHODS = {"fedsvd": "FedSVD (A frozen, server SVD)", "ffa": "FFA-LoRA (A frozen)", "dplora": "DP-LoRA (A and B)"}
 

@@ -1,4 +1,4 @@
-"""python benchmarks/fsdp_memory.py [--layers 8] [--width 1024] [--before OLD_CHECKOUT] [--no-write]
+"""python -m benchmarks.fsdp_memory [--layers 8] [--width 1024] [--before OLD_CHECKOUT] [--no-write]
 
 Per-rank gradient memory of DP-SGD on FSDP2 (``fully_shard``), 2 processes on gloo/CPU: a stack of ``--layers``
 Linear(width, width) layers, each its own FSDP unit, flat and per-layer clipping, sigma 1, 4 samples per rank.
@@ -25,10 +25,9 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from benchmarks._harness import ROOT
+from benchmarks._results import write_section
 
 WORLD, PER_RANK, WARMUP = 2, 4, 3
 MiB = 2**20
@@ -126,10 +125,10 @@ def measure(layers: int, width: int, clipping: str, checkout: str | None = None)
     """Per-rank figures (the larger over ranks) of one configuration, ``dptrain`` imported from ``checkout``."""
     import tempfile
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    if checkout is not None:
-        env["PYTHONPATH"] = os.pathsep.join([checkout, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    with tempfile.TemporaryDirectory() as out:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # dptrain from ``checkout`` first, benchmarks from here
+    paths = [checkout] if checkout is not None else []
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    with tempfile.TemporaryDirectory() as out:  # run by path: `python -m` would put this checkout's dptrain first
         subprocess.run([sys.executable, __file__, "--run", str(layers), str(width), clipping, out], env=env,
                        check=True, cwd=checkout or os.getcwd())
         ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(WORLD)]

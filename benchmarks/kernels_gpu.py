@@ -1,8 +1,8 @@
 """GPU benchmark of dptrain.kernels: per-op throughput and model-level DP step throughput (issue 4).
 
-    python benchmarks/kernels_gpu.py                 # on an NVIDIA GPU: both parts, writes the "kernels_gpu" section
-    python benchmarks/kernels_gpu.py --part ops      # only (1), per-op figures
-    python benchmarks/kernels_gpu.py --smoke         # tiny CPU configuration of (1) and (2): proves the script runs
+    python -m benchmarks.kernels_gpu                 # on an NVIDIA GPU: both parts, writes the "kernels_gpu" section
+    python -m benchmarks.kernels_gpu --part ops      # only (1), per-op figures
+    python -m benchmarks.kernels_gpu --smoke         # tiny CPU configuration of (1) and (2): proves the script runs
 
 (1) Per op, bf16, Llama-7B-like layers (d_out x d_in = 4096x4096, 11008x4096, 4096x11008), T in 512..2048 and
     B*T = --tokens: time of the plain weight-gradient GEMM g^T x (what non-DP training does), the Triton ops
@@ -23,9 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks._harness import ROOT, lm_step, make_method, module_command
 
 LAYERS = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (d_out, d_in)
 SEQ_LENS = [512, 1024, 2048]
@@ -156,7 +155,6 @@ MODEL_SMOKE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, n
 def model_worker(method: str, smoke: bool, batch: int, seq_len: int, steps: int) -> dict:
     """One method in this process: build the model, make it private, time optimizer steps."""
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -169,38 +167,8 @@ def model_worker(method: str, smoke: bool, batch: int, seq_len: int, steps: int)
     ids = torch.randint(0, vocab, (batch * 4, seq_len), generator=torch.Generator().manual_seed(0))
     loader = DataLoader(TensorDataset(ids), batch_size=batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    criterion = None
-    if method.startswith("dptrain"):
-        import dptrain
-
-        engine = dptrain.PrivacyEngine()
-        model, optimizer, _ = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                  max_grad_norm=1.0, noise_multiplier=1.0, poisson_sampling=False,
-                                                  clipping=method.split("-")[1])
-    elif method == "opacus-ghost":
-        import warnings
-
-        from opacus import PrivacyEngine as OpacusEngine
-
-        warnings.filterwarnings("ignore")
-        criterion = torch.nn.CrossEntropyLoss()
-        out = OpacusEngine().make_private(module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-                                          noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-                                          grad_sample_mode="ghost")
-        model, optimizer, criterion = out[0], out[1], out[2]
-    batch_ids = ids[:batch].to(device)
-
-    def step():
-        logits = model(input_ids=batch_ids).logits[:, :-1]  # (B, T-1, V)
-        targets = batch_ids[:, 1:]
-        if criterion is not None:  # Opacus ghost clipping: its loss wrapper runs the second backward
-            loss = criterion(logits.reshape(-1, vocab), targets.reshape(-1), shape=logits.shape)
-        else:
-            per_token = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), reduction="none")
-            loss = per_token.view(batch, -1).mean(1).mean()  # mean of per-sample means
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    model, optimizer, criterion = make_method(method, model, optimizer, loader)
+    step = lm_step(model, optimizer, criterion, ids[:batch].to(device), vocab)
 
     step()
     step()
@@ -222,9 +190,9 @@ def model_worker(method: str, smoke: bool, batch: int, seq_len: int, steps: int)
 def bench_model(smoke: bool, batch: int, seq_len: int, steps: int) -> list[dict]:
     rows = []
     for method in ["nondp", "dptrain-per_layer", "dptrain-flat", "opacus-ghost"]:
-        cmd = [sys.executable, __file__, "--model-worker", method, "--batch", str(batch), "--seq-len", str(seq_len),
-               "--steps", str(steps)] + (["--smoke"] if smoke else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = module_command("kernels_gpu", "--model-worker", method, "--batch", str(batch), "--seq-len", str(seq_len),
+                             "--steps", str(steps), *(["--smoke"] if smoke else []))
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
             row = {"method": method, "error": reason}
@@ -293,7 +261,7 @@ def main() -> int:
     body = "\n\n".join(sections)
     print(body)
     if device == "cuda" and not args.no_write:
-        from _results import write_section
+        from benchmarks._results import write_section
 
         write_section("kernels_gpu", body)
     return 0

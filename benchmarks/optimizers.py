@@ -1,10 +1,10 @@
 """Low-memory optimizers of dptrain.optim vs AdamW: optimizer-state bytes, and loss after private fine-tuning.
 
-    python benchmarks/optimizers.py                 # part 1 (state bytes) + part 2 (private LM), writes RESULTS.md
-    python benchmarks/optimizers.py --part state    # state bytes only (no training, meta device, seconds)
-    python benchmarks/optimizers.py --part lm --steps 150 --batch 128 --context 32
-    python benchmarks/optimizers.py --part lm --optimizers ApolloMini --lrs 1e-3 3e-3
-    python benchmarks/optimizers.py --part lm --optimizers MicroAdam LDAdam DCTAdamW --no-write
+    python -m benchmarks.optimizers                 # part 1 (state bytes) + part 2 (private LM), writes RESULTS.md
+    python -m benchmarks.optimizers --part state    # state bytes only (no training, meta device, seconds)
+    python -m benchmarks.optimizers --part lm --steps 150 --batch 128 --context 32
+    python -m benchmarks.optimizers --part lm --optimizers ApolloMini --lrs 1e-3 3e-3
+    python -m benchmarks.optimizers --part lm --optimizers MicroAdam LDAdam DCTAdamW --no-write
 
 Part 1 builds the parameter shapes of GPT-2 small (124M) and Llama-3.2-1B on the meta device (no memory, no
 data), takes one optimizer step with meta gradients and counts the state with
@@ -30,17 +30,14 @@ import copy
 import functools
 import logging
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from benchmarks._results import write_section
 
-from dptrain.optim import (  # noqa: E402
+from dptrain.optim import (
     Apollo,
     ApolloMini,
     DCTAdamW,
@@ -53,7 +50,7 @@ from dptrain.optim import (  # noqa: E402
     optimizer_state_bytes,
     parameter_state_bytes,
 )
-from dptrain.optim._common import canonical_shape  # noqa: E402
+from dptrain.optim._common import canonical_shape
 
 logger = logging.getLogger("benchmarks.optimizers")
 
