@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 __all__ = [
     "check_number", "check_positive", "check_nonnegative", "check_fraction", "check_probability",
-    "check_int", "check_positive_int", "check_optional_int", "check_choice",
+    "check_int", "check_positive_int", "check_optional_int", "check_bool", "check_choice",
 ]
 
 
@@ -78,6 +78,13 @@ def check_optional_int(name: str, value: Any) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer or None, found {value!r} ({type(value).__name__})")
     return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """A bool (an integer 0/1 is not one: flags are never counts)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, found {value!r} ({type(value).__name__})")
+    return value
 
 
 def check_choice(name: str, value: Any, options: Sequence[str]) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dptrain.validation import check_positive_int
+from dptrain.validation import check_bool, check_positive_int
 
 from ._base import LowMemoryOptimizer, resolve_rank
 from ._common import adam_direction
@@ -70,9 +70,8 @@ class DCTAdamW(LowMemoryOptimizer):
             check_positive_int("rank", group["rank"])
         check_positive_int("update_proj_gap", group["update_proj_gap"])
         check_positive_int("max_shape", group["max_shape"])
-        for name in ("rotate_subspace", "error_feedback"):
-            if not isinstance(group[name], bool):
-                raise TypeError(f"{name} must be a bool, found {group[name]!r}")
+        check_bool("rotate_subspace", group["rotate_subspace"])
+        check_bool("error_feedback", group["error_feedback"])
 
     def shared_state_bytes(self) -> int:
         """Bytes of the DCT bases shared by all matrices (one per distinct side m)."""

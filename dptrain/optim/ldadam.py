@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dptrain.validation import check_fraction, check_positive_int
+from dptrain.validation import check_bool, check_fraction, check_positive_int
 
 from ._base import LowMemoryOptimizer
 from ._common import adam_compute_dtype, adam_direction, canonical_matrix, from_canonical
@@ -60,8 +60,7 @@ class LDAdam(LowMemoryOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         check_positive_int("rank", group["rank"])
         check_fraction("rho", group["rho"], closed_right=False)
-        if not isinstance(group["error_feedback"], bool):
-            raise TypeError(f"error_feedback must be a bool, found {group['error_feedback']!r}")
+        check_bool("error_feedback", group["error_feedback"])
         if group["error_storage"] not in ("state", "grad"):
             raise ValueError(f"error_storage must be 'state' or 'grad', found {group['error_storage']!r}")
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dptrain.validation import check_positive_int
+from dptrain.validation import check_bool, check_positive_int
 
 from ._base import LowMemoryOptimizer
 
@@ -57,8 +57,7 @@ class Swan(LowMemoryOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_positive_int("ns_steps", group["ns_steps"])
-        if not isinstance(group["rescale"], bool):
-            raise TypeError(f"rescale must be a bool, found {group['rescale']!r}")
+        check_bool("rescale", group["rescale"])
 
     def _matrix_direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> Tensor:
         g = grad.float()  # (m, n)
