@@ -18,10 +18,10 @@ z = (z_grad^-2 + sum_j z_j^-2)^(-1/2) (Andrew, Thakkar, McMahan, Ramaswamy 2021,
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Tuple
 
 from dptrain.accountants import GaussianEvent, PoissonSampledEvent, PrivacyEvent
+from dptrain.validation import check_choice, check_nonnegative, check_positive
 
 __all__ = ["StepMechanism", "SAMPLING_SCHEMES", "joint_noise_multiplier"]
 
@@ -46,12 +46,9 @@ class StepMechanism:
     releases: Tuple[float, ...] = ()  # noise multipliers of same-batch statistic releases (sensitivity 1 each)
 
     def __post_init__(self):
-        if self.sampling not in SAMPLING_SCHEMES:
-            raise ValueError(f"sampling must be one of {SAMPLING_SCHEMES}, found {self.sampling!r}")
-        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
-            raise ValueError(f"noise_std must be a finite number >= 0, found {self.noise_std!r}")
-        if not (math.isfinite(self.sensitivity) and self.sensitivity > 0):
-            raise ValueError(f"sensitivity must be a finite number > 0, found {self.sensitivity!r}")
+        check_choice("sampling", self.sampling, SAMPLING_SCHEMES)
+        check_nonnegative("noise_std", self.noise_std)
+        check_positive("sensitivity", self.sensitivity)
         object.__setattr__(self, "releases", tuple(float(z) for z in self.releases))
 
     @property

@@ -15,7 +15,6 @@ then the inner optimizer steps. Hooks are ``(optimizer, mechanism)`` callables.
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from typing import Callable, List, Optional
 
@@ -26,6 +25,7 @@ from dptrain.fsdp import FSDPView, as_sharded_grad
 from dptrain.grad_sample.tracker import GradSampleTracker
 from dptrain.mechanism import SAMPLING_SCHEMES, StepMechanism
 from dptrain.noise import GaussianNoise
+from dptrain.validation import check_choice, check_nonnegative
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ class DPOptimizer(torch.optim.Optimizer):
     ):
         """``sample_rate``/``sampling``: how batches are drawn (see ``dptrain.mechanism``). The noise comes from
         OS entropy; ``insecure_noise_seed`` fixes it (NOT PRIVATE: tests and debugging only)."""
-        if sampling not in SAMPLING_SCHEMES:
-            raise ValueError(f"sampling must be one of {SAMPLING_SCHEMES}, found {sampling!r}")
+        check_choice("sampling", sampling, SAMPLING_SCHEMES)
         # no super().__init__: state and param groups are the inner optimizer's
         self.original_optimizer = optimizer
         self.tracker = tracker
@@ -200,6 +199,4 @@ class DPOptimizer(torch.optim.Optimizer):
     def load_noise_state_dict(self, state: dict) -> None:
         self._noise.load_state_dict(state["generators"])
         self.steps_taken = int(state["steps_taken"])
-        self.noise_multiplier = float(state["noise_multiplier"])
-        if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
-            raise ValueError(f"checkpoint noise_multiplier must be >= 0, found {self.noise_multiplier}")
+        self.noise_multiplier = check_nonnegative("checkpoint noise_multiplier", float(state["noise_multiplier"]))

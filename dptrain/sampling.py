@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from dptrain.noise import reseed_from_entropy, secret_generator
-from dptrain.validation import check_positive_int
+from dptrain.validation import check_fraction, check_positive_int
 
 __all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length", "steps_per_epoch"]
 
@@ -39,8 +39,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         num_samples = len(self.indices)
         if num_samples <= 0:
             raise ValueError(f"the dataset must not be empty, found {num_samples} samples")
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], found {sample_rate}")
+        check_fraction("sample_rate", sample_rate, closed_right=True)
         if secure and generator is not None:
             raise ValueError("a secure sampler draws fresh OS entropy for every batch: do not pass a generator")
         self.num_samples, self.sample_rate, self.secure = num_samples, sample_rate, bool(secure)

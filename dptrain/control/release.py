@@ -20,14 +20,14 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from dptrain.validation import check_positive_int
+
 __all__ = ["StatisticRelease", "StatisticReleases", "release_noise_multiplier", "release_statistics"]
 
 
 def release_noise_multiplier(noise_std: float, coordinates: int) -> float:
     """Noise multiplier of a release of ``coordinates`` sensitivity-1 counts with per-coordinate std ``noise_std``."""
-    if coordinates <= 0:
-        raise ValueError(f"coordinates must be > 0, found {coordinates}")
-    return noise_std / math.sqrt(coordinates)
+    return noise_std / math.sqrt(check_positive_int("coordinates", coordinates))
 
 
 @dataclass

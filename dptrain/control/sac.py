@@ -53,14 +53,12 @@ class ReplayBuffer:
     """Fixed-capacity ring buffer of transitions (s, a, r, s', done)."""
 
     def __init__(self, obs_dim: int, act_dim: int, capacity: int):
-        if capacity <= 0:
-            raise ValueError(f"capacity must be > 0, found {capacity}")
-        self.capacity = int(capacity)
-        self.obs = np.zeros((capacity, obs_dim), np.float32)
-        self.act = np.zeros((capacity, act_dim), np.float32)
-        self.rew = np.zeros((capacity,), np.float32)
-        self.next_obs = np.zeros((capacity, obs_dim), np.float32)
-        self.done = np.zeros((capacity,), np.float32)
+        self.capacity = check_positive_int("capacity", capacity)
+        self.obs = np.zeros((self.capacity, obs_dim), np.float32)
+        self.act = np.zeros((self.capacity, act_dim), np.float32)
+        self.rew = np.zeros((self.capacity,), np.float32)
+        self.next_obs = np.zeros((self.capacity, obs_dim), np.float32)
+        self.done = np.zeros((self.capacity,), np.float32)
         self.size, self.pos = 0, 0
 
     def __len__(self) -> int:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from dptrain.accountants import calibrate_noise, make_accountant
 from dptrain.federated.lora import METHODS, get_factors, pairs, set_factors, set_trainable, trained_factors
 from dptrain.federated.svd import svd_refactorize
+from dptrain.finetune.config import default_delta
 from dptrain.validation import check_choice, check_int, check_optional_int, check_positive, check_positive_int, check_probability
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class FederatedClient:
         self.insecure_seed, self.loss_fn = insecure_seed, loss_fn
         self.num_examples = n
         self.sample_rate = config.batch_size / n
-        self.delta = config.delta if config.delta is not None else min(1e-5, n**-1.1)
+        self.delta = config.delta if config.delta is not None else default_delta(n)
         self.total_steps = config.rounds * config.local_steps
         self.noise_multiplier = calibrate_noise(target_epsilon=config.target_epsilon, sample_rate=self.sample_rate,
                                                 steps=self.total_steps, delta=self.delta,
