@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from dptrain.validation import check_int, check_number, check_probability
+from dptrain.validation import check_choice, check_int, check_number, check_probability
 
 from ._validate import as_bool_mask, as_scores
 
@@ -237,6 +237,7 @@ def scan_one_run_audit(
     grid = [(check_int("k+", kp, minimum=0), check_int("k-", kn, minimum=0)) for kp, kn in guesses]
     if not grid:
         raise ValueError("guesses must hold at least one (k+, k-) pair, found none")
+    check_choice("method", method, ("bonferroni", "split"))
     rng = np.random.default_rng(seed)
     if method == "bonferroni":
         level = 1.0 - (1.0 - check_probability("confidence", confidence)) / len(grid)
@@ -249,27 +250,25 @@ def scan_one_run_audit(
         return OneRunAuditResult(
             best.epsilon, best.num_canaries, best.num_guesses_pos, best.num_guesses_neg, best.num_correct, float(confidence), float(delta)
         )
-    if method == "split":
-        if s.size < 2:
-            raise ValueError(f"method='split' needs at least 2 canaries, found {s.size}")
-        perm = rng.permutation(s.size)
-        half = s.size // 2
-        pick, audit = perm[:half], perm[half:]
-        scale = audit.size / pick.size
-        candidates = []
-        for kp, kn in grid:
-            if kp + kn > pick.size:
-                continue
-            res = one_run_audit(s[pick], mask[pick], num_guesses_pos=kp, num_guesses_neg=kn, delta=delta, confidence=confidence, seed=rng.integers(2**32))
-            candidates.append(res)
-        if not candidates:
-            raise ValueError(f"every (k+, k-) in guesses exceeds the selection half ({pick.size} canaries)")
-        chosen = max(candidates, key=lambda res: res.epsilon)
-        kp = min(int(chosen.num_guesses_pos * scale), audit.size)
-        kn = min(int(chosen.num_guesses_neg * scale), audit.size - kp)
-        logger.info("split scan: chose (k+, k-) = (%d, %d) on %d canaries, auditing %d", kp, kn, pick.size, audit.size)
-        return one_run_audit(s[audit], mask[audit], num_guesses_pos=kp, num_guesses_neg=kn, delta=delta, confidence=confidence, seed=rng.integers(2**32))
-    raise ValueError(f"method must be 'bonferroni' or 'split', found {method!r}")
+    if s.size < 2:
+        raise ValueError(f"method='split' needs at least 2 canaries, found {s.size}")
+    perm = rng.permutation(s.size)
+    half = s.size // 2
+    pick, audit = perm[:half], perm[half:]
+    scale = audit.size / pick.size
+    candidates = []
+    for kp, kn in grid:
+        if kp + kn > pick.size:
+            continue
+        res = one_run_audit(s[pick], mask[pick], num_guesses_pos=kp, num_guesses_neg=kn, delta=delta, confidence=confidence, seed=rng.integers(2**32))
+        candidates.append(res)
+    if not candidates:
+        raise ValueError(f"every (k+, k-) in guesses exceeds the selection half ({pick.size} canaries)")
+    chosen = max(candidates, key=lambda res: res.epsilon)
+    kp = min(int(chosen.num_guesses_pos * scale), audit.size)
+    kn = min(int(chosen.num_guesses_neg * scale), audit.size - kp)
+    logger.info("split scan: chose (k+, k-) = (%d, %d) on %d canaries, auditing %d", kp, kn, pick.size, audit.size)
+    return one_run_audit(s[audit], mask[audit], num_guesses_pos=kp, num_guesses_neg=kn, delta=delta, confidence=confidence, seed=rng.integers(2**32))
 
 
 # --------------------------------------------------------------------------------------------- multi-run audit

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from dptrain.validation import check_int, check_number
+from dptrain.validation import check_choice, check_int, check_number
 
 from ._validate import as_scores
 
@@ -89,8 +89,7 @@ class CanaryTemplate:
 
     def secret(self, index: int) -> str:
         """Slot values of candidate ``index`` (last slot varies fastest)."""
-        if not 0 <= index < self.space_size:
-            raise ValueError(f"index must be in [0, {self.space_size}), found {index}")
+        index = check_int("index", index, minimum=0, maximum=self.space_size - 1)
         chars = []
         for slot, radix in zip(reversed(self.slots), reversed(self.radices)):
             index, digit = divmod(index, radix)
@@ -227,12 +226,11 @@ def exposure_skewnorm(canary_scores, reference_scores, *, space_size) -> np.ndar
 def estimate_exposure(canary_scores, reference_scores, *, space_size, method: str = "auto") -> np.ndarray:
     """Exposure of canaries from a reference sample: ``"interpolate"``, ``"skewnorm"``, or ``"auto"``
     (interpolation inside the sample's range, skew-normal extrapolation below its lowest value)."""
+    check_choice("method", method, ("auto", "interpolate", "skewnorm"))
     if method == "interpolate":
         return exposure_interpolated(canary_scores, reference_scores, space_size=space_size)
     if method == "skewnorm":
         return exposure_skewnorm(canary_scores, reference_scores, space_size=space_size)
-    if method != "auto":
-        raise ValueError(f"method must be 'auto', 'interpolate' or 'skewnorm', found {method!r}")
     canary = as_scores(np.atleast_1d(canary_scores), "canary_scores")
     ref = as_scores(reference_scores, "reference_scores")
     out = exposure_interpolated(canary, ref, space_size=space_size)

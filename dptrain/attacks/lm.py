@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dptrain.validation import check_choice, check_positive_int
+
 from . import scores as _scores
 
 __all__ = [
@@ -69,8 +71,7 @@ def token_log_probs(model, input_ids, attention_mask=None, *, batch_size: int = 
     (computed in float32 at least), 0.0 where ``mask`` is False.
     """
     ids, att = _check_inputs(input_ids, attention_mask)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+    batch_size = check_positive_int("batch_size", batch_size)
     device = _model_device(model)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -95,15 +96,12 @@ def token_log_probs(model, input_ids, attention_mask=None, *, batch_size: int = 
 
 
 def _reduce_nll(logprobs: np.ndarray, mask: np.ndarray, reduction: str) -> np.ndarray:
+    check_choice("reduction", reduction, ("mean", "sum"))
     counts = mask.sum(axis=1)
     if (counts == 0).any():
         raise ValueError(f"every example needs at least 2 real tokens, found {int((counts == 0).sum())} example(s) with fewer")
     total = -(logprobs * mask).sum(axis=1)
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / counts
-    raise ValueError(f"reduction must be 'mean' or 'sum', found {reduction!r}")
+    return total if reduction == "sum" else total / counts
 
 
 def sequence_nll(model, input_ids, attention_mask=None, *, reduction: str = "mean", batch_size: int = 16) -> np.ndarray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from dptrain.validation import check_int
+from dptrain.validation import check_int, check_number
 
 from ._validate import as_scores
 
@@ -73,10 +73,9 @@ def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 
 def tpr_at_fpr(member_scores, nonmember_scores, target_fpr: float) -> float:
     """Largest TPR among thresholds whose empirical FPR is <= ``target_fpr``."""
-    if not 0.0 <= float(target_fpr) <= 1.0:
-        raise ValueError(f"target_fpr must be in [0, 1], found {target_fpr}")
+    target = check_number("target_fpr", target_fpr, low=0.0, high=1.0)
     fpr, tpr, _ = _roc(*_pair(member_scores, nonmember_scores))
-    return _tpr_at(fpr, tpr, float(target_fpr))
+    return _tpr_at(fpr, tpr, target)
 
 
 def _metrics(member: np.ndarray, nonmember: np.ndarray) -> dict[str, float]:

@@ -11,6 +11,8 @@ from typing import Dict, Iterable, Mapping, Tuple
 import torch
 from torch import nn
 
+from dptrain.validation import check_choice
+
 __all__ = ["METHODS", "lora_layers", "get_factors", "set_factors", "set_trainable", "trained_factors", "pairs"]
 
 # method -> the factors clients train with DP-SGD (the others stay frozen on clients)
@@ -20,9 +22,7 @@ METHODS = tuple(_TRAINED)
 
 def trained_factors(method: str) -> Tuple[str, ...]:
     """``("B",)`` for FedSVD and FFA-LoRA (A frozen), ``("A", "B")`` for DP-LoRA."""
-    if method not in _TRAINED:
-        raise ValueError(f"method must be one of {METHODS}, found {method!r}")
-    return _TRAINED[method]
+    return _TRAINED[check_choice("method", method, METHODS)]
 
 
 def lora_layers(model: nn.Module) -> Dict[str, Tuple[nn.Parameter, nn.Parameter]]:
