@@ -12,6 +12,8 @@ from typing import Callable, Union
 
 from scipy import optimize
 
+from dptrain.validation import check_number, check_positive
+
 from ._base import Accountant
 from ._validation import check_delta, check_epsilon, check_noise_multiplier, check_sample_rate, check_steps
 from .events import PrivacyEvent, SelfComposedEvent, sampled_gaussian
@@ -88,12 +90,10 @@ def calibrate(
     target, delta = check_epsilon(target_epsilon, "target_epsilon"), check_delta(delta)
     if target == 0:
         raise TargetUnreachableError("target_epsilon=0 is unreachable: every noise multiplier gives epsilon > 0")
-    if not (0 < lower < upper and math.isfinite(upper)):
+    if not check_positive("lower", lower) < check_positive("upper", upper):
         raise ValueError(f"need 0 < lower < upper < inf, found lower={lower!r}, upper={upper!r}")
-    if not 0 < rtol < 1:
-        raise ValueError(f"rtol must be in (0, 1), found {rtol!r}")
-    if not (0 < guess < math.inf):
-        raise ValueError(f"guess must be a finite number > 0, found {guess!r}")
+    check_number("rtol", rtol, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_positive("guess", guess)
     fresh = _fresh(accountant)
     gap = _LogGap(lambda sigma: fresh().compose(make_event(sigma)).get_epsilon(delta), target)
     with warnings.catch_warnings():  # probes at extreme sigmas put the RDP optimum at the grid edge: noise here

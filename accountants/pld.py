@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from dptrain.validation import check_fraction, check_number
+
 from ._base import Accountant
 from ._pld_math import DiscretePLD, convolve, loss_std, self_compose, step_pld
 from ._validation import check_epsilon
@@ -45,19 +47,12 @@ class PLDAccountant(Accountant):
         max_points: int = 3_000_000,
     ) -> None:
         super().__init__()
-        if value_discretization_interval is not None and not (
-            isinstance(value_discretization_interval, (int, float)) and 0 < value_discretization_interval < 1
-        ):
-            raise ValueError(
-                f"value_discretization_interval must be in (0, 1) or None, found {value_discretization_interval!r}"
-            )
-        if not (isinstance(resolution, (int, float)) and 0 < resolution <= 1):
-            raise ValueError(f"resolution must be in (0, 1], found {resolution!r}")
-        if not (isinstance(tail_mass, (int, float)) and 0 < tail_mass < 1e-6):
-            raise ValueError(f"tail_mass must be in (0, 1e-6), found {tail_mass!r}")
+        if value_discretization_interval is not None:
+            check_number("value_discretization_interval", value_discretization_interval, low=0.0, high=1.0,
+                         low_open=True, high_open=True)
         self.value_discretization_interval = value_discretization_interval
-        self.resolution = float(resolution)
-        self.tail_mass = float(tail_mass)
+        self.resolution = check_fraction("resolution", resolution, closed_right=True)
+        self.tail_mass = check_number("tail_mass", tail_mass, low=0.0, high=1e-6, low_open=True, high_open=True)
         self.max_points = int(max_points)
         self._cache: tuple | None = None
 
