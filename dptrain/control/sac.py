@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dptrain.validation import check_fraction, check_positive_int
+from dptrain.validation import check_fraction, check_positive, check_positive_int
 
 __all__ = ["SAC", "ReplayBuffer"]
 
@@ -144,8 +144,8 @@ class SAC:
             check_positive_int(name, value)
         check_fraction("gamma", gamma, closed_right=False)
         check_fraction("tau", tau, closed_right=True)
-        if not (lr > 0 and init_alpha > 0):
-            raise ValueError(f"lr and init_alpha must be > 0, found lr={lr}, init_alpha={init_alpha}")
+        check_positive("lr", lr)
+        check_positive("init_alpha", init_alpha)
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.gamma, self.tau, self.batch_size = gamma, tau, batch_size
         self.target_entropy = -float(act_dim)

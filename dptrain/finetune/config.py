@@ -93,8 +93,9 @@ class FinetuneConfig:
     def validate(self) -> "FinetuneConfig":
         for name in ("target_epsilon", "epochs", "lr", "max_grad_norm", "lora_alpha"):
             check_positive(_flag(name), getattr(self, name))
-        for name in ("batch_size", "max_length", "lora_r"):
+        for name in ("batch_size", "lora_r"):
             check_positive_int(_flag(name), getattr(self, name))
+        check_int("max-length", self.max_length, minimum=8)
         for name in ("physical_batch_size", "max_steps", "stop_after"):
             if getattr(self, name) is not None:
                 check_positive_int(_flag(name), getattr(self, name))
@@ -114,8 +115,6 @@ class FinetuneConfig:
 
         if str(self.optimizer).lower() not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
-        if self.max_length < 8:
-            raise ValueError(f"max-length must be >= 8, found {self.max_length}")
         s = check_optional_int("insecure-seed", self.insecure_seed)
         if self.secure_mode and s is not None:
             raise ValueError(f"--secure-mode draws fresh OS entropy for the noise and the batches; --insecure-seed {s} "
