@@ -14,12 +14,22 @@ from typing import Any, Optional, Sequence
 
 __all__ = [
     "check_number", "check_positive", "check_nonnegative", "check_fraction", "check_probability",
-    "check_int", "check_positive_int", "check_optional_int", "check_bool", "check_choice",
+    "check_int", "check_positive_int", "check_optional_int", "check_bool", "check_choice", "is_number", "is_integer",
 ]
 
 
+def is_number(value: Any) -> bool:
+    """A real number, Python or numpy, and not a bool (True is an int to Python, never a number here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+    """An integer, Python or numpy, and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _real(name: str, value: Any, expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_number(value):
         raise TypeError(f"{name} must be {expected}, found {value!r} ({type(value).__name__})")
     return float(value)
 
@@ -59,7 +69,7 @@ def check_probability(name: str, value: Any) -> float:
 def check_int(name: str, value: Any, *, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
     """An integer (Python or numpy, not bool) in [minimum, maximum]."""
     expected = "an integer" + _int_range(minimum, maximum)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise TypeError(f"{name} must be {expected}, found {value!r} ({type(value).__name__})")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {expected}, found {value!r}")
@@ -75,7 +85,7 @@ def check_optional_int(name: str, value: Any) -> Optional[int]:
     """None or an integer (e.g. a seed)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise TypeError(f"{name} must be an integer or None, found {value!r} ({type(value).__name__})")
     return int(value)
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dptrain.validation import (
+    check_bool,
     check_choice,
     check_fraction,
     check_int,
@@ -16,6 +17,8 @@ from dptrain.validation import (
     check_positive,
     check_positive_int,
     check_probability,
+    is_integer,
+    is_number,
 )
 
 
@@ -65,3 +68,16 @@ def test_choice():
     assert check_choice("clipping", "flat", ("flat", "per_layer")) == "flat"
     with pytest.raises(ValueError, match=r"clipping must be one of \('flat', 'per_layer'\), found 'Flat'"):
         check_choice("clipping", "Flat", ("flat", "per_layer"))
+
+
+def test_flags_are_bools_only():
+    assert check_bool("rescale", False) is False
+    for value in (1, 0, "yes", None):
+        with pytest.raises(TypeError, match=rf"^rescale must be a bool, found {value!r} "):
+            check_bool("rescale", value)
+
+
+def test_the_predicates_share_the_rule():
+    assert is_number(1) and is_number(np.float32(0.5)) and is_number(np.int8(3)) and is_number(math.nan)
+    assert not any(is_number(v) for v in (True, np.bool_(True), "1", None, 1j))
+    assert is_integer(np.uint16(4)) and not is_integer(True) and not is_integer(4.0)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dptrain.cli import CLIError, emit
 from dptrain.cli._types import finite_float, nonneg_int, positive_int
+from dptrain.validation import is_number
 
 __all__ = ["add_parser", "run", "load_scores", "load_audit_secret", "guess_grid", "SCORES"]
 
@@ -102,7 +103,7 @@ def load_scores(path: str) -> tuple[list, list]:
         value = obj.get(key, obj.get(f"{key}_scores"))
         if not isinstance(value, list):
             raise CLIError(f"{file}: '{key}' must be a list of numbers, found {type(value).__name__}")
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        if not all(is_number(v) for v in value):
             raise CLIError(f"{file}: '{key}' must hold only numbers")
         out.append(value)
     return out[0], out[1]
@@ -173,7 +174,7 @@ def load_audit_secret(folder: Path) -> tuple[dict, list[str], list[bool]]:
         raise CLIError(f"the run in {folder} stopped at step {report.get('steps')} of {report.get('total_steps')}: "
                        "finish it with 'dptrain finetune ... --resume' before auditing")
     for key in ("epsilon", "delta"):
-        if not isinstance(report.get(key), (int, float)) or isinstance(report.get(key), bool):
+        if not is_number(report.get(key)):
             raise CLIError(f"{file}: '{key}' must be a number, found {report.get(key)!r}")
     return report, texts, [bool(b) for b in mask]
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from dptrain.finetune.data import AUDIT_CANARY_TEMPLATE, AuditCanaries, audit_canaries
+from dptrain.validation import is_integer
 
 __all__ = ["PRIVATE_DIR", "CHECKPOINT_FILE", "AUDIT_SECRET_FILE", "MEMBERS_FILE", "NONMEMBERS_FILE",
            "LEGACY_CHECKPOINT", "SECRET_FILES_NOTE", "private_dir", "write_secret", "new_audit_canaries",
@@ -94,7 +95,7 @@ def load_audit_canaries(out, num: int) -> AuditCanaries:
         seed = record["seed"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{path} is not a dptrain audit secret (expected JSON with a 'seed')") from None
-    if isinstance(seed, bool) or not isinstance(seed, int) or record.get("num_canaries") != num:
+    if not is_integer(seed) or record.get("num_canaries") != num:
         raise ValueError(f"{path} holds {record.get('num_canaries')!r} canaries (seed {type(seed).__name__}), this "
                          f"run has --audit-canaries {num}")
     canaries = audit_canaries(num, seed=seed)
