@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import Any, Callable, Optional
 
-__all__ = ["positive_int", "nonneg_int", "finite_float", "one_line_errors"]
+__all__ = ["positive_int", "nonneg_int", "finite_float", "fraction", "one_line_errors"]
 
 
 def one_line_errors(parser: argparse.ArgumentParser, command: str) -> None:
@@ -19,29 +20,29 @@ def one_line_errors(parser: argparse.ArgumentParser, command: str) -> None:
     parser.error = error
 
 
-def _integer(text: str, minimum: int, expected: str) -> int:
+def _parsed(text: str, parse: Callable[[str], Any], accept: Callable[[Any], bool], expected: str,
+            unparsable: Optional[str] = None) -> Any:
+    """``parse(text)`` if it parses and ``accept`` takes it, else a usage error naming what was expected."""
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}") from None
-    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {unparsable or expected}, found {text!r}") from None
+    if not accept(value):
         raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
     return value
 
 
 def positive_int(text: str) -> int:
-    return _integer(text, 1, "a positive integer")
+    return _parsed(text, int, lambda n: n >= 1, "a positive integer")
 
 
 def nonneg_int(text: str) -> int:
-    return _integer(text, 0, "an integer >= 0")
+    return _parsed(text, int, lambda n: n >= 0, "an integer >= 0")
 
 
 def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, found {text!r}")
-    return value
+    return _parsed(text, float, math.isfinite, "a finite number", unparsable="a number")
+
+
+def fraction(text: str) -> float:
+    return _parsed(text, float, lambda x: 0.0 < x <= 1.0, "a number in (0, 1]")  # also refuses NaN

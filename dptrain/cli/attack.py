@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from dptrain.cli import CLIError, emit
-from dptrain.cli._types import positive_int
+from dptrain.cli._types import fraction, positive_int
 
 __all__ = ["add_parser", "run_mia", "run_canary", "demo_records", "demo_canaries", "load_model"]
 
@@ -49,16 +49,6 @@ examples:
 # ------------------------------------------------------------------------------------------------ arguments
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], found {text!r}") from None
-    if not 0.0 < value <= 1.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], found {text!r}")
-    return value
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``attack`` (with ``mia`` and ``canary``) on the dispatcher's sub-parsers."""
     parser = subparsers.add_parser(
@@ -80,7 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     mia.add_argument("--members", default=None, help="training records: .jsonl ('text'), .csv, .txt (one per line) "
                      "or a folder of .txt (default: <model>/private/members.jsonl, or the demo's records)")
     mia.add_argument("--nonmembers", default=None, help="records not trained on, same format")
-    mia.add_argument("--k", type=_fraction, default=0.2, help="Min-K%% fraction (default 0.2)")
+    mia.add_argument("--k", type=fraction, default=0.2, help="Min-K%% fraction (default 0.2)")
     mia.add_argument("--max-length", type=positive_int, default=None,
                      help="tokens per record (default: the run's max_length, else the tokenizer's limit)")
     mia.add_argument("--batch-size", type=positive_int, default=32, help="records per forward pass (default 32)")
