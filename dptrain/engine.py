@@ -15,8 +15,6 @@ fixed batches (``poisson_sampling=False``) get no amplification: one full Gaussi
 from __future__ import annotations
 
 import logging
-import math
-import os
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -25,7 +23,9 @@ from torch.utils.data import DataLoader
 
 from dptrain import distributed
 from dptrain.accountants import make_accountant
+from dptrain.engine_checkpoint import engine_state, restore_engine_state
 from dptrain.engine_setup import (
+    Batching,
     MakePrivateArgs,
     check_arguments,
     check_optimizer_params,
@@ -114,9 +114,7 @@ class PrivacyEngine:
         check_ranks_agree(world, module is not args.module, batching, planned, noise, tracker, poisson_sampling)
         self.tracker, self.steps_per_epoch, self.sample_rate, self.poisson_sampling = (
             tracker, batching.steps_per_epoch, batching.sample_rate, poisson_sampling)
-        self.optimizer = DPOptimizer(optimizer, tracker, noise_multiplier=noise, sample_rate=batching.sample_rate,
-                                     expected_batch_size=batching.batch_size, sampling=args.sampling,
-                                     secure_mode=self.secure_mode, insecure_noise_seed=insecure_noise_seed)
+        self.optimizer = self._prepare_optimizer(args, noise, batching)
         self.data_loader = self._prepare_loader(args, rank, world)
         self._prepare_plugins(args, planned)
         logger.info("private training: sigma=%.4g, C=%.4g (%s), q=%.4g, expected batch %.1f",
@@ -132,6 +130,11 @@ class PrivacyEngine:
         if not isinstance(tracker.model, FSDPView):  # FSDP2 forwards cannot be re-entered from a hook
             install_probe(tracker.model, lambda: tracker.batch_size, tracker.capture_disabled, tracker=tracker)
         return tracker
+
+    def _prepare_optimizer(self, args: MakePrivateArgs, noise: float, batching: Batching) -> DPOptimizer:
+        return DPOptimizer(args.optimizer, self.tracker, noise_multiplier=noise, sample_rate=batching.sample_rate,
+                           expected_batch_size=batching.batch_size, sampling=args.sampling,
+                           secure_mode=self.secure_mode, insecure_noise_seed=args.insecure_noise_seed)
 
     def _prepare_loader(self, args: MakePrivateArgs, rank: int, world: int) -> DPDataLoader:
         generator = None
@@ -200,44 +203,10 @@ class PrivacyEngine:
         return self.accountant.get_epsilon(delta)
 
     def state_dict(self) -> dict:
-        """Accountant ledger, sampler RNG, noise RNG and step counters (the model and optimizer are the user's)."""
-        if self.optimizer is None:
-            raise ValueError("state_dict() before make_private(): nothing to save")
-        return {  # SECRET unless secure_mode: the sampler and noise generator states
-            "accountant_name": self.accountant_name,
-            "secure_mode": self.secure_mode,
-            "epoch_charge": self._epoch_charge,
-            "accountant": self.accountant.state_dict(),
-            "sampler": self.data_loader.state_dict(),
-            "noise": self.optimizer.noise_state_dict(),
-            "max_grad_norms": [g.max_norm for g in self.tracker.groups],
-            "error_feedback": None if self.error_feedback is None else self.error_feedback.state_dict(),
-            "controller": None if self.controller is None else self.controller.state_dict(),
-        }
+        """Accountant ledger, sampler RNG, noise RNG and step counters (the model and optimizer are the user's);
+        SECRET unless ``secure_mode`` (``dptrain.engine_checkpoint``)."""
+        return engine_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        if self.optimizer is None:
-            raise ValueError("load_state_dict() needs make_private() first, with the same model and settings")
-        if state.get("accountant_name") != self.accountant_name:
-            raise ValueError(
-                f"checkpoint uses accountant {state.get('accountant_name')!r}, this engine {self.accountant_name!r}"
-            )
-        if len(state["max_grad_norms"]) != len(self.tracker.groups):
-            raise ValueError(
-                f"checkpoint has {len(state['max_grad_norms'])} clipping groups, this model {len(self.tracker.groups)}"
-            )
-        if bool(state.get("secure_mode")) != self.secure_mode:
-            raise ValueError(f"checkpoint was written with secure_mode={bool(state.get('secure_mode'))}, this engine "
-                             f"has secure_mode={self.secure_mode}: resume with the same setting")
-        self.accountant.load_state_dict(state["accountant"])
-        self._epoch_charge = state.get("epoch_charge")
-        self.data_loader.load_state_dict(state["sampler"])
-        self.optimizer.load_noise_state_dict(state["noise"])
-        self.tracker.set_max_norms(state["max_grad_norms"])
-        for name, part in (("error_feedback", self.error_feedback), ("controller", self.controller)):
-            if (state.get(name) is None) != (part is None):
-                raise ValueError(f"checkpoint and this run disagree on {name}: saved {state.get(name) is not None}, "
-                                 f"now {part is not None}")
-            if part is not None:
-                part.load_state_dict(state[name])
-
+        """Resume from ``state_dict()`` after ``make_private`` with the same model and settings."""
+        restore_engine_state(self, state)
