@@ -1,4 +1,5 @@
-"""Shared plumbing for the kernel ops: optional Triton import, backend dispatch, input checks, chunking."""
+"""Shared pieces of the kernel ops: optional Triton import, shared @triton.jit tiles, autotune tables, backend
+dispatch, input checks, chunking."""
 
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ __all__ = [
     "dot_acc",
     "upper_tile",
     "gram_tile",
-    "scaled_tile",
     "autotune_configs",
     "min_block",
+    "gram_partials",
     "rows_2d",
     "SUM_BLOCKS",
     "SUM_TABLE",
+    "INSTANTIATE_BLOCKS",
+    "INSTANTIATE_TABLE",
+    "GRAM_BLOCKS",
+    "LINEAR_GRAM_TABLE",
+    "EMBEDDING_GRAM_TABLE",
     "MEMORY_CAP_BYTES",
     "triton",
     "tl",
@@ -98,39 +104,8 @@ if HAS_TRITON:
             gram = dot_acc(a, bt, gram, DOT_FP32)
         return gram
 
-    @triton.jit
-    def scaled_tile(
-        x_ptr, g_ptr, scale_ptr,
-        max_norm, eps,
-        N, T, D_IN, D_OUT,
-        stride_xr, stride_xd, stride_gr, stride_gd,
-        offs_o, offs_i,
-        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, CLIP: tl.constexpr,
-        DOT_FP32: tl.constexpr,
-    ):
-        """Tile (BLOCK_O, BLOCK_I) of sum_r s[r // T] g[r, o] x[r, i] over the N = B*T rows, fp32.
-
-        CLIP=False: s = scale_ptr[b]. CLIP=True: scale_ptr holds squared norms and s = min(1, C / (norm + eps)),
-        the clip factor computed in registers (the formula of ``clip.clip_factors``).
-        """
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-        for k0 in range(0, N, BLOCK_K):
-            r = k0 + offs_k
-            row_ok = r < N
-            s = tl.load(scale_ptr + r // T, mask=row_ok, other=0.0)  # (BLOCK_K,) per-row sample scale
-            if CLIP:
-                s = tl.minimum(max_norm / (tl.sqrt(s) + eps), 1.0)
-            g_tile = tl.load(g_ptr + r[None, :].to(tl.int64) * stride_gr + offs_o[:, None] * stride_gd,
-                             mask=row_ok[None, :] & (offs_o[:, None] < D_OUT), other=0.0)  # (BLOCK_O, BLOCK_K)
-            x_tile = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_xr + offs_i[None, :] * stride_xd,
-                             mask=row_ok[:, None] & (offs_i[None, :] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_I)
-            g_tile = (g_tile.to(tl.float32) * s[None, :]).to(x_tile.dtype)
-            acc = dot_acc(g_tile, x_tile, acc, DOT_FP32)
-        return acc
-
 else:  # pragma: no cover - depends on the environment
-    dot_acc = upper_tile = gram_tile = scaled_tile = None
+    dot_acc = upper_tile = gram_tile = None
 
 
 def autotune_configs(names: Sequence[str], table: Sequence[tuple]) -> list:
@@ -151,11 +126,32 @@ def rows_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], t.shape[2])
 
 
-# Autotune tables: (blocks..., num_warps, num_stages). Linear-layer sums (BLOCK_O, BLOCK_I, BLOCK_K) are shared by
-# the scaled-gradient and fused-clip kernels.
+def gram_partials(batch: int, T: int, configs: list, device: torch.device):
+    """A Gram kernel's output and grid: a zeroed (batch, n_tiles) fp32 buffer, one partial sum per (T, T) tile,
+    sized for the smallest BLOCK_T of ``configs`` so any config fits (summed after: deterministic, no atomics),
+    and the launch grid (batch, tiles of the chosen BLOCK_T)."""
+    n_t = triton.cdiv(T, min_block(configs, "BLOCK_T"))
+    partial = torch.zeros(batch, n_t * n_t, dtype=torch.float32, device=device)
+
+    def grid(meta):
+        return (batch, triton.cdiv(T, meta["BLOCK_T"]) ** 2)
+
+    return partial, grid
+
+
+# Autotune tables, one row a config: (blocks in the *_BLOCKS order..., num_warps, num_stages).
+# Linear-layer sums (scaled gradient, fused clip): tiles of the (d_out, d_in) output, BLOCK_K rows per step.
 SUM_BLOCKS = ("BLOCK_O", "BLOCK_I", "BLOCK_K")
 SUM_TABLE = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (256, 128, 32, 8, 3),
              (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+# Instantiated per-sample linear gradients: tiles of G_b (d_out, d_in), BLOCK_T tokens per step.
+INSTANTIATE_BLOCKS = ("BLOCK_O", "BLOCK_I", "BLOCK_T")
+INSTANTIATE_TABLE = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                     (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)]
+# Gram kernels: (BLOCK_T, BLOCK_T) tiles of a sample's (T, T) Gram, BLOCK_K features per step.
+GRAM_BLOCKS = ("BLOCK_T", "BLOCK_K")
+LINEAR_GRAM_TABLE = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 8, 4)]
+EMBEDDING_GRAM_TABLE = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 4)]
 
 
 def is_half(dtype: torch.dtype) -> bool:

@@ -15,13 +15,15 @@ import torch
 
 from ._common import (
     DOT_FP32,
+    EMBEDDING_GRAM_TABLE,
+    GRAM_BLOCKS,
     HAS_TRITON,
     as_3d,
     autotune_configs,
     batch_chunks,
     check_strategy,
+    gram_partials,
     gram_tile,
-    min_block,
     tl,
     triton,
     upper_tile,
@@ -81,8 +83,7 @@ def embedding_grad_sq_norms_torch(ids: torch.Tensor, g: torch.Tensor, strategy: 
 
 # ----------------------------------------------------------------------------------------------- Triton kernel
 if HAS_TRITON:
-    _CONFIGS = autotune_configs(("BLOCK_T", "BLOCK_K"), [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3),
-                                                         (32, 128, 4, 4)])
+    _CONFIGS = autotune_configs(GRAM_BLOCKS, EMBEDDING_GRAM_TABLE)
 
     # partial sums: zeroed again after tuning, so no config leaves stale tiles behind
     @triton.autotune(configs=_CONFIGS, key=["T", "D"], reset_to_zero=["out_ptr"])
@@ -112,12 +113,7 @@ if HAS_TRITON:
 
 def embedding_grad_sq_norms_triton(ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
     B, T, d = g.shape
-    n_t = triton.cdiv(T, min_block(_CONFIGS, "BLOCK_T"))
-    partial = torch.zeros(B, n_t * n_t, dtype=torch.float32, device=g.device)
-
-    def grid(meta):
-        return (B, triton.cdiv(T, meta["BLOCK_T"]) ** 2)
-
+    partial, grid = gram_partials(B, T, _CONFIGS, g.device)
     _embedding_norms_kernel[grid](
         ids, g, partial, T, d, -1 if padding_idx is None else int(padding_idx),
         *ids.stride(), *g.stride(), partial.shape[1], HAS_PAD=padding_idx is not None, DOT_FP32=DOT_FP32,

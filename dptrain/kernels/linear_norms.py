@@ -15,17 +15,22 @@ import torch
 
 from ._common import (
     DOT_FP32,
+    GRAM_BLOCKS,
     HAS_TRITON,
+    INSTANTIATE_BLOCKS,
+    INSTANTIATE_TABLE,
+    LINEAR_GRAM_TABLE,
     autotune_configs,
     batch_chunks,
     check_linear_inputs,
     check_strategy,
     dot_acc,
+    gram_partials,
     gram_tile,
     min_block,
     tl,
-    upper_tile,
     triton,
+    upper_tile,
     use_triton,
 )
 
@@ -75,12 +80,8 @@ def linear_grad_sq_norms_torch(x: torch.Tensor, g: torch.Tensor, strategy: str) 
 
 # ----------------------------------------------------------------------------------------------- Triton kernels
 if HAS_TRITON:
-    _INST_CONFIGS = autotune_configs(("BLOCK_O", "BLOCK_I", "BLOCK_T"), [
-        (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
-        (128, 256, 32, 8, 3),
-    ])
-    _GHOST_CONFIGS = autotune_configs(("BLOCK_T", "BLOCK_K"), [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3),
-                                                               (128, 32, 8, 4)])
+    _INST_CONFIGS = autotune_configs(INSTANTIATE_BLOCKS, INSTANTIATE_TABLE)
+    _GHOST_CONFIGS = autotune_configs(GRAM_BLOCKS, LINEAR_GRAM_TABLE)
 
     # partial sums: zeroed again after tuning, so no config leaves stale tiles behind
     @triton.autotune(configs=_INST_CONFIGS, key=["T", "D_IN", "D_OUT"], reset_to_zero=["out_ptr"])
@@ -153,12 +154,7 @@ def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str)
     d_out = g.shape[2]
     strides = (*x.stride(), *g.stride())
     if strategy == "ghost":
-        n_t = triton.cdiv(T, min_block(_GHOST_CONFIGS, "BLOCK_T"))
-        partial = torch.zeros(B, n_t * n_t, dtype=torch.float32, device=x.device)
-
-        def grid(meta):
-            return (B, triton.cdiv(T, meta["BLOCK_T"]) ** 2)
-
+        partial, grid = gram_partials(B, T, _GHOST_CONFIGS, x.device)
         _linear_norms_ghost_kernel[grid](x, g, partial, T, d_in, d_out, *strides, partial.shape[1], DOT_FP32=DOT_FP32)
         return partial.sum(1)
     n_tiles = triton.cdiv(d_out, min_block(_INST_CONFIGS, "BLOCK_O")) * triton.cdiv(

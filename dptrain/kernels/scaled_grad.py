@@ -16,13 +16,14 @@ from ._common import (
     autotune_configs,
     check_linear_inputs,
     check_per_sample,
+    dot_acc,
     is_half,
     rows_2d,
-    scaled_tile,
     tl,
     triton,
     use_triton,
 )
+from .clip import CLIP_EPS
 
 __all__ = ["scaled_linear_grad"]
 
@@ -48,37 +49,64 @@ def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tens
 if HAS_TRITON:
     _CONFIGS = autotune_configs(SUM_BLOCKS, SUM_TABLE)
 
-    @triton.autotune(configs=_CONFIGS, key=["N", "D_IN", "D_OUT"])
+    # CLIP in the key: the plain and the clipping variant are tuned apart
+    @triton.autotune(configs=_CONFIGS, key=["N", "D_IN", "D_OUT", "CLIP"])
     @triton.jit
     def _scaled_linear_grad_kernel(
         x_ptr, g_ptr, scale_ptr, out_ptr,
+        max_norm, eps,
         N, T, D_IN, D_OUT,
         stride_xr, stride_xd, stride_gr, stride_gd, stride_oo, stride_oi,
-        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, CLIP: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
-        """One program: one (BLOCK_O, BLOCK_I) tile of the (d_out, d_in) output, written in x's dtype."""
-        pid_o = tl.program_id(0)
-        pid_i = tl.program_id(1)
-        offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-        offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-        acc = scaled_tile(x_ptr, g_ptr, scale_ptr, 1.0, 0.0, N, T, D_IN, D_OUT,
-                           stride_xr, stride_xd, stride_gr, stride_gd, offs_o, offs_i, BLOCK_O, BLOCK_I, BLOCK_K, False, DOT_FP32)
+        """One program: tile (BLOCK_O, BLOCK_I) of sum_r s[r // T] g[r, o] x[r, i] over the N = B*T rows, written
+        in x's dtype (fp32 accumulation).
+
+        CLIP=False: s = scale_ptr[b]. CLIP=True: scale_ptr holds squared norms and s = min(1, C / (norm + eps)),
+        the clip factor computed in registers (the formula of ``clip.clip_factors``), never stored.
+        """
+        offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        for k0 in range(0, N, BLOCK_K):
+            r = k0 + offs_k
+            row_ok = r < N
+            s = tl.load(scale_ptr + r // T, mask=row_ok, other=0.0)  # (BLOCK_K,) per-row sample scale
+            if CLIP:
+                s = tl.minimum(max_norm / (tl.sqrt(s) + eps), 1.0)
+            g_tile = tl.load(g_ptr + r[None, :].to(tl.int64) * stride_gr + offs_o[:, None] * stride_gd,
+                             mask=row_ok[None, :] & (offs_o[:, None] < D_OUT), other=0.0)  # (BLOCK_O, BLOCK_K)
+            x_tile = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_xr + offs_i[None, :] * stride_xd,
+                             mask=row_ok[:, None] & (offs_i[None, :] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_I)
+            g_tile = (g_tile.to(tl.float32) * s[None, :]).to(x_tile.dtype)
+            acc = dot_acc(g_tile, x_tile, acc, DOT_FP32)
         tl.store(out_ptr + offs_o[:, None] * stride_oo + offs_i[None, :] * stride_oi,
                  acc.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < D_OUT) & (offs_i[None, :] < D_IN))
 
 
-def scaled_linear_grad_triton(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def scaled_linear_grad_triton(
+    x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, clip_norm: float | None = None
+) -> torch.Tensor:
+    """Launch the scaled-sum kernel on (B, T, d_in), (B, T, d_out) and a (B,) fp32 vector; (d_out, d_in).
+
+    clip_norm None: the vector is the scale. clip_norm C: the vector holds squared per-sample norms and each
+    sample is scaled by its clip factor min(1, C / (norm + CLIP_EPS)), computed inside the kernel.
+    """
     B, T, d_in = x.shape
     d_out = g.shape[2]
     x2, g2 = rows_2d(x), rows_2d(g)  # (B*T, d_in), (B*T, d_out)
     out = torch.empty(d_out, d_in, dtype=x.dtype, device=x.device)
+    clip = clip_norm is not None
+    max_norm, eps = (float(clip_norm), CLIP_EPS) if clip else (1.0, 0.0)
 
     def grid(meta):
         return (triton.cdiv(d_out, meta["BLOCK_O"]), triton.cdiv(d_in, meta["BLOCK_I"]))
 
     _scaled_linear_grad_kernel[grid](
-        x2, g2, scale.contiguous(), out, B * T, T, d_in, d_out, *x2.stride(), *g2.stride(), *out.stride(),
-        DOT_FP32=DOT_FP32,
+        x2, g2, scale.contiguous(), out, max_norm, eps, B * T, T, d_in, d_out, *x2.stride(), *g2.stride(),
+        *out.stride(), CLIP=clip, DOT_FP32=DOT_FP32,
     )
     return out
 
