@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import signal
 import sys
 import threading
@@ -25,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
-from dptrain import distributed, sampling
+from dptrain import distributed
 
 from dptrain.finetune.checkpoint import save_checkpoint
 from dptrain.finetune.config import FinetuneConfig, default_delta
