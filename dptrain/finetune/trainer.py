@@ -10,17 +10,15 @@ Released along the way (``history``): epsilon per step, the DP-noised mean train
 of each step's accounted mechanism, ``dptrain.loss_release``) and, every ``eval_every`` steps, the held-out
 perplexity (no noise: NOT private). Ctrl-C (or SIGTERM) stops at the end of the current step, writes the SECRET
 checkpoint and raises ``TrainingInterrupted``; ``--resume`` continues from there exactly.
+
+This module holds the set-up and the loop; the pieces live beside it: ``private_setup`` (the engine),
+``step_log`` (each step's history entry and progress bar), ``stopping`` (Ctrl-C/SIGTERM), ``trainer_state``
+(the checkpoint and resume) and ``result`` (``FinetuneResult``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import signal
-import sys
-import threading
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -31,51 +29,15 @@ from dptrain.finetune.checkpoint import save_checkpoint
 from dptrain.finetune.config import FinetuneConfig, default_delta
 from dptrain.finetune.loss import PadCollator, TokenizedTexts, per_sample_lm_loss, perplexity
 from dptrain.finetune.private_setup import make_private_lm
-from dptrain.finetune.report import privacy_report
+from dptrain.finetune.result import FinetuneResult, finetune_result
+from dptrain.finetune.step_log import progress_bar, progress_postfix, step_record
+from dptrain.finetune.stopping import TrainingInterrupted, interrupted_error, stop_agreed, stop_requests
 from dptrain.finetune.trainer_state import restore_trainer, run_fingerprint, trainer_state
 from dptrain.loss_release import LOSS_BOUND, LossRelease
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PrivateLMTrainer", "FinetuneResult", "TrainingInterrupted", "default_delta", "LOSS_BOUND"]
-
-EVAL_POINTS = 8  # held-out perplexities per run for the plot when eval_every is not given
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during training; the message says what was saved and how to continue."""
-
-
-@dataclass
-class FinetuneResult:
-    """What a run produced. DP: the model. Not DP: the held-out perplexities (computed from private held-out
-    records without noise) and ``train_loss`` in ``history`` (debugging output); ``privacy`` says which is which."""
-
-    epsilon: float
-    delta: float
-    target_epsilon: float
-    noise_multiplier: float
-    steps: int
-    total_steps: int
-    sample_rate: float
-    expected_batch_size: float
-    dataset_size: int
-    eval_perplexity_before: Optional[float]
-    eval_perplexity: Optional[float]
-    history: List[Dict[str, float]] = field(default_factory=list)
-    # of the whole step as one mechanism (gradient and the DP training-loss release): the ledger's, and what
-    # `dptrain budget --noise-multiplier` takes to reproduce epsilon; noise_multiplier is the gradient's alone
-    step_noise_multiplier: Optional[float] = None
-    finished: bool = True
-    privacy: Dict[str, Any] = field(default_factory=dict)  # the trust model (report.json "privacy")
-    secret_files: List[str] = field(default_factory=list)  # under output_dir: never publish
-    # greedy completions of public prompts before (pretrained model) and after (DP model) training
-    completions: Optional[Dict[str, Any]] = None
-    model: Any = None
-
-    def to_dict(self) -> Dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("model", "history")}
-        return out
 
 
 class PrivateLMTrainer:
@@ -124,16 +86,6 @@ class PrivateLMTrainer:
                     len(self.train_set), self.sample_rate, self.total_steps, self.optimizer.noise_multiplier,
                     cfg.target_epsilon, self.delta)
 
-    def _dp_train_loss(self) -> Optional[float]:
-        """This step's DP-noised mean loss: ours, or the one a controller released this step (noisy, accounted)."""
-        if self.loss_release is not None:
-            return self.loss_release.released
-        c = self.controller
-        if getattr(c, "loss_bound", None) is not None and getattr(c, "validation_loss", None) is None:
-            last = (getattr(c, "history", None) or [{}])[-1]
-            return last.get("loss") if last.get("step") == self.step else None
-        return None
-
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Optional[float]:
         """Perplexity on the held-out texts (None without them, or with ``evaluate=False``). NOT covered by the DP
@@ -156,8 +108,7 @@ class PrivateLMTrainer:
     def train(self, *, checkpoint_path=None) -> FinetuneResult:
         """Runs until ``total_steps`` (or ``config.stop_after``); checkpoints every ``checkpoint_every`` steps and
         when interrupted (then raises ``TrainingInterrupted``)."""
-        cfg = self.config
-        with _stop_requests(distributed.rank_and_world()[1]) as stop:
+        with stop_requests(distributed.rank_and_world()[1]) as stop:
             if self.step == 0 and self.eval_perplexity_before is None:
                 self.eval_perplexity_before = self.evaluate()
             if self.step == 0 and self.completions_before is None:
@@ -166,70 +117,33 @@ class PrivateLMTrainer:
             if checkpoint_path is not None:
                 self.save_checkpoint(checkpoint_path)
             if interrupted:
-                raise TrainingInterrupted(
-                    f"interrupted after step {self.step}/{self.total_steps}: " + (
-                        f"checkpoint saved to {checkpoint_path} (SECRET); continue with the same command plus "
-                        "--resume" if checkpoint_path is not None else "no output folder, nothing saved"))
-        finished = self.step >= self.total_steps
-        last = self.history[-1] if self.history else {}
-        after = last.get("eval_perplexity") if finished and last.get("step") == self.step else None
-        if finished and after is None:
-            after = self.evaluate()
-        completions = None
-        if finished and self.completion_prompts and self.completions_before is not None:
-            from dptrain.finetune.completions import completions_report
+                raise interrupted_error(self.step, self.total_steps, checkpoint_path)
+        return finetune_result(self)
 
-            completions = completions_report(self.completion_prompts, self.completions_before, self.complete())
-        return FinetuneResult(
-            epsilon=self.engine.get_epsilon(self.delta), delta=self.delta, target_epsilon=cfg.target_epsilon,
-            noise_multiplier=float(self.optimizer.noise_multiplier), steps=self.step, total_steps=self.total_steps,
-            sample_rate=self.sample_rate, expected_batch_size=float(self.optimizer.expected_batch_size),
-            dataset_size=len(self.train_set), eval_perplexity_before=self.eval_perplexity_before,
-            eval_perplexity=after, history=list(self.history), finished=finished, model=self.model,
-            privacy=privacy_report(self.engine.trust_model(), cfg,
-                                   None if self.loss_release is None else self.loss_release.noise_multiplier),
-            completions=completions,
-            step_noise_multiplier=None if self.controller is not None else self.optimizer.plan_step().noise_multiplier,
-        )
-
-    def _steps(self, stop: dict, checkpoint_path) -> bool:
+    def _steps(self, stop: Dict[str, bool], checkpoint_path) -> bool:
         """The training loop up to ``stop_after``/``total_steps``; True when it stopped on a stop request."""
         cfg = self.config
         stop_at = self.total_steps if cfg.stop_after is None else min(cfg.stop_after, self.total_steps)
-        bar = _progress(cfg.progress and distributed.rank_and_world()[0] == 0, self.total_steps, self.step, self.delta)
+        bar = progress_bar(cfg.progress and distributed.rank_and_world()[0] == 0, self.total_steps, self.step,
+                           self.delta)
         loss_sum, rows_seen = 0.0, 0  # NOT private: only for --debug-train-loss
         self.model.train()
-        interrupted = self._stop_agreed(stop)
+        interrupted = stop_agreed(stop, self.device)
         try:
             while self.step < stop_at and not interrupted:
                 for batch in self.loader:
                     rows = int(batch["input_ids"].shape[0])
                     if rows:
-                        ids = batch["input_ids"].to(self.device)  # (b, T)
-                        mask = batch["attention_mask"].to(self.device)  # (b, T)
-                        logits = self.net(input_ids=ids, attention_mask=mask).logits  # (b, T, V)
-                        losses = per_sample_lm_loss(logits, ids, mask)  # (b,)
-                        losses.mean().backward()
-                        if getattr(self.controller, "loss_bound", None) is not None:
-                            self.controller.observe_losses(losses)  # released with noise and accounted
-                        if self.loss_release is not None:
-                            self.loss_release.add(losses)
-                        loss_sum += float(losses.detach().sum())
+                        loss_sum += float(self._forward_backward(batch).detach().sum())
                         rows_seen += rows
                     before = self.optimizer.steps_taken
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.optimizer.steps_taken == before:
                         continue  # a micro-batch inside a logical batch
-                    self.step += 1
-                    self.history.append(self._record(loss_sum, rows_seen))
+                    self._end_step(loss_sum, rows_seen, bar, checkpoint_path)
                     loss_sum, rows_seen = 0.0, 0
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(**_postfix(self.history, cfg.debug_train_loss))
-                    if checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                        self.save_checkpoint(checkpoint_path)  # every rank: their RNG states are gathered
-                    interrupted = self._stop_agreed(stop)  # once per step on every rank
+                    interrupted = stop_agreed(stop, self.device)  # once per step on every rank
                     if self.step >= stop_at or interrupted:
                         break
         finally:
@@ -237,27 +151,30 @@ class PrivateLMTrainer:
                 bar.close()
         return interrupted
 
-    def _record(self, loss_sum: float, rows_seen: int) -> Dict[str, float]:
-        """This step's ``history`` entry: epsilon, the DP training loss, the held-out perplexity every
-        ``eval_every`` steps (not private) and, with --debug-train-loss, the raw loss (NOT private)."""
-        cfg = self.config
-        record = {"step": self.step, "epsilon": self.engine.get_epsilon(self.delta)}
-        dp_loss = self._dp_train_loss()
-        if dp_loss is not None:
-            record["dp_train_loss"] = dp_loss
-        if cfg.debug_train_loss:  # non-private: the loss and size of a batch of private records
-            record.update(train_loss=loss_sum / rows_seen if rows_seen else float("nan"), batch_size=rows_seen)
-        every = cfg.eval_every if cfg.eval_every is not None else math.ceil(self.total_steps / EVAL_POINTS)
-        if every and (self.step % every == 0 or self.step == self.total_steps):
-            record["eval_perplexity"] = self.evaluate()
-        return record
+    def _forward_backward(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The per-sample LM losses (b,) of a non-empty micro-batch, after ``backward()`` (the engine clips each
+        sample's gradient); the losses also go to whoever releases the training loss with noise."""
+        ids = batch["input_ids"].to(self.device)  # (b, T)
+        mask = batch["attention_mask"].to(self.device)  # (b, T)
+        logits = self.net(input_ids=ids, attention_mask=mask).logits  # (b, T, V)
+        losses = per_sample_lm_loss(logits, ids, mask)  # (b,)
+        losses.mean().backward()
+        if getattr(self.controller, "loss_bound", None) is not None:
+            self.controller.observe_losses(losses)  # released with noise and accounted
+        if self.loss_release is not None:
+            self.loss_release.add(losses)
+        return losses
 
-    def _stop_agreed(self, stop: dict) -> bool:
-        """Whether any rank was asked to stop (single process: this one); a collective under torchrun."""
-        if distributed.rank_and_world()[1] == 1:
-            return stop["requested"]
-        flag = torch.tensor([1.0 if stop["requested"] else 0.0], device=self.device)
-        return bool(distributed.all_reduce_sum([flag])[0].item() > 0)
+    def _end_step(self, loss_sum: float, rows_seen: int, bar, checkpoint_path) -> None:
+        """After a logical step: its ``history`` entry, the progress bar and the periodic checkpoint."""
+        cfg = self.config
+        self.step += 1
+        self.history.append(step_record(self, loss_sum, rows_seen))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(**progress_postfix(self.history, cfg.debug_train_loss))
+        if checkpoint_path is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save_checkpoint(checkpoint_path)  # every rank: their RNG states are gathered
 
     # ------------------------------------------------------------------ checkpoints (dptrain.finetune.trainer_state)
     def fingerprint(self) -> Dict[str, Any]:
@@ -279,56 +196,8 @@ class PrivateLMTrainer:
         """Continue from a checkpoint of the same run (refused with ``ValueError`` otherwise)."""
         restore_trainer(self, state)
 
+
 def _plain_mechanism(controller, cfg: FinetuneConfig) -> bool:
     """Our own loss release needs the plain step mechanism (a controller releases its own noisy loss; error
     feedback is accounted without amplification)."""
     return controller is None and not cfg.error_feedback
-
-
-def _progress(enabled: bool, total: int, initial: int, delta: float):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"DP fine-tuning (delta {delta:.2g})", unit="step",
-                file=sys.stderr, dynamic_ncols=True)
-
-
-def _postfix(history: List[Dict[str, float]], debug_loss: bool) -> Dict[str, str]:
-    """Progress-bar values: epsilon, the DP-noised loss averaged over the last 10 steps, the NON-PRIVATE debug loss."""
-    shown = {"eps": f"{history[-1]['epsilon']:.2f}"}
-    recent = [h["dp_train_loss"] for h in history[-10:] if "dp_train_loss" in h]
-    if recent:
-        shown["dp_loss"] = f"{sum(recent) / len(recent):.2f}"
-    if debug_loss:
-        shown["loss (NOT PRIVATE)"] = f"{history[-1]['train_loss']:.3f}"
-    return shown
-
-
-@contextlib.contextmanager
-def _stop_requests(world: int):
-    """While training, Ctrl-C (SIGINT) and SIGTERM ask to stop at the end of the current step, so that the
-    checkpoint is written at a step boundary. Single process: a second Ctrl-C quits at once, without saving.
-    (Under torchrun the launcher forwards Ctrl-C to every rank, so repeats are ignored there.) Only in the main
-    thread, and only where the default handlers are installed."""
-    stop = {"requested": False}
-    mine = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if mine else {}
-    ours = {sig for sig, h in previous.items() if h in (signal.default_int_handler, signal.SIG_DFL)}
-
-    def handler(signum, frame):
-        if stop["requested"] and world == 1 and signum == signal.SIGINT:
-            raise TrainingInterrupted("interrupted again: quit without saving (the last periodic checkpoint, if any, "
-                                      "is still there)")
-        if not stop["requested"]:
-            logger.warning("stopping at the end of this step to write the checkpoint%s",
-                           " (Ctrl-C again to quit without saving)" if world == 1 else "")
-        stop["requested"] = True
-
-    for sig in ours:
-        signal.signal(sig, handler)
-    try:
-        yield stop
-    finally:
-        for sig in ours:
-            signal.signal(sig, previous[sig])
