@@ -1,19 +1,70 @@
-"""What the step-time benchmarks share: one training step of a causal LM under each method (non-DP, dptrain,
-Opacus), run in its own process (``module_command``), and the peak-memory counters of that process."""
+"""What the step-time benchmarks share: a worker process per method that answers tagged JSON lines
+(``WorkerProcess`` / ``reply``), one prepared training step of a causal LM under each method (non-DP, dptrain,
+Opacus), steps timed back to back, the rotating order of a round, and the peak-memory counters of a process."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # worker processes run from here, as ``python -m benchmarks.<name>``
+_TAG = "@@ "  # marks protocol lines on a worker's stdout (libraries may print there too)
 
 
+# ----------------------------------------------------------------------------------------------- worker processes
 def module_command(module: str, *args: str) -> list:
     """The command that runs ``benchmarks.<module>`` in a fresh interpreter (with ``cwd=ROOT``)."""
     return [sys.executable, "-m", f"benchmarks.{module}", *args]
 
 
+def reply(message: dict) -> None:
+    """Worker side: send ``message`` to the parent's ``WorkerProcess.ask``."""
+    print(_TAG + json.dumps(message), flush=True)
+
+
+class WorkerProcess:
+    """``python -m benchmarks.<module> *args`` in its own process, answering each ``ask`` with one ``reply``."""
+
+    def __init__(self, module: str, *args: str, env: dict | None = None):
+        self._stderr = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill up and block the worker
+        self._proc = subprocess.Popen(module_command(module, *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+        self.error: str | None = None
+
+    def ask(self, command: str | None = None) -> dict:
+        """Send ``command`` (None: just read) and wait for the reply; a dead worker answers ``{"error": <its last
+        stderr line>}``, now and for every later question."""
+        if self.error is None:
+            try:
+                if command is not None:
+                    self._proc.stdin.write(command + "\n")
+                    self._proc.stdin.flush()
+                for line in self._proc.stdout:
+                    if line.startswith(_TAG):
+                        return json.loads(line[len(_TAG):])
+            except BrokenPipeError:
+                pass
+            self._proc.wait()
+            self._stderr.seek(0)
+            self.error = (self._stderr.read().strip().splitlines() or ["failed"])[-1][:200]
+        return {"error": self.error}
+
+    def close(self) -> None:
+        """Wait for the worker to exit (its stdin closed) and drop its captured stderr."""
+        try:
+            self._proc.stdin.close()
+        except BrokenPipeError:  # the worker died with a command still buffered
+            pass
+        self._proc.wait()
+        self._stderr.close()
+
+
+# ----------------------------------------------------------------------------------------------- one training step
 def make_method(method: str, model, optimizer, loader):
     """``(model, optimizer, criterion)`` for ``method``: "nondp", "dptrain-<clipping>" or "opacus-<mode>"
     (sigma = 1, C = 1, the loader's fixed batches); ``criterion`` is Opacus ghost clipping's loss wrapper, else None."""
@@ -64,16 +115,63 @@ def lm_step(model, optimizer, criterion, batch_ids, vocab: int, **model_kwargs):
     return step
 
 
+def prepared_lm_step(method: str, model, optimizer, ids, batch: int, device: str = "cpu", **model_kwargs):
+    """The training step of ``model`` under ``method`` on the first ``batch`` rows of ``ids`` (N, T), after two
+    untimed steps (set-up: lazy buffers, first-call costs). The engines see ``ids`` in fixed batches of ``batch``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    vocab = model.config.vocab_size
+    loader = DataLoader(TensorDataset(ids), batch_size=batch)
+    model, optimizer, criterion = make_method(method, model, optimizer, loader)
+    step = lm_step(model, optimizer, criterion, ids[:batch].to(device), vocab, **model_kwargs)
+    step()
+    step()
+    return step
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def timed(fn):
+    """``(fn(), seconds it took)``."""
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def time_steps(step, count: int, sync=None) -> list:
+    """Seconds of each of ``count`` calls of ``step``, back to back as a training loop runs them (no pause);
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs inside each timing, after the step."""
+
+    def synced_step():
+        step()
+        if sync is not None:
+            sync()
+
+    return [timed(synced_step)[1] for _ in range(count)]
+
+
+def rotation(items: list, turn: int) -> list:
+    """``items`` started at position ``turn`` (mod its length): over a round every item takes every place, so a
+    slow or quick phase of a shared machine hits all of them alike."""
+    shift = turn % len(items)
+    return items[shift:] + items[:shift]
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def proc_status_bytes(field: str) -> int:
+    """Bytes of a memory field of this process's /proc/self/status (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def reset_rss_peak() -> None:
-    """Restart this process's peak-RSS counter (Linux VmHWM)."""
+    """Restart this process's peak-RSS counter (Linux VmHWM) at the current resident size."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
 def rss_peak_mb() -> float:
     """This process's peak RSS since the last reset, MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status_bytes("VmHWM") / 2**20

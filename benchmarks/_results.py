@@ -1,10 +1,12 @@
-"""Write one benchmark's section of ``benchmarks/RESULTS.md`` in place, leaving the others alone."""
+"""Write one benchmark's section of ``benchmarks/RESULTS.md`` in place, leaving the others alone, with the machine,
+date and command of the run. Imports nothing from the package: ``examples/`` load it as a top-level module."""
 
 from __future__ import annotations
 
 import datetime
 import platform
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,9 +30,18 @@ def machine_description() -> str:
     return ", ".join(parts)
 
 
+def run_command() -> str:
+    """The command line of this run as typed from the repository root: ``python -m benchmarks.<name> ...`` for a
+    module run with ``-m`` (whose ``sys.argv[0]`` is the file's full path), else ``python <script> ...``."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return shlex.join(["python", *program, *sys.argv[1:]])
+
+
 def write_section(name: str, body: str, command: str | None = None) -> None:
-    """Replace (or append) the section ``name`` with ``body`` plus machine, date and command."""
-    command = command or "python " + " ".join(sys.argv)
+    """Replace (or append) the section ``name`` with ``body`` plus machine, date and command (default: this
+    run's, ``run_command()``)."""
+    command = command or run_command()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (
         f"<!-- BEGIN {name} -->\n## {name}\n\n"

@@ -9,21 +9,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 import warnings
 
+from benchmarks._harness import timed
 from benchmarks._results import write_section
 
 from dptrain.accountants import PLDAccountant, RDPAccountant, calibrate_noise, compute_epsilon
 from dptrain.accountants import _pld_math, rdp
 
 warnings.simplefilter("ignore")
-
-
-def timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
 
 
 def clear_caches():

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from benchmarks._harness import rotation, timed
+from benchmarks._results import write_section
 from benchmarks.engine_speed import BATCH, LENGTH, VOCAB, _build  # the same model and sizes
 
 # (name, d_in, d_out, matrices of this shape in the model)
@@ -112,12 +113,6 @@ def _training_step():
     return step, model
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15, help="repetitions (each times everything once)")
@@ -128,13 +123,11 @@ def main() -> None:
     jobs.update(((what, "extra"), fn) for what, fn in _other_costs(model).items())
     for fn in [step, step, *jobs.values()]:  # warm-up
         fn()
-    order = list(jobs)
     step_times, times = [], {key: [] for key in jobs}
     for rep in range(args.reps):
-        step_times.append(_timed(step))
-        shift = rep % len(order)
-        for key in order[shift:] + order[:shift]:
-            times[key].append(_timed(jobs[key]))
+        step_times.append(timed(step)[1])
+        for key in rotation(list(jobs), rep):
+            times[key].append(timed(jobs[key])[1])
     ms = {key: statistics.median(t) * 1000 for key, t in times.items()}
     step_ms = statistics.median(step_times) * 1000
 
@@ -163,10 +156,7 @@ def main() -> None:
         "cycles ahead of time, which hides part of it)."
     )
     print(body)
-    from benchmarks._results import write_section
-
-    write_section("clip_floor", body, command="python -m benchmarks.clip_floor"
-                  + (f" --reps {args.reps}" if args.reps != 15 else ""))
+    write_section("clip_floor", body)
 
 
 if __name__ == "__main__":

@@ -26,24 +26,11 @@ import socket
 import subprocess
 import sys
 
-from benchmarks._harness import ROOT
+from benchmarks._harness import ROOT, proc_status_bytes, reset_rss_peak
 from benchmarks._results import write_section
 
 WORLD, PER_RANK, WARMUP = 2, 4, 3
 MiB = 2**20
-
-
-def _status(field: str) -> int:
-    """Bytes of a /proc/self/status field (VmRSS, VmHWM)."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current VmRSS
 
 
 def _storage_bytes(tensors) -> int:
@@ -79,12 +66,12 @@ def _worker(rank: int, port: int, layers: int, width: int, clipping: str, out: s
     privatise = optimizer._privatise
 
     def measured(mechanism):  # peak of the flush so far, then of the privatisation alone
-        seen["flush_hwm"] = _status("VmHWM")
+        seen["flush_hwm"] = proc_status_bytes("VmHWM")
         seen["sums_bytes"] = _storage_bytes(optimizer.tracker.clipped_sum.values())
-        seen["privatise_entry"] = _status("VmRSS")
-        _reset_peak()
+        seen["privatise_entry"] = proc_status_bytes("VmRSS")
+        reset_rss_peak()
         privatise(mechanism)
-        seen["privatise_hwm"] = _status("VmHWM")
+        seen["privatise_hwm"] = proc_status_bytes("VmHWM")
 
     x, y = data.tensors
     for step in range(WARMUP + 1):
@@ -92,8 +79,8 @@ def _worker(rank: int, port: int, layers: int, width: int, clipping: str, out: s
         (model(xs) - ys).pow(2).mean(1).mean().backward()
         if step == WARMUP:
             optimizer._privatise = measured
-            after_backward = _status("VmRSS")
-            _reset_peak()
+            after_backward = proc_status_bytes("VmRSS")
+            reset_rss_peak()
         optimizer.step()
         if step < WARMUP:
             optimizer.zero_grad()

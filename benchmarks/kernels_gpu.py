@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 
-from benchmarks._harness import ROOT, lm_step, make_method, module_command
+from benchmarks._harness import WorkerProcess, prepared_lm_step, reply, time_steps
 
 LAYERS = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (d_out, d_in)
 SEQ_LENS = [512, 1024, 2048]
@@ -47,19 +45,16 @@ def _time_ms(fn, device: str, warmup: int, iters: int) -> float:
     for _ in range(warmup):
         fn()
     _sync(device)
+    if device != "cuda":
+        return 1e3 * statistics.median(time_steps(fn, iters))
     times = []
     for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
@@ -153,9 +148,8 @@ MODEL_SMOKE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, n
 
 
 def model_worker(method: str, smoke: bool, batch: int, seq_len: int, steps: int) -> dict:
-    """One method in this process: build the model, make it private, time optimizer steps."""
+    """One method in this process: build the model, make it private, time optimizer steps back to back."""
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = "cpu" if smoke else "cuda"
@@ -163,25 +157,13 @@ def model_worker(method: str, smoke: bool, batch: int, seq_len: int, steps: int)
     torch.manual_seed(0)
     config = LlamaConfig(**(MODEL_SMOKE if smoke else MODEL_1B), max_position_embeddings=seq_len)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    vocab = config.vocab_size
-    ids = torch.randint(0, vocab, (batch * 4, seq_len), generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(TensorDataset(ids), batch_size=batch)
+    ids = torch.randint(0, config.vocab_size, (batch * 4, seq_len), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    model, optimizer, criterion = make_method(method, model, optimizer, loader)
-    step = lm_step(model, optimizer, criterion, ids[:batch].to(device), vocab)
-
-    step()
-    step()
+    step = prepared_lm_step(method, model, optimizer, ids, batch, device)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+    step_s = statistics.median(time_steps(step, steps, sync=lambda: _sync(device)))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     n_params = sum(p.numel() for p in model.parameters())
     return {"step_s": step_s, "tokens_per_s": batch * seq_len / step_s, "peak_gb": peak, "params": n_params}
@@ -190,14 +172,10 @@ def model_worker(method: str, smoke: bool, batch: int, seq_len: int, steps: int)
 def bench_model(smoke: bool, batch: int, seq_len: int, steps: int) -> list[dict]:
     rows = []
     for method in ["nondp", "dptrain-per_layer", "dptrain-flat", "opacus-ghost"]:
-        cmd = module_command("kernels_gpu", "--model-worker", method, "--batch", str(batch), "--seq-len", str(seq_len),
-                             "--steps", str(steps), *(["--smoke"] if smoke else []))
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
-            row = {"method": method, "error": reason}
-        else:
-            row = {"method": method, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        worker = WorkerProcess("kernels_gpu", "--model-worker", method, "--batch", str(batch), "--seq-len",
+                               str(seq_len), "--steps", str(steps), *(["--smoke"] if smoke else []))
+        row = {"method": method, **worker.ask()}  # the figures, or {"error": <its last stderr line>}
+        worker.close()
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -238,7 +216,7 @@ def main() -> int:
     import torch
 
     if args.model_worker:
-        print(json.dumps(model_worker(args.model_worker, args.smoke, args.batch, args.seq_len, args.steps)))
+        reply(model_worker(args.model_worker, args.smoke, args.batch, args.seq_len, args.steps))
         return 0
     if not torch.cuda.is_available() and not args.smoke:
         print("kernels_gpu: no CUDA GPU found; these figures need an NVIDIA GPU. Run with --smoke for a tiny CPU "
