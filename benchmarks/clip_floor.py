@@ -54,7 +54,7 @@ def _routes(d_in: int, d_out: int):
     shape = torch.Size((d_out, d_in))
     weight = torch.nn.Parameter(torch.empty(shape))
     pending = {weight: [Factored(g, x, d_out, shape)]}  # per-sample gradient g_i^T x_i
-    planner = RoutePlanner(dense_pass_cost=-1e9)  # the tracker's dense route (its reused arena), whatever the gain
+    planner = RoutePlanner(dense_budget_bytes=4 * BATCH * d_in * d_out, dense_pass_cost=-1e9)  # the dense route, whole batch
     routes = planner.plan(pending, BATCH, per_layer=True)
     assert weight in routes.dense and routes.chunk == BATCH, "one chunk of explicit per-sample gradients"
 
