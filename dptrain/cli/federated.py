@@ -105,11 +105,11 @@ def run(args) -> int:
             import flwr  # noqa: F401
         except ImportError:
             raise CLIError("--engine flower needs Flower: pip install flwr") from None
-    out = Path(args.output_dir) if args.output_dir else None
+    out = Path(args.output_dir).resolve() if args.output_dir else None  # Flower's apps run in other folders
     AppSettings(_run_config(args, "demo")).demo_parts()  # checks settings and the split before any training
     with tempfile.TemporaryDirectory(prefix="dptrain-federated-") as tmp:
         work = out or Path(tmp)
-        base = args.model or "demo"
+        base = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model or "demo"
         if args.model is None and args.pretrain_steps:
             from dptrain.federated.model import save_demo_base
 
