@@ -1,14 +1,17 @@
-"""python -m benchmarks.fsdp_memory [--layers 8] [--width 1024] [--before OLD_CHECKOUT] [--no-write]
+"""python -m benchmarks.fsdp_memory [--layers 8] [--width 2048] [--before OLD_CHECKOUT] [--no-write]
 
 Per-rank gradient memory of DP-SGD on FSDP2 (``fully_shard``), 2 processes on gloo/CPU: a stack of ``--layers``
 Linear(width, width) layers, each its own FSDP unit, flat and per-layer clipping, sigma 1, 4 samples per rank.
 After 3 warm-up steps, per rank (the larger of the two ranks is shown):
 
 - held after the step: the storages behind ``p.grad``'s local shards, and the noise source's buffers;
-- the tracker's clipped sums when the optimizer starts privatising (full size: the tracker builds them);
+- the clipped sums the tracker holds when the optimizer starts privatising (this rank's shards since the sums
+  are reduce-scattered at the end of every micro-batch; full size before);
 - peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) above the resident size at the start
   of ``_privatise`` (reduce-scatter or all-reduce, noise, the gradient shards), and above the resident size
-  after ``backward()`` for the whole ``optimizer.step()`` (the clipped sums built at flush included).
+  after ``backward()`` for the whole ``optimizer.step()`` (the clipped sums built at flush included: every sum
+  now, bucket by bucket; before, flat clipping built them all there and per-layer clipping during backward),
+  and above the resident size before the step's forward for the whole step (forward, backward, step).
 
 Workers run with MALLOC_MMAP_THRESHOLD_=65536, so every freed buffer goes back to the OS and resident memory
 follows the live tensors. ``--before DIR``: also run the same measurement against another checkout (e.g. a
@@ -30,6 +33,7 @@ from benchmarks._harness import ROOT, proc_status_bytes, reset_rss_peak
 from benchmarks._results import write_section
 
 WORLD, PER_RANK, WARMUP = 2, 4, 3
+BUCKET_NUMEL = 1 << 22  # dptrain.fsdp.BUCKET_NUMEL (not imported: the 'before' checkout may differ)
 MiB = 2**20
 
 
@@ -76,9 +80,13 @@ def _worker(rank: int, port: int, layers: int, width: int, clipping: str, out: s
     x, y = data.tensors
     for step in range(WARMUP + 1):
         xs, ys = x[PER_RANK * (WORLD * step + rank):][:PER_RANK], y[PER_RANK * (WORLD * step + rank):][:PER_RANK]
+        if step == WARMUP:
+            before_forward = proc_status_bytes("VmRSS")
+            reset_rss_peak()
         (model(xs) - ys).pow(2).mean(1).mean().backward()
         if step == WARMUP:
             optimizer._privatise = measured
+            backward_hwm = proc_status_bytes("VmHWM")
             after_backward = proc_status_bytes("VmRSS")
             reset_rss_peak()
         optimizer.step()
@@ -92,6 +100,7 @@ def _worker(rank: int, port: int, layers: int, width: int, clipping: str, out: s
         "sums_bytes": seen["sums_bytes"],
         "privatise_peak": seen["privatise_hwm"] - seen["privatise_entry"],
         "step_peak": max(seen["flush_hwm"], seen["privatise_hwm"]) - after_backward,
+        "whole_peak": max(backward_hwm, seen["flush_hwm"], seen["privatise_hwm"]) - before_forward,
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -124,7 +133,8 @@ def measure(layers: int, width: int, clipping: str, checkout: str | None = None)
 
 def _table(rows) -> str:
     lines = ["| code | clipping | full fp32 | p.grad held / rank | noise buffers / rank | clipped sums at step | "
-             "peak in privatise / rank | peak in step / rank |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "peak in privatise / rank | peak in step / rank | peak in forward to step / rank |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, clipping, r in rows:
         full = r["full_bytes"]
 
@@ -132,14 +142,14 @@ def _table(rows) -> str:
             return f"{r[key] / MiB:.1f} MiB ({r[key] / full:.2f}x)"
 
         lines.append(f"| {label} | {clipping} | {full / MiB:.1f} MiB | {cell('grad_bytes')} | {cell('noise_bytes')} | "
-                     f"{cell('sums_bytes')} | {cell('privatise_peak')} | {cell('step_peak')} |")
+                     f"{cell('sums_bytes')} | {cell('privatise_peak')} | {cell('step_peak')} | {cell('whole_peak')} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--width", type=int, default=2048)
     p.add_argument("--before", default=None, help="another checkout to measure as 'before' (e.g. a git worktree)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -153,14 +163,18 @@ def main(argv=None) -> None:
     if args.before:
         commit = subprocess.run(["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or "unknown commit"
-        before = f" 'before' rows: `--before` checkout at {commit} (full-size sums all-reduced, then sharded)."
+        before = f" 'before' rows: `--before` checkout at {commit}."
     body = (f"FSDP2, {WORLD} processes on CPU gloo, {args.layers} x Linear({args.width}, {args.width}) (one FSDP unit "
             f"each), {PER_RANK} samples per rank, sigma 1; the step after {WARMUP} warm-up steps. The larger rank is "
             "shown; ratios are to the full fp32 size of the trainable parameters. Peaks are resident memory (VmHWM) "
-            "above the start of `_privatise` and above the end of `backward()`." + before + "\n\n" + _table(rows) + "\n\n"
-            "The clipped sums are the tracker's full-size per-parameter sums of the logical batch, built at the step "
-            "(flat clipping) or during backward (per-layer); the sharded path takes them out of the tracker bucket "
-            "by bucket (16 MiB) and frees each once copied into its reduce-scatter buffer.")
+            "above the start of `_privatise`, above the end of `backward()`, and over the whole measured step "
+            "(forward, backward, `optimizer.step()`) above the start of its forward (FSDP2's all-gathered "
+            "layers included)." + before + "\n\n" + _table(rows) + "\n\n"
+            "This tree builds the clipped sums at the end of every micro-batch one bucket of parameters at a time "
+            f"({BUCKET_NUMEL // 2**20 * 4} MiB of fp32), reduce-scatters the bucket and keeps this rank's rows only: "
+            "the tracker holds 1/W of the full size. Before, the tracker held the full-size sums of the logical "
+            "batch (built at the step with flat clipping, during backward per layer) until the step's "
+            "reduce-scatter.")
     print(body)
     if not args.no_write:
         write_section("fsdp_memory", body)

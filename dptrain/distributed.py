@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["is_distributed", "rank_and_world", "tracked_module", "check_consistent", "all_reduce_sum",
-           "reduce_scatter_sum", "on_rank0",
+           "all_reduce_max", "reduce_scatter_sum", "on_rank0",
            "gather_to_rank0", "CollectiveError", "COLLECTIVE_TIMEOUT_S"]
 
 COLLECTIVE_TIMEOUT_S = 300.0  # a rank waiting longer than this for the others raises instead of hanging
@@ -110,6 +110,19 @@ def all_reduce_sum(tensors: List[torch.Tensor], timeout_s: Optional[float] = Non
     return out
 
 
+def all_reduce_max(value: int, timeout_s: Optional[float] = None) -> int:
+    """The largest ``value`` over ranks (``value`` alone without a process group); ``CollectiveError`` on failure
+    or timeout."""
+    if not is_distributed():
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    box = torch.tensor([value], dtype=torch.int64, device=device)
+    _collective("the data loader's agreement on the number of physical batches",
+                lambda: dist.all_reduce(box, op=dist.ReduceOp.MAX, async_op=True), [box],
+                COLLECTIVE_TIMEOUT_S if timeout_s is None else timeout_s)
+    return int(box.item())
+
+
 def reduce_scatter_sum(flat: torch.Tensor, group=None, timeout_s: Optional[float] = None) -> torch.Tensor:
     """SUM reduce-scatter of ``flat`` (W * n,) over ``group``: this rank's (n,) slice of the sum over ranks;
     ``CollectiveError`` on failure or timeout."""
@@ -118,7 +131,7 @@ def reduce_scatter_sum(flat: torch.Tensor, group=None, timeout_s: Optional[float
         raise ValueError(f"reduce_scatter_sum needs a flat tensor of a multiple of {world} elements, found shape "
                          f"{tuple(flat.shape)}")
     out = torch.empty(flat.numel() // world, dtype=flat.dtype, device=flat.device)  # (n,)
-    _collective("the optimizer step's reduce-scatter of the FSDP2 clipped sums",
+    _collective("the reduce-scatter of the FSDP2 clipped sums at the end of a micro-batch",
                 lambda: dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM, group=group, async_op=True),
                 [flat], COLLECTIVE_TIMEOUT_S if timeout_s is None else timeout_s)
     return out

@@ -123,11 +123,15 @@ class PrivacyEngine:
 
     # ------------------------------------------------------------------ make_private, step by step
     def _prepare_tracker(self, module: nn.Module, args: MakePrivateArgs) -> GradSampleTracker:
+        sharded = isinstance(module, FSDPView)
+        if sharded and args.error_feedback:
+            raise ValueError("error feedback is not supported with FSDP2 models yet; use DDP or turn it off")
         tracker = GradSampleTracker(
             module, clipping=args.clipping, max_grad_norm=args.max_grad_norm, loss_reduction=args.loss_reduction,
             automatic_gamma=args.automatic_gamma, track_unclipped=args.error_feedback,
+            sum_sink=module.scatter_sums if sharded else None,  # FSDP2: sums reduce-scattered per micro-batch
         )
-        if not isinstance(tracker.model, FSDPView):  # FSDP2 forwards cannot be re-entered from a hook
+        if not sharded:  # FSDP2 forwards cannot be re-entered from a hook
             install_probe(tracker.model, lambda: tracker.batch_size, tracker.capture_disabled, tracker=tracker)
         return tracker
 
@@ -144,6 +148,7 @@ class PrivacyEngine:
             args.data_loader, poisson_sampling=args.poisson_sampling, sample_rate=self.sample_rate,
             generator=generator, max_physical_batch_size=args.max_physical_batch_size, shard=(rank, world),
             secure=self.secure_mode, steps=self.steps_per_epoch if args.poisson_sampling else None,
+            same_pieces_on_every_rank=isinstance(self.tracker.model, FSDPView),
         )
         loader.optimizer = self.optimizer
         return loader

@@ -4,17 +4,20 @@ clipped sums reduce-scattered into each rank's shard.
 Between steps FSDP2 registers sharded parameters (DTensors, ``Shard(0)`` over the data-parallel mesh); for the
 forward and backward of a unit it all-gathers them and registers the UNSHARDED tensors on the modules. The
 per-sample rules run inside forward/backward, so each rank sees complete per-sample gradients of its own
-samples: flat and per-layer norms need no cross-rank reduction. The tracker files its clipped sums under the
-unsharded tensors; ``FSDPView.reduce_scatter_sums`` maps them back to the sharded parameters and, one bucket of
-parameters at a time, reduce-scatters them (SUM): each rank receives only its own rows of the summed clipped
-gradient, and the tracker's full-size sums are freed as soon as they are copied into a bucket. The DP optimizer
-then adds the FULL noise (std sigma*C) to this rank's shard only, from this rank's own secret stream: every
+samples: flat and per-layer norms need no cross-rank reduction. The tracker only computes the norms and clip
+factors as contributions arrive; at the end of every micro-batch ``FSDPView.scatter_sums`` builds the clipped
+sums one bucket of parameters at a time, reduce-scatters each bucket (SUM) and adds this rank's rows into its
+shard of the logical batch's sum: at most one bucket of full-size sums is alive at once. The DP optimizer then
+adds the FULL noise (std sigma*C) to this rank's shard only, from this rank's own secret stream: every
 coordinate is held by exactly one rank, so its noise is drawn exactly once, with the single-process std.
 
+Every rank must end the same number of micro-batches per logical batch (FSDP2's own all-gathers need that too):
+the DP data loader agrees on the number of physical batches across ranks.
+
 FSDP2's own reduce-scatter of ordinary gradients never runs: the unsharded tensors' non-private gradients
-(layers fed by autograd hooks) are dropped as soon as they are accumulated. Memory per rank: the privatised
-gradient and its noise buffers are 1/W of full size; the tracker's clipped sums of the logical batch are full
-size until the step (the tracker produces them; this module frees them bucket by bucket).
+(layers fed by autograd hooks) are dropped as soon as they are accumulated. Memory per rank: the summed clipped
+gradient, the privatised gradient and the noise buffers are 1/W of full size, plus one bucket of full-size sums
+while a micro-batch ends; the per-sample pieces (layer inputs and output gradients) are kept until then.
 """
 
 from __future__ import annotations
@@ -97,30 +100,31 @@ class FSDPView(nn.Module):
             if t.requires_grad:  # its ordinary gradient is non-private: never keep it, never reduce-scatter it
                 self._handles.append(t.register_post_accumulate_grad_hook(_drop_grad))
 
-    def _keys_by_param(self, clipped_sum: Dict[torch.Tensor, torch.Tensor]) -> Dict[nn.Parameter, List[torch.Tensor]]:
-        """The tracker's keys (unsharded tensors, or sharded parameters) of each sharded parameter's sums."""
-        keys: Dict[nn.Parameter, List[torch.Tensor]] = {}
+    def _keys_by_param(self, keys) -> Dict[nn.Parameter, List[torch.Tensor]]:
+        """The tracker's ``keys`` (unsharded tensors, or sharded parameters) of each sharded parameter."""
+        out: Dict[nn.Parameter, List[torch.Tensor]] = {}
         sharded_ids = {id(p) for p in self._sharded.values()}
-        for key, s in clipped_sum.items():
+        for key in keys:
             target = key if id(key) in sharded_ids else self._sharded_of.get(key)
             if target is None:  # never silently drop a privatised sum
-                raise RuntimeError(f"a clipped gradient sum of shape {tuple(s.shape)} belongs to no sharded parameter "
-                                   "of the FSDP2 model; were parameters re-created after make_private?")
-            keys.setdefault(target, []).append(key)
-        return keys
+                raise RuntimeError(f"a clipped gradient sum of shape {tuple(key.shape)} belongs to no sharded "
+                                   "parameter of the FSDP2 model; were parameters re-created after make_private?")
+            out.setdefault(target, []).append(key)
+        return out
 
-    def reduce_scatter_sums(self, clipped_sum: Dict[torch.Tensor, torch.Tensor], params: List[nn.Parameter],
-                            bucket_numel: Optional[int] = None) -> List[torch.Tensor]:
-        """This rank's shard of each parameter's clipped sum, summed over ranks: fp32, contiguous, shaped like
-        ``p.to_local()``, in the order of ``params`` (sharded). Every rank must call it with the same ``params``.
-
-        Takes the tracker's full-size sums OUT of ``clipped_sum`` (each freed once copied into its bucket); a
+    def scatter_sums(self, clipper, bucket_numel: Optional[int] = None) -> None:
+        """The tracker's ``sum_sink``, at the end of every micro-batch on every rank: builds the micro-batch's
+        clipped sums one bucket of parameters at a time (in the same order on every rank), reduce-scatters each
+        bucket (SUM) and adds this rank's rows into ``clipper.clipped_sum`` (fp32, keyed by the sharded
+        parameters, shaped like ``p.to_local()``). At most one bucket of full-size sums is alive at a time; a
         parameter without a sum on this rank contributes zeros."""
-        keys = self._keys_by_param(clipped_sum)
-        shards: List[torch.Tensor] = []
+        keys = self._keys_by_param(list(clipper.deferred))
+        params = list(self._sharded.values())
         for bucket in _buckets(params, BUCKET_NUMEL if bucket_numel is None else bucket_numel):
-            shards += _reduce_scatter_bucket(bucket, [_take_sum(p, keys, clipped_sum) for p in bucket])
-        return shards
+            sums = [_built_sum(p, keys.get(p, []), clipper) for p in bucket]
+            for p, shard in zip(bucket, _reduce_scatter_bucket(bucket, sums)):
+                held = clipper.clipped_sum.get(p)
+                clipper.clipped_sum[p] = shard if held is None else held.add_(shard)
 
 
 def _buckets(params: List[nn.Parameter], bucket_numel: int) -> List[List[nn.Parameter]]:
@@ -176,14 +180,14 @@ def _reduce_scatter_bucket(params: List[nn.Parameter], sums: List[Optional[torch
     return shards
 
 
-def _take_sum(p: nn.Parameter, keys, clipped_sum) -> Optional[torch.Tensor]:
-    """The parameter's fp32 clipped sum, removed from the tracker's dict (several keys added up); None if none."""
-    found = [clipped_sum.pop(k) for k in keys.get(p, [])]
+def _built_sum(p: nn.Parameter, keys: List[torch.Tensor], clipper) -> Optional[torch.Tensor]:
+    """The parameter's fp32 clipped sum of the micro-batch (its keys' deferred sums added up); None if none."""
+    found = [s for s in (clipper.take_sum(k) for k in keys) if s is not None]
     if not found:
         return None
-    total = found[0].float()
+    total = found[0]
     for s in found[1:]:
-        total = total + s
+        total = total.add_(s)
     if total.shape != p.shape:
         raise RuntimeError(f"a clipped sum of shape {tuple(total.shape)} was filed for a parameter of shape "
                            f"{tuple(p.shape)}")

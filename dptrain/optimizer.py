@@ -155,23 +155,18 @@ class DPOptimizer(torch.optim.Optimizer):
         """``.grad`` <- (clipped sum over ranks + noise of std ``mechanism.noise_std``) / B_expected.
 
         DDP or one process: each of the W ranks adds its share (std / sqrt(W)) to its full-size local sum, then
-        the sums are all-reduced. FSDP2: the sums are reduce-scattered, then each rank adds the FULL std to the
-        shard it holds (every coordinate is held by one rank: its noise is drawn exactly once)."""
-        fsdp = self._fsdp_view()
-        if fsdp is not None and self.pre_noise_hooks and self.tracker.track_unclipped:
-            raise ValueError("error feedback is not supported with FSDP2 models yet; use DDP or turn it off")
+        the sums are all-reduced. FSDP2: the tracker holds this rank's shards of the sums (reduce-scattered as each
+        micro-batch ended); each rank adds the FULL std to them (every coordinate is held by one rank: its noise
+        is drawn exactly once)."""
         for hook in self.pre_noise_hooks:
             hook(self, mechanism)
+        fsdp = self._fsdp_view()
         params = [p for p in self.params if p.requires_grad]
         world = distributed.rank_and_world()[1]
-        if fsdp is not None:  # this rank's shards of the summed clipped sums (the full-size sums are freed)
-            sums = fsdp.reduce_scatter_sums(self.tracker.clipped_sum, params)
-            shares = 1  # each coordinate's noise comes from the one rank holding it
-        else:
-            sums = [self.tracker.clipped_sum.get(p) for p in params]
-            sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if s is None else s
-                    for p, s in zip(params, sums)]
-            shares = world
+        sums = [self.tracker.clipped_sum.get(p) for p in params]  # FSDP2: this rank's shards, summed over ranks
+        sums = [torch.zeros(p.to_local().shape if fsdp is not None else p.shape, dtype=torch.float32,
+                            device=p.device) if s is None else s for p, s in zip(params, sums)]
+        shares = 1 if fsdp is not None else world  # FSDP2: each coordinate's noise comes from the rank holding it
         # grad = sum / B + N(0, (std / B)^2), in place, with the division folded into the same pass
         std = mechanism.noise_std / shares**0.5 / self.expected_batch_size
         if std > 0:

@@ -9,12 +9,13 @@ what the subsampled-Gaussian accounting assumes; batches are therefore uneven an
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, List, Mapping, Optional
+from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
+from dptrain import distributed
 from dptrain.noise import reseed_from_entropy, secret_generator
 from dptrain.validation import check_fraction, check_positive_int
 
@@ -133,9 +134,12 @@ class DPDataLoader:
         shard: Optional[tuple] = None,
         secure: bool = False,
         steps: Optional[int] = None,
+        same_pieces_on_every_rank: bool = False,
     ):
         """``shard=(rank, world)``: Poisson-sample only this rank's indices rank, rank + world, ...; ``steps``:
-        logical batches per epoch (default ceil(1 / sample_rate))."""
+        logical batches per epoch (default ceil(1 / sample_rate)); ``same_pieces_on_every_rank``: split every
+        logical batch into as many physical batches as the rank that needs the most (FSDP2, whose collectives in
+        every forward and backward need all ranks in step), agreed by one collective per logical batch."""
         if max_physical_batch_size is not None:
             check_positive_int("max_physical_batch_size", max_physical_batch_size)
         self.dataset = data_loader.dataset
@@ -157,6 +161,7 @@ class DPDataLoader:
         else:
             self.loader = data_loader
         self.max_physical_batch_size = max_physical_batch_size
+        self.same_pieces_on_every_rank = same_pieces_on_every_rank
         self.optimizer = None  # set by the engine: told which micro-batch ends a logical batch
 
     def __len__(self) -> int:
@@ -165,12 +170,23 @@ class DPDataLoader:
     def __iter__(self):
         for batch in self.loader:
             rows = batch_length(batch) or 0
-            size = self.max_physical_batch_size or max(rows, 1)
-            starts = list(range(0, rows, size)) or [0]
-            for k, start in enumerate(starts):
+            bounds = self._piece_bounds(rows)
+            for k, (start, stop) in enumerate(bounds):
                 if self.optimizer is not None:
-                    self.optimizer.signal_skip_step(k < len(starts) - 1)
-                yield batch if len(starts) == 1 else split_batch(batch, start, min(start + size, rows), rows)
+                    self.optimizer.signal_skip_step(k < len(bounds) - 1)
+                yield batch if len(bounds) == 1 else split_batch(batch, start, stop, rows)
+
+    def _piece_bounds(self, rows: int) -> List[Tuple[int, int]]:
+        """[start, stop) of each physical batch of a logical batch of ``rows`` rows: pieces of
+        ``max_physical_batch_size`` rows and a remainder, or, agreed across ranks, the most pieces any rank needs,
+        of near-equal sizes (some empty when a rank has fewer rows than pieces)."""
+        size = self.max_physical_batch_size or max(rows, 1)
+        pieces = max(1, -(-rows // size))
+        if self.same_pieces_on_every_rank and self.max_physical_batch_size is not None:
+            agreed = distributed.all_reduce_max(pieces)
+            if agreed > pieces:
+                return [(k * rows // agreed, (k + 1) * rows // agreed) for k in range(agreed)]
+        return [(start, min(start + size, rows)) for start in range(0, max(rows, 1), size)]
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict() if self.sampler is not None else {}

@@ -9,7 +9,7 @@ and that scale goes into the norms and clip factors (one scalar) instead of into
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,7 +33,12 @@ class Clipper:
     """Clips pending contributions group by group (per-layer) or all at once (flat, automatic)."""
 
     def __init__(self, clipping: str, loss_reduction: str, automatic_gamma: float, track_unclipped: bool,
-                 planner: RoutePlanner, norm_log: NormLog):
+                 planner: Optional[RoutePlanner], norm_log: NormLog, defer_sums: bool = False):
+        if planner is None:  # the default routes; deferred sums: the factored one alone
+            planner = RoutePlanner(dense_budget_bytes=0, fuse=False) if defer_sums else RoutePlanner()
+        if defer_sums and (planner.dense_budget_bytes or planner.fuse):
+            raise ValueError("deferred clipped sums need the factored route alone: pass "
+                             "RoutePlanner(dense_budget_bytes=0, fuse=False)")
         self.clipping = clipping
         self.loss_reduction = loss_reduction
         self.automatic_gamma = automatic_gamma
@@ -42,9 +47,18 @@ class Clipper:
         self.norm_log = norm_log
         self.clipped_sum: Dict[nn.Parameter, torch.Tensor] = {}
         self.unclipped_sum: Dict[nn.Parameter, torch.Tensor] = {}  # error feedback's input, when tracked
+        self.defer_sums = defer_sums
+        self.deferred: Dict[nn.Parameter, List[Tuple[Sequence[Contribution], torch.Tensor]]] = {}  # (uses, weights)
 
     def reset(self) -> None:
-        self.clipped_sum, self.unclipped_sum = {}, {}
+        self.clipped_sum, self.unclipped_sum, self.deferred = {}, {}, {}
+
+    def take_sum(self, p: nn.Parameter) -> Optional[torch.Tensor]:
+        """The deferred clipped sum of ``p`` (fp32, full size; None if it has none), forgotten by the clipper."""
+        out = None
+        for uses, weights in self.deferred.pop(p, []):
+            out = weighted_sum(uses, weights, p.shape, out=out)
+        return out
 
     def process(self, groups: Sequence[ClipGroup]) -> None:
         """Clip and sum the pending contributions of ``groups``, then clear them."""
@@ -114,8 +128,11 @@ class Clipper:
         return kernels.clip_factors(entry.norms, entry.max_norm).mul_(scale)
 
     def _accumulate(self, p: nn.Parameter, uses: Sequence[Contribution], weights: torch.Tensor) -> None:
-        """clipped_sum[p] += sum_i weights_i G_i (in place after the first)."""
-        self.clipped_sum[p] = weighted_sum(uses, weights, p.shape, out=self.clipped_sum.get(p))
+        """clipped_sum[p] += sum_i weights_i G_i (in place after the first), or kept for ``take_sum``."""
+        if self.defer_sums:
+            self.deferred.setdefault(p, []).append((uses, weights))
+        else:
+            self.clipped_sum[p] = weighted_sum(uses, weights, p.shape, out=self.clipped_sum.get(p))
 
 
 def _total(parts, start: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from dptrain.grad_sample.contributions import Contribution
 from dptrain.validation import check_positive
 
-__all__ = ["ClipGroup", "CLIPPING_MODES", "build_groups"]
+__all__ = ["ClipGroup", "CLIPPING_MODES", "build_groups", "set_max_norms"]
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic")
 
@@ -75,3 +75,11 @@ def _per_layer_thresholds(max_grad_norm, names: Sequence[str]) -> List[float]:
         return [check_positive(f"max_grad_norm[{i}]", c) for i, c in enumerate(max_grad_norm)]
     total = check_positive("max_grad_norm", max_grad_norm)
     return [total / math.sqrt(len(names))] * len(names)
+
+
+def set_max_norms(groups: Sequence[ClipGroup], norms: Sequence[float]) -> None:
+    """New per-group thresholds, in the groups' order (the controller's action, a restored checkpoint)."""
+    if len(norms) != len(groups):
+        raise ValueError(f"expected {len(groups)} thresholds, found {len(norms)}")
+    for g, c in zip(groups, norms):
+        g.max_norm = check_positive(f"max_grad_norm of group '{g.name}'", c)

@@ -7,7 +7,8 @@ each module. With per-layer clipping a group is processed as soon as every recor
 reported back, during backward, so the saved tensors are freed early; everything else at ``flush()``
 (called by the optimizer's step). Processing (``clipping``) computes per-sample norms, clip factors and the
 clipped sums and adds them to ``clipped_sum``. Nothing non-private leaves the tracker except through the DP
-optimizer.
+optimizer. With a ``sum_sink`` (FSDP2) the clipped sums are built at every ``flush()`` by the sink, which
+reduce-scatters them into this rank's shards in ``clipped_sum`` (see ``Clipper``'s ``defer_sums``).
 
 Refused instead (errors naming the module or parameter): modules that mix samples or write buffers from the
 data, trainable parameters or not (``guards``: by class at set-up and at every forward, and any buffer a captured
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from dptrain.grad_sample import guards
 from dptrain.grad_sample.attachment import RuleAttachment
 from dptrain.grad_sample.clipping import Clipper
 from dptrain.grad_sample.contributions import Contribution
-from dptrain.grad_sample.grouping import CLIPPING_MODES, ClipGroup, build_groups
+from dptrain.grad_sample.grouping import CLIPPING_MODES, ClipGroup, build_groups, set_max_norms
 from dptrain.grad_sample.registry import UnsupportedModuleError
 from dptrain.grad_sample.routes import RoutePlanner
 from dptrain.grad_sample.statistics import NonFiniteGradientError, NormLog
@@ -60,17 +61,10 @@ class GradSampleTracker:
     captured passes (which forward pass a backward belongs to, when a group is complete) and hands the rest to
     ``RuleAttachment``, ``build_groups``, ``RoutePlanner`` (pass one to configure it), ``Clipper`` and ``NormLog``."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        clipping: str,
-        max_grad_norm: Union[float, Sequence[float], Mapping[str, float]],
-        loss_reduction: str = "mean",
-        automatic_gamma: float = 0.01,
-        track_unclipped: bool = False,
-        planner: Optional[RoutePlanner] = None,
-    ):
+    def __init__(self, model: nn.Module, *, clipping: str,
+                 max_grad_norm: Union[float, Sequence[float], Mapping[str, float]], loss_reduction: str = "mean",
+                 automatic_gamma: float = 0.01, track_unclipped: bool = False, planner: Optional[RoutePlanner] = None,
+                 sum_sink: Optional[Callable[[Clipper], None]] = None):
         _check_settings(clipping, loss_reduction, automatic_gamma)
         self.model = model
         self.clipping = clipping
@@ -88,8 +82,9 @@ class GradSampleTracker:
         self._group_of = {m: g for g in self.groups for m in g.modules}
         self.params = [p for g in self.groups for p in g.params]
         self.norm_log = NormLog([g.name for g in self.groups], count_clipped=clipping != "automatic")
-        self.clipper = Clipper(clipping, loss_reduction, automatic_gamma, track_unclipped,
-                               planner or RoutePlanner(), self.norm_log)
+        self.sum_sink = sum_sink  # called at every flush with the clipper, whose sums it takes
+        self.clipper = Clipper(clipping, loss_reduction, automatic_gamma, track_unclipped, planner, self.norm_log,
+                               defer_sums=sum_sink is not None)
         self._arrived_batch = 0
         self._pass = 0  # captured forward passes of the model so far: tags every recorded call (see record_call)
         self._arrived_pass: Optional[int] = None  # the pass whose gradients arrived since the last flush
@@ -125,10 +120,7 @@ class GradSampleTracker:
 
     def set_max_norms(self, norms: Sequence[float]) -> None:
         """New per-group thresholds (the controller's action)."""
-        if len(norms) != len(self.groups):
-            raise ValueError(f"expected {len(self.groups)} thresholds, found {len(norms)}")
-        for g, c in zip(self.groups, norms):
-            g.max_norm = check_positive(f"max_grad_norm of group '{g.name}'", c)
+        set_max_norms(self.groups, norms)
 
     def detach(self) -> None:
         """Remove every hook and restore the modules' own forward."""
@@ -185,12 +177,14 @@ class GradSampleTracker:
         batch = (grad_output[0] if isinstance(grad_output, tuple) else grad_output).shape[0]
         _check_batch_first(self.module_name(module), batch, self.batch_size)
         self._arrived_batch = batch
+        self._outstanding[module] -= 1
+        if batch == 0:  # an empty micro-batch (Poisson; FSDP2 runs it on every rank): no sample, no contribution
+            return
         contributions = self._attachment.rules[module].contributions(module, saved, grad_output)
         _check_own_parameters(self.module_name(module), module, contributions)
         group = self._group_of[module]
         for p, c in contributions.items():
             group.pending.setdefault(p, []).append(c)
-        self._outstanding[module] -= 1
         # per-layer: a group is final once all its recorded calls reported back (frees its tensors early).
         # Flat clipping waits for flush(): with activation checkpointing, later segments are not recorded yet.
         if (self.clipping == "per_layer" and not self._isolated
@@ -213,6 +207,8 @@ class GradSampleTracker:
         self.norm_log.check(self.parameter_name, self._drop_batch, self.step_index)
         self.norm_log.num_samples += self._arrived_batch
         self._arrived_batch = 0
+        if self.sum_sink is not None:
+            self.sum_sink(self.clipper)
 
     def isolated_contributions(self, run, batch_size: int) -> Dict[nn.Parameter, List[Contribution]]:
         """Call ``run()`` (a probe's captured forward and backward pass of ``batch_size`` samples; it may call the

@@ -25,7 +25,7 @@ from tests.distributed.test_ddp import WORLD, D, _data, _loss, _model, _train
 pytestmark = pytest.mark.slow  # spawns 2 processes: ~10 s CPU, 20-35 s on a loaded 2-core machine
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 SCENARIOS = ("plain", "per_layer", "accumulate", "keeps_grad", "buckets", "noise", "noise_seeded", "noise_stats", "checkpoint",
-             "memory", "error_feedback")
+             "memory", "error_feedback", "poisson_pieces", "live_sums")
 SEED, C, PER_RANK = 1234, 0.3, 4
 STATS_STEPS = 12
 MEMORY_WIDTH = 4000
@@ -126,6 +126,10 @@ def _train_fsdp(rank, scenario, make_model=_model):
         _loss(model, *[t[:PER_RANK] for t in data.tensors]).backward()
         optimizer.step()
         return {}
+    if scenario == "poisson_pieces":
+        return _poisson_pieces(rank)
+    if scenario == "live_sums":
+        return _live_sums(rank)
     if scenario == "buckets":  # small buckets: one even parameter alone (no copy), several, uneven ones alone
         from dptrain import fsdp as fsdp_module
 
@@ -158,6 +162,65 @@ def _train_fsdp(rank, scenario, make_model=_model):
         optimizer.zero_grad()
     return {"params": [p.full_tensor().detach().flatten().tolist() for p in model.parameters()],
             "sharded": all(type(p).__name__ == "DTensor" for p in model.parameters()), "no_plain_grads": no_plain_grads}
+
+
+def _poisson_pieces(rank):
+    """Poisson batches of one physical row each: the ranks draw different numbers of rows, hence of physical
+    batches, which FSDP2's collectives (and the per-micro-batch reduce-scatters) cannot run on; the loader must
+    agree on the count. Returns the rows of every logical step, the pieces run and the final parameters."""
+    model = _shard(_model())
+    loader = torch.utils.data.DataLoader(_data(), batch_size=PER_RANK)
+    model, optimizer, loader = dptrain.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), data_loader=loader, max_grad_norm=C,
+        noise_multiplier=0.0, poisson_sampling=True, max_physical_batch_size=1, insecure_sampler_seed=SEED)
+    steps, rows, pieces = [], [], 0
+    for x, y in loader:
+        rows += [[*a, *b] for a, b in zip(x.tolist(), y.tolist())]
+        pieces += 1
+        _loss(model, x, y).backward()
+        before = optimizer.steps_taken
+        optimizer.step()
+        if optimizer.steps_taken > before:  # the logical batch ended
+            steps.append({"rows": rows, "pieces": pieces})
+            rows, pieces = [], 0
+        optimizer.zero_grad()
+    return {"steps": steps, "expected_batch": optimizer.expected_batch_size,
+            "params": [p.full_tensor().detach().flatten().tolist() for p in model.parameters()]}
+
+
+def _live_sums(rank):
+    """Two micro-batches with small buckets: the full-size sums handed to each reduce-scatter (at most one bucket,
+    or one parameter bigger than a bucket), and what the tracker holds when the step begins."""
+    from dptrain import fsdp as fsdp_module
+
+    handed, original = [], fsdp_module._reduce_scatter_bucket
+
+    def spy(params, sums):
+        handed.append(sum(s.numel() for s in sums if s is not None))
+        return original(params, sums)
+
+    fsdp_module.BUCKET_NUMEL, fsdp_module._reduce_scatter_bucket = 1200, spy  # [(400, 5)], [(400,), (2, 400)], [(2,)]
+    try:
+        _, model, optimizer = _private(_shard(_even_model()), sigma=1.0)
+        held = {}
+        privatise = optimizer._privatise
+
+        def at_step(mechanism):
+            sums = optimizer.tracker.clipped_sum
+            held.update(numel=sum(s.numel() for s in sums.values()), deferred=len(optimizer.tracker.clipper.deferred),
+                        local=all(tuple(s.shape) == tuple(p.to_local().shape) for p, s in sums.items()))
+            privatise(mechanism)
+
+        optimizer._privatise = at_step
+        x, y = _data().tensors
+        xs, ys = x[rank::WORLD][:PER_RANK], y[rank::WORLD][:PER_RANK]
+        for part in (slice(0, 2), slice(2, PER_RANK)):
+            optimizer.signal_skip_step(part.start == 0)
+            _loss(model, xs[part], ys[part]).backward()
+            optimizer.step()
+        return {"handed": handed, "held": held, "full_numel": sum(p.numel() for p in model.parameters())}
+    finally:
+        fsdp_module.BUCKET_NUMEL, fsdp_module._reduce_scatter_bucket = 1 << 22, original
 
 
 def _worker(rank, port, out_dir):
@@ -299,3 +362,37 @@ def test_each_rank_holds_half_of_the_gradient(ranks):
 def test_error_feedback_is_refused_with_fsdp2(ranks):
     for result in ranks["error_feedback"]:
         assert result.get("error", "").startswith("ValueError: error feedback is not supported with FSDP2")
+
+
+def test_ranks_with_different_poisson_batches_run_the_same_pieces_and_match_the_per_sample_oracle(ranks):
+    """Each logical step: the same number of physical batches on both ranks although their Poisson batches differ;
+    the update equals a batch-size-1 loop over the union of the rows both ranks drew (flat clipping, no noise)."""
+    results = _ok(ranks["poisson_pieces"])
+    steps = list(zip(*(r["steps"] for r in results)))  # per logical step: (rank 0's, rank 1's)
+    assert len(steps) == len(_data()) // (PER_RANK * WORLD)
+    assert all(a["pieces"] == b["pieces"] == max(1, len(a["rows"]), len(b["rows"])) for a, b in steps)
+    assert any(len(a["rows"]) != len(b["rows"]) for a, b in steps)  # the case the agreement exists for
+    model = _model()
+    params = list(model.parameters())
+    for a, b in steps:
+        total = [torch.zeros_like(p) for p in params]
+        for row in a["rows"] + b["rows"]:
+            x, y = torch.tensor(row[:D])[None], torch.tensor(row[D:])[None]
+            grads = torch.autograd.grad(_loss(model, x, y), params)
+            factor = min(1.0, C / float(torch.sqrt(sum(g.pow(2).sum() for g in grads))))
+            total = [t + factor * g for t, g in zip(total, grads)]
+        with torch.no_grad():
+            for p, t in zip(params, total):
+                p -= 0.5 * t / results[0]["expected_batch"]
+    for result in results:
+        for got, want in zip(result["params"], params):
+            want = want.detach().flatten()
+            assert float((torch.tensor(got) - want).norm() / want.norm()) < 1e-4
+
+
+def test_at_most_one_bucket_of_full_size_sums_is_built_at_a_time(ranks):
+    """Every micro-batch hands each bucket's full-size sums to its reduce-scatter alone (three buckets, two
+    micro-batches); at the step the tracker holds this rank's half of the summed gradient and nothing deferred."""
+    for result in _ok(ranks["live_sums"]):
+        assert result["handed"] == [2000, 1200, 2, 2000, 1200, 2]  # (400, 5); (400,) + (2, 400); (2,)
+        assert result["held"] == {"numel": result["full_numel"] // WORLD, "deferred": 0, "local": True}

@@ -257,3 +257,34 @@ def test_non_finite_norm_names_layer_and_step_and_changes_nothing(clipping):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert len(engine.accountant.history) == 1
     assert optimizer.tracker.clipped_count == {name: 0 for name in counted}, "statistics of the dropped batch reset"
+
+
+class _SkipLog:
+    """Stands in for the DP optimizer: records which pieces the loader says end a logical batch."""
+
+    def __init__(self):
+        self.skips = []
+
+    def signal_skip_step(self, do_skip=True):
+        self.skips.append(do_skip)
+
+
+@pytest.mark.parametrize("agreed", [None, 4])
+def test_pieces_agreed_across_ranks_split_every_logical_batch_into_that_many(monkeypatch, agreed):
+    """FSDP2 ranks must run the same number of physical batches: with an agreed count (the largest over ranks,
+    here faked) a logical batch of 3 rows, or 1, becomes 4 pieces of at most 2 rows, in order, none lost;
+    without one (the count every rank already needs) the usual pieces of max_physical_batch_size rows."""
+    from dptrain import sampling
+
+    monkeypatch.setattr(sampling.distributed, "all_reduce_max", lambda n: n if agreed is None else max(n, agreed))
+    data = DataLoader(TensorDataset(torch.arange(10.0)), batch_size=3)
+    loader = sampling.DPDataLoader(data, poisson_sampling=False, sample_rate=0.3, max_physical_batch_size=2,
+                                   same_pieces_on_every_rank=True)
+    loader.optimizer = _SkipLog()
+    pieces = [x.tolist() for (x,) in loader]
+    if agreed is None:
+        assert pieces == [[0, 1], [2], [3, 4], [5], [6, 7], [8], [9]]
+        assert loader.optimizer.skips == [True, False] * 3 + [False]
+    else:
+        assert pieces == [[], [0], [1], [2], [], [3], [4], [5], [], [6], [7], [8], [], [], [], [9]]
+        assert loader.optimizer.skips == [True, True, True, False] * 4

@@ -28,7 +28,7 @@ def lm_loss(model, inputs) -> torch.Tensor:
     """Per-sample causal-LM loss: mean over the sample's next-token predictions, (B,)."""
     logits = model(input_ids=inputs["input_ids"]).logits  # (B, T, V)
     tokens = F.cross_entropy(logits[:, :-1].flatten(0, 1), inputs["input_ids"][:, 1:].flatten(), reduction="none")
-    return tokens.view(logits.shape[0], -1).mean(1)
+    return tokens.view(logits.shape[0], logits.shape[1] - 1).mean(1)
 
 
 class TinyLM(nn.Module):
