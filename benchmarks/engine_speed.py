@@ -64,7 +64,7 @@ def _smollm2(lora: bool):
     from dptrain.finetune.gguf import converted_folder
     from dptrain.finetune.models import smollm2_gguf
 
-    model = AutoModelForCausalLM.from_pretrained(converted_folder(smollm2_gguf()), use_kernels=False)
+    model = AutoModelForCausalLM.from_pretrained(converted_folder(smollm2_gguf()), use_kernels=False).train()
     if not lora:
         return model
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
