@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
+from dptrain import kernels
 from dptrain.grad_sample.contributions import per_sample_sq_norms, select_samples, weighted_sum
 from dptrain.grad_sample.registry import UnsupportedModuleError
 
@@ -154,7 +155,7 @@ def _compare_gradients(tracker, in_batch: dict, norms: dict, alone: dict, j: int
         mine = weighted_sum(row, _one(p), p.shape) if row else torch.zeros(p.shape, device=p.device)
         own = weighted_sum(alone[p], _one(p), p.shape) if p in alone else torch.zeros(p.shape, device=p.device)
         norm = float(norms[p][j]) if p in norms else 0.0
-        found[p] = (norm, float(own.norm()), float((mine - own.to(mine.device)).norm()))
+        found[p] = (norm, _norm(own), _norm(mine - own.to(mine.device)))
     scale = max(sum(n * n for n, _, _ in found.values()), sum(o * o for _, o, _ in found.values())) ** 0.5
     for p, (norm, own, gap) in found.items():
         tol = max(1e-3, 16 * torch.finfo(p.dtype).eps if p.is_floating_point() else 0.0) * scale + 1e-12
@@ -165,6 +166,10 @@ def _compare_gradients(tracker, in_batch: dict, norms: dict, alone: dict, j: int
                 f"by {gap:.3g} (tolerance {tol:.3g}), so clipping would not bound one record's influence; keep dim 0 "
                 "of every layer's tensors the sample (no sequence-first (T, B, ...) layout inside the model)"
             )
+
+
+def _norm(t: torch.Tensor) -> float:
+    return float(kernels.row_sq_norms(t.reshape(1, -1)).sqrt())
 
 
 def _one(p: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 def _self_sq_norm(c: Contribution) -> torch.Tensor:
     if isinstance(c, Instantiated):
-        return torch.linalg.vector_norm(c.grad.flatten(1), dim=1, dtype=torch.float32).square()  # (B,) one pass
+        return kernels.row_sq_norms(c.grad.flatten(1))  # (B,) one pass
     if c.is_index:
         return kernels.per_sample_embedding_grad_sq_norms(c.left, c.right)
     return kernels.per_sample_linear_grad_sq_norms(*c.kernel_args)

@@ -9,6 +9,7 @@ Norm ops of linear layers and embeddings also take ``strategy``: "auto", "ghost"
 # importable as a top-level ``kernels`` too: the name of Hugging Face's kernel-hub package, which transformers
 # probes for by importing it. Under that name stay an empty package, so the probe is cheap and finds nothing.
 if __name__ == "dptrain.kernels":
+    from ._common import row_sq_norms
     from .clip import clip_factors
     from .embedding_norms import per_sample_embedding_grad_norms, per_sample_embedding_grad_sq_norms
     from .fused_clip import fused_clip_linear_grad
@@ -16,6 +17,7 @@ if __name__ == "dptrain.kernels":
     from .scaled_grad import scaled_linear_grad
 
 __all__ = [
+    "row_sq_norms",
     "clip_factors",
     "choose_linear_strategy",
     "per_sample_linear_grad_norms",

@@ -28,6 +28,7 @@ from ._common import (
     gram_partials,
     gram_tile,
     min_block,
+    row_sq_norms,
     tl,
     triton,
     upper_tile,
@@ -67,7 +68,7 @@ def _sq_norms_instantiate_torch(x: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     per_sample = 4 * d_in * d_out + (4 * T * (d_in + d_out) if x.dtype != torch.float32 else 0)
     for sl in batch_chunks(B, per_sample):
         grads = torch.bmm(g[sl].float().transpose(1, 2), x[sl].float())  # (b, d_out, d_in)
-        out[sl] = torch.linalg.vector_norm(grads, dim=(1, 2)).square()
+        out[sl] = row_sq_norms(grads.flatten(1))
     return out
 
 

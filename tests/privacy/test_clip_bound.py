@@ -1,0 +1,36 @@
+"""A clipped sample never weighs more than C, however large its layer: the per-sample norms that clipping divides
+by must not be understated. torch's CPU norm sums a whole row in one running fp32 total (relative error -2.8e-3
+over 8M positive-mean values), so a densified per-sample gradient of a large layer was clipped to C * 1.003: the
+noise then covers less than the sensitivity the ledger records. Oracle: float64 norms."""
+
+import pytest
+import torch
+from torch import nn
+
+from dptrain import kernels
+from dptrain.grad_sample.routes import RoutePlanner
+from dptrain.grad_sample.tracker import GradSampleTracker
+
+
+@pytest.mark.parametrize("n", [5, 4096, 4097, 8_388_613])
+def test_row_sq_norms_match_float64(n):
+    t = torch.rand(2, n, generator=torch.Generator().manual_seed(0)) + 1.0  # positive mean: the worst case
+    expected = t.double().pow(2).sum(1)
+    assert torch.allclose(kernels.row_sq_norms(t).double(), expected, rtol=1e-6, atol=0)
+    tail = t[:, 3:]  # a column slice (strided rows) too
+    assert torch.allclose(kernels.row_sq_norms(tail).double(), tail.double().pow(2).sum(1), rtol=1e-6, atol=0)
+
+
+def test_a_clipped_sample_of_an_8m_weight_layer_stays_within_c():
+    """One sample, its gradient densified (the CPU route for sequences) and clipped to C = 1e-3."""
+    torch.manual_seed(0)
+    layer = nn.Linear(2048, 4096, bias=False)  # 8.4M weights: 32 MiB per sample
+    c = 1e-3
+    planner = RoutePlanner(dense_budget_bytes=40 * 2**20, dense_pass_cost=-1e9)
+    tracker = GradSampleTracker(layer, clipping="flat", max_grad_norm=c, loss_reduction="sum", planner=planner)
+    x = torch.rand(1, 4, 2048, generator=torch.Generator().manual_seed(1)) + 1.0  # (B, T, d_in)
+    layer(x).sum().backward()
+    tracker.flush()
+    clipped = tracker.clipped_sum[layer.weight].double().norm()
+    assert float(clipped) <= c * (1 + 1e-6)
+    assert float(clipped) >= c * (1 - 1e-6)  # it was clipped (its norm is far above C)
