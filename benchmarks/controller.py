@@ -196,9 +196,6 @@ def main_lm(args):
         sd = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
         rows.append(f"| {method} | {statistics.mean(ppl):.3f} ± {sd:.3f} | {max(eps):.4f} | "
                     f"{' / '.join(f'{p:.3f}' for p in ppl)} |")
-    plot_path = Path(__file__).with_name("controller_schedule_lm.png")
-    fixed_sigma = next(r["sigma0"] for r in results if r["method"] == "fixed")
-    plot([r for r in results if r["seed"] == args.seeds[0] and r["history"]], plot_path, fixed_sigma)
     body = f"""
 The `dptrain.finetune` demo: tiny GPT-2 (2 layers, d=128, byte tokenizer) pretrained 60 steps on the public
 synthetic corpus, then DP fine-tuned (flat clipping C=1, AdamW lr 2e-3) on 512 synthetic private records, 3
@@ -216,7 +213,15 @@ Schedule of seed {args.seeds[0]}: `benchmarks/controller_schedule_lm.png`.
 """
     print(body)
     if not args.no_write:
+        _plot_schedule(args, results, "controller_schedule_lm.png")
         write_section("controller-lm", body)
+
+
+def _plot_schedule(args, results, name: str) -> None:
+    """The first seed's schedules (sigma against the fixed one, thresholds) into benchmarks/``name``."""
+    fixed_sigma = next(r["sigma0"] for r in results if r["method"] == "fixed")
+    plot([r for r in results if r["seed"] == args.seeds[0] and r["history"]], Path(__file__).with_name(name),
+         fixed_sigma)
 
 
 def main(argv=None):
@@ -234,6 +239,15 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     if args.task == "lm":
         return main_lm(args)
+    results = _run_synthetic(args)
+    body = _synthetic_body(args, results)
+    print(body)
+    if not args.no_write:
+        _plot_schedule(args, results, "controller_schedule.png")
+        write_section("controller", body)
+
+
+def _run_synthetic(args) -> list:
     settings = dict(epsilon=args.epsilon, epochs=args.epochs, batch_size=args.batch_size, interval=args.interval,
                     lr=args.lr, max_grad_norm=args.max_grad_norm)
     results = []
@@ -243,7 +257,10 @@ def main(argv=None):
             results.append(r)
             print(f"{method:10s} seed {seed}: test loss {r['test_loss']:.4f}, acc {r['test_acc']:.4f}, "
                   f"eps {r['epsilon']:.4f}, {r['seconds']:.1f}s", flush=True)
+    return results
 
+
+def _synthetic_body(args, results) -> str:
     rows = []
     for method in METHODS:
         rs = [r for r in results if r["method"] == method]
@@ -254,9 +271,6 @@ def main(argv=None):
                     f"{mean('ledger_entries'):.1f} | {mean('seconds'):.1f} |")
     per_seed = "\n".join(f"| {r['seed']} | {r['method']} | {r['test_loss']:.4f} | {r['test_acc']:.4f} | "
                          f"{r['epsilon']:.4f} |" for r in results)
-    plot_path = Path(__file__).with_name("controller_schedule.png")
-    fixed_sigma = next(r["sigma0"] for r in results if r["method"] == "fixed")
-    plot([r for r in results if r["seed"] == args.seeds[0] and r["history"]], plot_path, fixed_sigma)
     steps = results[0]["steps"]
     acc = {m: statistics.mean(r["test_acc"] for r in results if r["method"] == m) for m in METHODS}
     ranking = " > ".join(f"{m} ({acc[m]:.3f})" for m in sorted(METHODS, key=acc.get, reverse=True))
@@ -289,9 +303,7 @@ transitions per run, so it is mostly exploring: on this task it does NOT beat th
 (RLDP's reported gains come from LM fine-tuning runs with far more control steps). The budget guard, not the
 policy, is what keeps every run within epsilon, whatever the policy asks for.
 """
-    print(body)
-    if not args.no_write:
-        write_section("controller", body)
+    return body
 
 
 if __name__ == "__main__":
