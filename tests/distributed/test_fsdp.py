@@ -25,7 +25,7 @@ from tests.distributed.test_ddp import WORLD, D, _data, _loss, _model, _train
 pytestmark = pytest.mark.slow  # spawns 2 processes: ~10 s CPU, 20-35 s on a loaded 2-core machine
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 SCENARIOS = ("plain", "per_layer", "accumulate", "keeps_grad", "buckets", "noise", "noise_seeded", "noise_stats", "checkpoint",
-             "memory", "error_feedback", "poisson_pieces", "live_sums")
+             "memory", "error_feedback", "poisson_pieces", "live_sums", "noise_micro")
 SEED, C, PER_RANK = 1234, 0.3, 4
 STATS_STEPS = 12
 MEMORY_WIDTH = 4000
@@ -73,13 +73,15 @@ def _local_grads(model):
     return [p.grad.to_local().detach().flatten().tolist() for p in model.parameters()]
 
 
-def _noise_steps(model, optimizer, steps):
+def _noise_steps(model, optimizer, steps, micro_batches=1):
     """``steps`` logical steps whose clipped sums are zero: the gradient is the noise / B alone."""
     x = _data().tensors[0][:PER_RANK]
     out = []
     for _ in range(steps):
-        (model(x) * 0).sum().backward()
-        optimizer.step()
+        for k in range(micro_batches):
+            optimizer.signal_skip_step(k < micro_batches - 1)
+            (model(x) * 0).sum().backward()
+            optimizer.step()
         out.append(_local_grads(model))
     return out
 
@@ -98,6 +100,9 @@ def _train_fsdp(rank, scenario, make_model=_model):
         return {"steps": _noise_steps(model, optimizer, 3),
                 "shapes": [list(p.grad.to_local().shape) for p in model.parameters()],
                 "full": [p.grad.full_tensor().flatten().tolist() for p in model.parameters()]}
+    if scenario == "noise_micro":  # three micro-batches per logical step: still one draw per logical step
+        _, model, optimizer = _private(_shard(_model()), sigma=1.0, seed=SEED)
+        return {"steps": _noise_steps(model, optimizer, 3, micro_batches=3)}
     if scenario == "noise_stats":  # secret entropy, secure mode: statistics only
         _, model, optimizer = _private(_shard(_even_model()), sigma=1.0, secure=True)
         return {"steps": _noise_steps(model, optimizer, STATS_STEPS)}
@@ -327,6 +332,13 @@ def test_each_coordinate_gets_the_full_noise_exactly_once_from_the_rank_holding_
     for j, numel in enumerate(full_numels):  # the shards, in rank order, are the whole gradient
         tiled = [v for r in results for v in r["steps"][-1][j]]
         assert len(tiled) == numel and tiled == results[0]["full"][j] == results[1]["full"][j]
+
+
+def test_micro_batches_draw_the_noise_once_per_logical_step(ranks):
+    """Sums reduce-scattered at every micro-batch's end carry no noise of their own: with three micro-batches per
+    step the released gradients are bit for bit those of one micro-batch per step, from the same seed."""
+    for once, micro in zip(_ok(ranks["noise_seeded"]), _ok(ranks["noise_micro"])):
+        assert micro["steps"] == once["steps"]
 
 
 def test_noise_statistics_over_many_draws(ranks):
