@@ -1,7 +1,9 @@
 """DP-SGD on FSDP2 (fully_shard) with 2 processes on gloo/CPU against independent oracles: the single-process run
 on the union batch (noise off: the same update), the noise regenerated from insecure seeds (each coordinate noised
-exactly once, by the rank that holds it, with the full std), noise statistics over many draws, and the bytes of
-the gradient each rank holds (half of the full size).
+exactly once, by the rank that holds it, with the full std, and once per logical step however many micro-batches),
+noise statistics over many draws, the bytes of the gradient each rank holds (half of the full size), the full-size
+sums handed to each reduce-scatter (one bucket), and Poisson batches of different sizes per rank (the same number
+of physical batches, the update of a batch-size-1 loop over the union of their rows).
 
 torch 2.13 runs fully_shard on CPU with gloo, so these run without a GPU.
 """
