@@ -33,7 +33,6 @@ from benchmarks._harness import ROOT, proc_status_bytes, reset_rss_peak
 from benchmarks._results import write_section
 
 WORLD, PER_RANK, WARMUP = 2, 4, 3
-BUCKET_NUMEL = 1 << 22  # dptrain.fsdp.BUCKET_NUMEL (not imported: the 'before' checkout may differ)
 MiB = 2**20
 
 
@@ -153,6 +152,7 @@ def main(argv=None) -> None:
     p.add_argument("--before", default=None, help="another checkout to measure as 'before' (e.g. a git worktree)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    from dptrain.fsdp import BUCKET_NUMEL
     rows = []
     for clipping in ("flat", "per_layer"):
         rows.append(("sharded (this tree)", clipping, measure(args.layers, args.width, clipping)))

@@ -112,7 +112,7 @@ class FSDPView(nn.Module):
             out.setdefault(target, []).append(key)
         return out
 
-    def scatter_sums(self, clipper, bucket_numel: Optional[int] = None) -> None:
+    def scatter_sums(self, clipper) -> None:
         """The tracker's ``sum_sink``, at the end of every micro-batch on every rank: builds the micro-batch's
         clipped sums one bucket of parameters at a time (in the same order on every rank), reduce-scatters each
         bucket (SUM) and adds this rank's rows into ``clipper.clipped_sum`` (fp32, keyed by the sharded
@@ -120,7 +120,7 @@ class FSDPView(nn.Module):
         parameter without a sum on this rank contributes zeros."""
         keys = self._keys_by_param(list(clipper.deferred))
         params = list(self._sharded.values())
-        for bucket in _buckets(params, BUCKET_NUMEL if bucket_numel is None else bucket_numel):
+        for bucket in _buckets(params, BUCKET_NUMEL):
             sums = [_built_sum(p, keys.get(p, []), clipper) for p in bucket]
             for p, shard in zip(bucket, _reduce_scatter_bucket(bucket, sums)):
                 held = clipper.clipped_sum.get(p)

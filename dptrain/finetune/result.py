@@ -38,8 +38,7 @@ class FinetuneResult:
     model: Any = None
 
     def to_dict(self) -> Dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("model", "history")}
-        return out
+        return {k: v for k, v in self.__dict__.items() if k not in ("model", "history")}
 
 
 def _final_perplexity(trainer) -> Optional[float]:

@@ -135,13 +135,13 @@ def row_sq_norms(t: torch.Tensor) -> torch.Tensor:
     elements, then the sum of their squares. torch's CPU norm sums a whole row in one running fp32 total (relative
     error -2e-4 at 8M elements, 1.5e-2 at 28M), which would understate a norm and let a clipped sample exceed C."""
     b, n = t.shape
+    if n <= ROW_NORM_BLOCK:  # short rows (biases, norm layers): one norm is accurate
+        return torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).square()
     whole = n - n % ROW_NORM_BLOCK
-    total = torch.zeros(b, dtype=torch.float32, device=t.device)
-    if whole:  # (b, whole / block, block): a view even for a column slice of a contiguous t
-        blocks = t[:, :whole].reshape(b, whole // ROW_NORM_BLOCK, ROW_NORM_BLOCK)
-        total += torch.linalg.vector_norm(blocks, dim=2, dtype=torch.float32).square().sum(1)
+    blocks = t[:, :whole].reshape(b, whole // ROW_NORM_BLOCK, ROW_NORM_BLOCK)  # a view for a contiguous t
+    total = torch.linalg.vector_norm(blocks, dim=2, dtype=torch.float32).square().sum(1)  # (b,)
     if whole < n:
-        total += torch.linalg.vector_norm(t[:, whole:], dim=1, dtype=torch.float32).square()
+        total = total + torch.linalg.vector_norm(t[:, whole:], dim=1, dtype=torch.float32).square()
     return total
 
 
