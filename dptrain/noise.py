@@ -80,7 +80,11 @@ class GaussianNoise:
     ``secure=True``: fresh OS entropy for every draw, no saved state (``seed`` must then be None)."""
 
     STREAMS = 4  # per CPU device; a CUDA device uses one stream (the kernel is parallel already)
-    CHUNK = 1 << 17  # values drawn per generator call (512 KiB: still in the core's cache when added)
+    # Values drawn per generator call (64 KiB: still in the core's cache when added). Below torch's parallel grain
+    # (32768) on purpose: an op the helper threads run is then serial, and never starts an OpenMP team of its own
+    # (with more OpenMP threads alive than cores, libgomp stops spin-waiting and every later parallel op of the
+    # training thread pays a futex wake-up: AdamW took 1.6x as long for the rest of the process).
+    CHUNK = 1 << 14
     PREFETCH = hasattr(os, "SCHED_IDLE")  # CPU only; needs an idle-class thread or it would steal compute
     PREFETCH_MAX_NUMEL = 1 << 24  # 64 MiB: larger models draw synchronously rather than hold a second copy
 

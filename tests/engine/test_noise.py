@@ -162,3 +162,33 @@ def test_checkpoint_taken_while_a_prefetch_is_pending_resumes_exactly():
     resumed = GaussianNoise(seed=None)
     resumed.load_state_dict(state)
     assert torch.equal(_draw(resumed, [(400_000,)]), expected)
+
+
+_THREAD_PROBE = """
+import os, threading, time, torch
+from dptrain.noise import GaussianNoise
+torch.set_num_threads(2)
+torch.ones(1 << 20).add_(1)  # the training thread's own OpenMP team
+before = len(os.listdir("/proc/self/task")), threading.active_count()
+source = GaussianNoise(seed=1)
+for _ in range(3):  # on-demand draws on the pool, prefetches on the idle thread
+    source.add_([torch.zeros(1_000_000)], 1.0)
+    time.sleep(0.2)
+after = len(os.listdir("/proc/self/task")), threading.active_count()
+print(after[0] - before[0], after[1] - before[1])
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="counts Linux threads of torch's OpenMP backend")
+def test_noise_threads_start_no_openmp_team_of_their_own():
+    """An op a helper thread runs in parallel gives it an OpenMP team; with more OpenMP threads than cores, libgomp
+    stops spin-waiting and every parallel op of training pays a wake-up. The OS threads the draws add must be
+    exactly the Python threads they start (pool and prefetch thread)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.split()
+    os_threads, python_threads = int(out[0]), int(out[1])
+    assert python_threads >= 1 and os_threads == python_threads
