@@ -5,10 +5,12 @@ the draw alone is several percent of a training step. Two things hide that cost 
 
 - Parallel streams: the tensors of one device are one flat vector cut into ``STREAMS`` fixed slices, each drawn
   by its own generator, ``CHUNK`` values at a call (on a thread pool, each chunk added while still in cache).
-- Prefetch: the noise does not depend on the data, so right after one step's noise is added, the next step's
-  (same size and std) is drawn into a buffer by a thread of the lowest scheduling class (Linux ``SCHED_IDLE``),
-  which runs only on cycles the training step leaves idle (Python, small ops, waits between parallel regions).
-  The next ``add_`` uses it if the size and std still match; otherwise the streams are rewound and drawn anew.
+- Prefetch: the noise does not depend on the data, so right after one step's noise is added, the start of the
+  next step's (same size and std) is drawn into a buffer by a thread of the lowest scheduling class (Linux
+  ``SCHED_IDLE``), which runs only on cycles the training step leaves idle. The next ``add_`` adds what it drew
+  and draws the rest itself if the size and std still match; otherwise the streams are rewound and drawn anew.
+  How far ahead it may draw adapts: twice what it managed last time (so its buffer stays small in a loop with
+  no idle cycles, and grows to the whole draw where there are pauses).
 
 Either way the numbers depend only on the generators' states, the std and the total size, never on the thread
 count or on whether the prefetch was used (the same generator calls in the same order); streams are seeded
@@ -87,6 +89,7 @@ class GaussianNoise:
     CHUNK = 1 << 14
     PREFETCH = hasattr(os, "SCHED_IDLE")  # CPU only; needs an idle-class thread or it would steal compute
     PREFETCH_MAX_NUMEL = 1 << 24  # 64 MiB: larger models draw synchronously rather than hold a second copy
+    PREFETCH_START = 1 << 20  # values a first prefetch may draw (4 MiB); then twice what the last one drew
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0, *, secure: bool = False):
         if secure and seed is not None:
@@ -95,6 +98,7 @@ class GaussianNoise:
         self._streams: Dict[str, List[torch.Generator]] = {}
         self._buffers: Dict[str, torch.Tensor] = {}
         self._prefetch: Dict[str, _Prefetch] = {}
+        self._prefetch_limit: Dict[str, int] = {}  # how far the next prefetch may draw
         self._worker: Optional[_IdleWorker] = None
 
     def _generators(self, device: torch.device) -> List[torch.Generator]:
@@ -144,46 +148,62 @@ class GaussianNoise:
                 buffer.normal_(0.0, std, generator=gens[0])
                 flat.add_(0, buffer, scale)
                 continue
-            prefetched = self._take_prefetch(key, flat.numel, std)
-            if prefetched is not None:
-                flat.add_(0, prefetched, scale)
+            cuts = self._cuts(flat.numel, len(gens))
+            prefetch = self._take_prefetch(key, flat.numel, std)
+            if prefetch is not None:
+                starts = prefetch.stop()  # the generators continue from there
+                for k in range(len(gens)):
+                    flat.add_(cuts[k], prefetch.buffer[cuts[k]: starts[k]], scale)
+                drawn = sum(b - a for a, b in zip(cuts, starts))
+                self._prefetch_limit[key] = max(self.PREFETCH_START, 2 * drawn)
             else:
-                self._draw_and_add(self._fresh(gens), flat, std, scale, key)
+                starts = cuts[:-1]
+                self._fresh(gens)
+            self._draw_and_add(gens, flat, std, scale, key, cuts, starts)
             if self.PREFETCH and 0 < flat.numel <= self.PREFETCH_MAX_NUMEL:
-                prefetch = _Prefetch(self._fresh(gens), self._cuts(flat.numel, len(gens)), std,
-                                     self._scratch(key, flat.numel, device), self.CHUNK)
+                limit = min(flat.numel, self._prefetch_limit.get(key, self.PREFETCH_START))
+                prefetch = _Prefetch(self._fresh(gens), cuts, std, self._prefetch_buffer(key, limit), self.CHUNK)
                 if self._worker is None:
                     self._worker = _IdleWorker(self)
                 self._worker.submit(prefetch.run)
                 self._prefetch[key] = prefetch
 
-    def _draw_and_add(self, gens, flat: "_FlatView", std: float, scale: float, key: str) -> None:
-        """The synchronous path: each stream draws CHUNK values at a time and adds them while in cache."""
+    def _draw_and_add(self, gens, flat: "_FlatView", std: float, scale: float, key: str, cuts: List[int],
+                      starts: List[int]) -> None:
+        """The synchronous path: stream k draws its slice from ``starts[k]`` on, CHUNK values at a time, each
+        added while in cache."""
         scratch = self._scratch(key, len(gens) * self.CHUNK, torch.device("cpu")).view(len(gens), self.CHUNK)
-        cuts = self._cuts(flat.numel, len(gens))
 
         def job(k: int) -> None:
-            for lo, hi in _chunks(cuts[k], cuts[k + 1], self.CHUNK):
+            for lo, hi in _chunks(starts[k], cuts[k + 1], self.CHUNK):
                 chunk = scratch[k, : hi - lo]
                 chunk.normal_(0.0, std, generator=gens[k])
                 flat.add_(lo, chunk, scale)
 
-        _run_streams(job, [k for k in range(len(gens)) if cuts[k + 1] > cuts[k]])
+        _run_streams(job, [k for k in range(len(gens)) if cuts[k + 1] > starts[k]])
 
     @staticmethod
     def _cuts(numel: int, streams: int) -> List[int]:
         """Fixed stream boundaries of the flat vector: independent of threads."""
         return [numel * k // streams for k in range(streams + 1)]
 
-    def _take_prefetch(self, key: str, numel: int, std: float) -> Optional[torch.Tensor]:
-        """The prefetched draw if it was made for this size and std; else the streams rewound to before it."""
+    def _take_prefetch(self, key: str, numel: int, std: float) -> Optional["_Prefetch"]:
+        """The pending prefetch if it was made for this size and std; else None, the streams rewound to before it."""
         prefetch = self._prefetch.pop(key, None)
         if prefetch is None:
             return None
         if prefetch.matches(numel, std):
-            return prefetch.finish()
+            return prefetch
         prefetch.cancel()
         return None
+
+    def _prefetch_buffer(self, key: str, numel: int) -> torch.Tensor:
+        """The prefetch's buffer, at least ``numel`` values; replaced when 4x too large (the limit shrank)."""
+        buffer = self._buffers.get("prefetch:" + key)
+        if buffer is None or not numel <= buffer.numel() <= 4 * numel:
+            self._buffers.pop("prefetch:" + key, None)  # free the old one first
+            buffer = self._buffers["prefetch:" + key] = torch.empty(numel, dtype=torch.float32)
+        return buffer[:numel]
 
     def _scratch(self, key: str, numel: int, device: torch.device) -> torch.Tensor:
         buffer = self._buffers.get(key)
@@ -287,13 +307,14 @@ def _stop_workers() -> None:
 
 
 class _Prefetch:
-    """The next step's draw, made by an idle-class thread that the training thread never waits for.
+    """The start of the next step's draw, made by an idle-class thread that the training thread never waits for.
 
     The thread takes streams in order and draws each chunk into its own scratch, committing it to ``buffer``
-    (with the generator state after it) under a lock unless the prefetch was stopped. ``finish`` stops it and
-    draws whatever is uncommitted itself, continuing a stream in progress on a fresh generator set to the last
-    committed state (the thread may still hold the old one). Same calls, same order as the synchronous path,
-    so the same numbers. ``states`` are the generators' states before the prefetch (rewind, checkpoints).
+    (positions of the flat vector below ``len(buffer)``, with the generator state after it) under a lock unless
+    the prefetch was stopped. ``stop`` ends it and leaves every stream's generator at its last committed state
+    (a fresh generator for a stream in progress: the thread may still hold the old one), for the caller to draw
+    the rest. Same calls, same order as the synchronous path, so the same numbers. ``states`` are the
+    generators' states before the prefetch (rewind, checkpoints).
     """
 
     def __init__(self, gens: List[torch.Generator], cuts: List[int], std: float, buffer: torch.Tensor, chunk: int):
@@ -313,12 +334,12 @@ class _Prefetch:
             return None if self._stopped or not self._untaken else self._untaken.popleft()
 
     def run(self) -> None:
-        """The idle thread's part: stream after stream, chunk after chunk, until stopped."""
+        """The idle thread's part: stream after stream, chunk after chunk, until stopped or the buffer is full."""
         scratch = torch.empty(self.chunk, dtype=torch.float32)
         while (k := self._take()) is not None:
             gen = self.gens[k]
             for lo, hi in _chunks(self.cuts[k], self.cuts[k + 1], self.chunk):
-                if self._stopped or _EXITING.is_set():  # consumed, cancelled, or the interpreter is exiting
+                if self._stopped or _EXITING.is_set() or hi > len(self.buffer):  # consumed, cancelled, full, exiting
                     return
                 scratch[: hi - lo].normal_(0.0, self.std, generator=gen)
                 with self._lock:
@@ -327,21 +348,16 @@ class _Prefetch:
                     self.buffer[lo:hi].copy_(scratch[: hi - lo])
                     self._done[k], self._resume[k] = hi, gen.get_state()
 
-    def finish(self) -> torch.Tensor:
-        """The whole draw, completing what the thread has not committed (without waiting for it)."""
+    def stop(self) -> List[int]:
+        """End the prefetch (without waiting for the thread); returns per stream how far it was drawn, every
+        generator of ``gens`` being at that point."""
         with self._lock:
             self._stopped = True
             taken = [k for k in range(len(self.gens)) if k not in self._untaken]
         for k in taken:  # the thread may still be inside a call on these generators: continue on fresh ones
             if self._done[k] < self.cuts[k + 1]:
                 self.gens[k] = _generator_at(self._resume[k])
-
-        def job(k: int) -> None:
-            for lo, hi in _chunks(self._done[k], self.cuts[k + 1], self.chunk):
-                self.buffer[lo:hi].normal_(0.0, self.std, generator=self.gens[k])
-
-        _run_streams(job, [k for k in range(len(self.gens)) if self._done[k] < self.cuts[k + 1]])
-        return self.buffer
+        return list(self._done)
 
     def cancel(self) -> None:
         """Stop, and rewind the streams to before this draw (on fresh generators, for the same reason)."""

@@ -104,8 +104,10 @@ PREFETCH_CALLS = [(300_007, 1.0, 0.0), (300_007, 1.0, 0.2), (300_007, 1.0, 0.0),
 
 
 @pytest.mark.skipif(not GaussianNoise.PREFETCH, reason="prefetch needs Linux SCHED_IDLE")
-def test_prefetched_noise_is_the_noise_drawn_on_demand(monkeypatch):
+@pytest.mark.parametrize("start", [1 << 20, 3 << 12], ids=["whole", "partial"])
+def test_prefetched_noise_is_the_noise_drawn_on_demand(monkeypatch, start):
     monkeypatch.setattr(GaussianNoise, "CHUNK", 1 << 12)  # many chunks: the takeover lands mid-stream
+    monkeypatch.setattr(GaussianNoise, "PREFETCH_START", start)  # partial: 3 chunks, then twice what was drawn
     on_demand = _steps(False, PREFETCH_CALLS, monkeypatch)
     prefetched = _steps(True, PREFETCH_CALLS, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(on_demand, prefetched))
@@ -192,3 +194,22 @@ def test_noise_threads_start_no_openmp_team_of_their_own():
                          env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.split()
     os_threads, python_threads = int(out[0]), int(out[1])
     assert python_threads >= 1 and os_threads == python_threads
+
+
+@pytest.mark.skipif(not GaussianNoise.PREFETCH, reason="prefetch needs Linux SCHED_IDLE")
+def test_prefetch_buffer_follows_what_the_idle_thread_manages(monkeypatch):
+    """A loop without idle cycles keeps a small buffer (twice what was drawn ahead); pauses let it grow to the
+    whole draw, doubling each step."""
+    monkeypatch.setattr(GaussianNoise, "CHUNK", 1 << 10)
+    monkeypatch.setattr(GaussianNoise, "PREFETCH_START", 1 << 12)
+    size, source = 1 << 16, GaussianNoise(seed=2)
+    limits = []
+    for _ in range(6):  # the idle thread gets time: every prefetch fills its buffer
+        _draw(source, [(size,)])
+        limits.append(len(source._prefetch["cpu"].buffer))
+        time.sleep(0.1)
+    assert limits == [1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 16]
+    monkeypatch.setattr(noise_module._Prefetch, "run", lambda self: None)  # no idle cycles at all
+    _draw(source, [(size,)])  # the last prefetch (whole) was used; the next one cannot draw anything
+    _draw(source, [(size,)])
+    assert len(source._prefetch["cpu"].buffer) == 1 << 12
