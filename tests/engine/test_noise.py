@@ -206,8 +206,12 @@ def test_prefetch_buffer_follows_what_the_idle_thread_manages(monkeypatch):
     limits = []
     for _ in range(6):  # the idle thread gets time: every prefetch fills its buffer
         _draw(source, [(size,)])
-        limits.append(len(source._prefetch["cpu"].buffer))
-        time.sleep(0.1)
+        prefetch = source._prefetch["cpu"]
+        limits.append(len(prefetch.buffer))
+        deadline = time.monotonic() + 10
+        while sum(d - c for d, c in zip(prefetch._done, prefetch.cuts)) < len(prefetch.buffer):
+            assert time.monotonic() < deadline, "the idle thread never filled the prefetch buffer"
+            time.sleep(0.01)
     assert limits == [1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 16]
     monkeypatch.setattr(noise_module._Prefetch, "run", lambda self: None)  # no idle cycles at all
     _draw(source, [(size,)])  # the last prefetch (whole) was used; the next one cannot draw anything
