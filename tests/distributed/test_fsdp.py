@@ -116,7 +116,7 @@ def _train_fsdp(rank, scenario, make_model=_model):
         optimizer.load_noise_state_dict(state)
         return {"same": first == _noise_steps(model, optimizer, 1)}
     if scenario == "memory":
-        # 1.6M parameters: half of them (3.2 MB) more than the noise source's fixed chunk scratch (2 MiB)
+        # 1.6M parameters: half of them (3.2 MB) more than the noise source's chunk scratch (256 KiB)
         _, model, optimizer = _private(_shard(_even_model(MEMORY_WIDTH)), sigma=1.0)
         x, y = data.tensors[0][rank::WORLD][:PER_RANK], data.tensors[1][rank::WORLD][:PER_RANK].repeat(1, MEMORY_WIDTH)
         for _ in range(2):
@@ -125,8 +125,9 @@ def _train_fsdp(rank, scenario, make_model=_model):
         storages = {}
         for t in [p.grad.to_local() for p in model.parameters()]:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        noise = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in optimizer._noise._buffers.values()}
-        return {"grad_bytes": sum(storages.values()), "noise_bytes": sum(noise.values()),
+        buffers = {key: b.untyped_storage().nbytes() for key, b in optimizer._noise._buffers.items()}
+        return {"grad_bytes": sum(storages.values()), "prefetch_bytes": buffers.pop("prefetch:cpu"),
+                "scratch_bytes": sum(buffers.values()),
                 "full_bytes": 4 * sum(p.numel() for p in model.parameters())}
     if scenario == "error_feedback":
         _, model, optimizer = _private(_shard(_model()), sigma=1.0, error_feedback=True)
@@ -367,10 +368,13 @@ def test_saved_noise_state_regenerates_the_sharded_noise(ranks):
 
 
 def test_each_rank_holds_half_of_the_gradient(ranks):
-    """The privatised gradient (p.grad's local storages) and the noise buffers: 1/W of the full size each."""
+    """The privatised gradient (p.grad's local storages): 1/W of the full size; the noise prefetch buffer at most
+    that, beside the fixed chunk scratch of the noise streams."""
+    scratch = GaussianNoise.STREAMS * GaussianNoise.CHUNK * 4
     for result in _ok(ranks["memory"]):
         assert result["grad_bytes"] == result["full_bytes"] // WORLD
-        assert result["noise_bytes"] == result["full_bytes"] // WORLD
+        assert 0 < result["prefetch_bytes"] <= result["full_bytes"] // WORLD
+        assert result["scratch_bytes"] == scratch
 
 
 def test_error_feedback_is_refused_with_fsdp2(ranks):
