@@ -162,7 +162,8 @@ class GaussianNoise:
             self._draw_and_add(gens, flat, std, scale, key, cuts, starts)
             if self.PREFETCH and 0 < flat.numel <= self.PREFETCH_MAX_NUMEL:
                 limit = min(flat.numel, self._prefetch_limit.get(key, self.PREFETCH_START))
-                prefetch = _Prefetch(self._fresh(gens), cuts, std, self._prefetch_buffer(key, limit), self.CHUNK)
+                buffer = self._scratch("prefetch:" + key, limit, device, shrink=True)  # follows the limit
+                prefetch = _Prefetch(self._fresh(gens), cuts, std, buffer, self.CHUNK)
                 if self._worker is None:
                     self._worker = _IdleWorker(self)
                 self._worker.submit(prefetch.run)
@@ -197,17 +198,10 @@ class GaussianNoise:
         prefetch.cancel()
         return None
 
-    def _prefetch_buffer(self, key: str, numel: int) -> torch.Tensor:
-        """The prefetch's buffer, at least ``numel`` values; replaced when 4x too large (the limit shrank)."""
-        buffer = self._buffers.get("prefetch:" + key)
-        if buffer is None or not numel <= buffer.numel() <= 4 * numel:
-            self._buffers.pop("prefetch:" + key, None)  # free the old one first
-            buffer = self._buffers["prefetch:" + key] = torch.empty(numel, dtype=torch.float32)
-        return buffer[:numel]
-
-    def _scratch(self, key: str, numel: int, device: torch.device) -> torch.Tensor:
+    def _scratch(self, key: str, numel: int, device: torch.device, shrink: bool = False) -> torch.Tensor:
+        """The reused fp32 buffer ``key``, ``numel`` values; ``shrink``: replaced when over 4x too large."""
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
+        if buffer is None or buffer.numel() < numel or (shrink and buffer.numel() > 4 * numel):
             self._buffers.pop(key, None)  # free the old one first
             buffer = self._buffers[key] = torch.empty(numel, dtype=torch.float32, device=device)
         return buffer[:numel]
@@ -257,7 +251,7 @@ def _chunks(lo: int, hi: int, size: int):
 class _IdleWorker:
     """A thread in the idle scheduling class that runs prefetch jobs in order. Started once per noise source
     (starting a thread costs milliseconds on a busy machine); it ends with its source, and at exit between two
-    chunks, before the interpreter is torn down. If the idle class is refused, jobs are left to ``finish``."""
+    chunks, before the interpreter is torn down. If the idle class is refused, jobs are left to the next ``add_``."""
 
     def __init__(self, owner: "GaussianNoise"):
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
