@@ -32,6 +32,7 @@ __all__ = [
     "densify",
     "select_samples",
     "densify_gain",
+    "dense_pass_cost",
 ]
 
 
@@ -159,6 +160,11 @@ def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch
 # A densified gradient is written once and read twice (norm, weighted sum): memory-bound passes worth about this
 # many multiply-adds per element each on a CPU, against the GEMM FLOPs of the factored norm they replace.
 DENSE_PASS_COST = 8
+# Extra cost per element where one batch chunk of a parameter's per-sample gradients outgrows the cache
+# (``DENSE_CACHE_BYTES``, 3/4 of a 32 MiB last-level cache): the batched product then streams its output to main
+# memory and both passes read it back from there (see benchmarks/RESULTS.md, engine_speed analysis).
+DENSE_SPILL_COST = 88
+DENSE_CACHE_BYTES = 24 * 2**20
 
 
 def densify_gain(uses: Sequence[Contribution], numel: int, pass_cost: float = DENSE_PASS_COST) -> float:
@@ -170,6 +176,12 @@ def densify_gain(uses: Sequence[Contribution], numel: int, pass_cost: float = DE
             t, rows, cols = c.left.shape[1], c.rows, c.right.shape[2]
             saved += min(t * t * (rows + cols), t * rows * cols)  # the factored norm (ghost or instantiate)
     return saved - pass_cost * numel if saved else 0.0
+
+
+def dense_pass_cost(chunk_numel: int, base: float = DENSE_PASS_COST) -> float:
+    """``densify_gain``'s cost per element of a parameter with ``chunk_numel`` values of per-sample gradients in one
+    batch chunk: ``base`` while they fit in cache, ``base + DENSE_SPILL_COST`` beyond."""
+    return base + (DENSE_SPILL_COST if 4 * chunk_numel > DENSE_CACHE_BYTES else 0.0)
 
 
 def densify(uses: Sequence[Contribution], out: torch.Tensor) -> Instantiated:

@@ -20,6 +20,7 @@ from dptrain.grad_sample.contributions import (
     Contribution,
     Factored,
     Instantiated,
+    dense_pass_cost,
     densify,
     densify_gain,
     device_of,
@@ -71,7 +72,10 @@ class RoutePlanner:
         """Parameters worth densifying (CPU only, most work saved per byte first) and the samples per chunk."""
         if batch == 0 or device_of(next(iter(pending.values()))[0]).type != "cpu":
             return {}, 0
-        gains = {p: densify_gain(u, p.numel(), self.dense_pass_cost) for p, u in pending.items()}
+        # samples per chunk were every pending parameter dense (a lower bound): how much of each stays in cache
+        chunk = min(batch, max(1, self.dense_budget_bytes // (4 * sum(p.numel() for p in pending))))
+        gains = {p: densify_gain(u, p.numel(), dense_pass_cost(chunk * p.numel(), self.dense_pass_cost))
+                 for p, u in pending.items()}
         chosen, per_sample = {}, 0  # an ordered set: `in` on a list would compare tensors
         for p in sorted((p for p in gains if gains[p] > 0), key=lambda p: -gains[p] / p.numel()):
             if 4 * (per_sample + p.numel()) <= self.dense_budget_bytes:

@@ -70,3 +70,26 @@ def test_densify_gain_prefers_long_sequences_and_skips_index_only_uses():
     assert densify_gain([short], shape.numel()) < 0  # rank one: the ghost norm is nearly free
     assert densify_gain([long], shape.numel()) > 0
     assert densify_gain([ids], shape.numel()) == 0
+
+
+def _linear_use(batch, length, rows, cols):
+    """A linear layer's use of a (rows, cols) weight at (batch, length), shapes only (expanded, no memory)."""
+    shape = torch.Size([rows, cols])
+    left, right = torch.zeros(1, 1, rows).expand(batch, length, rows), torch.zeros(1, 1, cols).expand(batch, length, cols)
+    return torch.nn.Parameter(torch.zeros(shape)), [Factored(left, right, rows, shape)]
+
+
+def test_planner_keeps_a_weight_whose_chunk_outgrows_the_cache_factored_at_short_sequences():
+    from dptrain.grad_sample.routes import RoutePlanner
+
+    planner = RoutePlanner()
+    head, head_uses = _linear_use(8, 128, 8192, 256)  # GPT-2-sized LM head: 6 samples per chunk = 48 MiB
+    mlp, mlp_uses = _linear_use(8, 128, 1024, 256)  # 8 MiB for the whole batch
+    assert not planner.plan({head: head_uses}, 8, per_layer=True).dense  # ghost norm costs less than the spill
+    assert mlp in planner.plan({mlp: mlp_uses}, 8, per_layer=True).dense
+    long_head, long_uses = _linear_use(8, 1024, 8192, 256)  # the ghost norm grows with T^2: now densify
+    assert long_head in planner.plan({long_head: long_uses}, 8, per_layer=True).dense
+    # sharing the arena with the rest of a model (flat clipping), 2 samples per chunk stay in cache: densified
+    others = dict(_linear_use(8, 128, 1024, 256) for _ in range(12))
+    routes = planner.plan({head: head_uses, **others}, 8, per_layer=False)
+    assert head in routes.dense and routes.chunk == 2
