@@ -13,6 +13,7 @@ from dptrain.grad_sample.contributions import (
     per_sample_sq_norms,
     weighted_sum,
 )
+from dptrain.grad_sample.routes import RoutePlanner
 
 B, T, ROWS, COLS = 3, 5, 7, 4
 
@@ -75,13 +76,12 @@ def test_densify_gain_prefers_long_sequences_and_skips_index_only_uses():
 def _linear_use(batch, length, rows, cols):
     """A linear layer's use of a (rows, cols) weight at (batch, length), shapes only (expanded, no memory)."""
     shape = torch.Size([rows, cols])
-    left, right = torch.zeros(1, 1, rows).expand(batch, length, rows), torch.zeros(1, 1, cols).expand(batch, length, cols)
+    left = torch.zeros(1, 1, rows).expand(batch, length, rows)
+    right = torch.zeros(1, 1, cols).expand(batch, length, cols)
     return torch.nn.Parameter(torch.zeros(shape)), [Factored(left, right, rows, shape)]
 
 
 def test_planner_keeps_a_weight_whose_chunk_outgrows_the_cache_factored_at_short_sequences():
-    from dptrain.grad_sample.routes import RoutePlanner
-
     planner = RoutePlanner()
     head, head_uses = _linear_use(8, 128, 8192, 256)  # GPT-2-sized LM head: 6 samples per chunk = 48 MiB
     mlp, mlp_uses = _linear_use(8, 128, 1024, 256)  # 8 MiB for the whole batch
