@@ -73,7 +73,7 @@ class RoutePlanner:
         if batch == 0 or device_of(next(iter(pending.values()))[0]).type != "cpu":
             return {}, 0
         # samples per chunk if every pending parameter were dense (at least that many): does each one's chunk fit
-        chunk = min(batch, max(1, self.dense_budget_bytes // (4 * sum(p.numel() for p in pending))))
+        chunk = min(batch, max(1, self.dense_budget_bytes // max(1, 4 * sum(p.numel() for p in pending))))
         gains = {p: densify_gain(u, p.numel(), dense_pass_cost(chunk * p.numel(), self.dense_pass_cost))
                  for p, u in pending.items()}
         chosen, per_sample = {}, 0  # an ordered set: `in` on a list would compare tensors

@@ -93,3 +93,5 @@ def test_planner_keeps_a_weight_whose_chunk_outgrows_the_cache_factored_at_short
     others = dict(_linear_use(8, 128, 1024, 256) for _ in range(12))
     routes = planner.plan({head: head_uses, **others}, 8, per_layer=False)
     assert head in routes.dense and routes.chunk == 2
+    empty, empty_uses = _linear_use(8, 128, 0, 256)  # a zero-size weight: nothing to densify, no error
+    assert not planner.plan({empty: empty_uses}, 8, per_layer=True).dense
