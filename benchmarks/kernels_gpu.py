@@ -156,7 +156,8 @@ def model_worker(method: str, smoke: bool, batch: int, seq_len: int, steps: int)
     dtype = torch.float32 if smoke else torch.bfloat16
     torch.manual_seed(0)
     config = LlamaConfig(**(MODEL_SMOKE if smoke else MODEL_1B), max_position_embeddings=seq_len)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: a 1B model's CPU init would take longer than its steps
+        model = LlamaForCausalLM(config).to(dtype=dtype)
     ids = torch.randint(0, config.vocab_size, (batch * 4, seq_len), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     step = prepared_lm_step(method, model, optimizer, ids, batch, device)

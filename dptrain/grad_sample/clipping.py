@@ -99,9 +99,10 @@ class Clipper:
 
     def _clip_fused(self, p, use, sq, scale, max_norm, parts, entry) -> torch.Tensor:
         """Norm, clip factor and clipped sum of one big matrix in one pass; returns the (B,) weights."""
-        grad, norms = kernels.fused_clip_linear_grad(*use.kernel_args, max_norm / scale, extra_sq_norms=sq)
+        grad, norms = kernels.fused_clip_linear_grad(*use.kernel_args, max_norm / scale, extra_sq_norms=sq,
+                                                     out_dtype=torch.float32)
         weights = self._weights(entry(scale * norms, parts, p), scale)
-        clipped = grad.reshape(p.shape).float().mul_(scale)
+        clipped = grad.reshape(p.shape).mul_(scale)
         self.clipped_sum[p] = self.clipped_sum[p].add_(clipped) if p in self.clipped_sum else clipped
         return weights
 

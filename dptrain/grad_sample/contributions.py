@@ -152,7 +152,7 @@ def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch
             rows = (_fp32(c.right) * scale[:, None, None]).flatten(0, 1)  # (B*T, cols)
             out.view(c.rows, -1).index_add_(0, c.left.flatten(), rows)
         else:
-            part = kernels.scaled_linear_grad(*c.kernel_args, scale).float().reshape(shape)  # one GEMM
+            part = kernels.scaled_linear_grad(*c.kernel_args, scale, out_dtype=torch.float32).reshape(shape)  # 1 GEMM
             out = part if out is None else out.add_(part)
     return out
 

@@ -70,11 +70,13 @@ if HAS_TRITON:
 
     @triton.jit
     def dot_acc(a, b, acc, DOT_FP32: tl.constexpr):
-        """acc + a @ b with fp32 accumulation (operands upcast first when DOT_FP32)."""
+        """acc + a @ b with fp32 accumulation (operands upcast first when DOT_FP32). fp32 operands multiply in full
+        fp32 ("ieee"): Triton's default TF32 keeps 10 mantissa bits, and a norm off by 1e-3 would let a clipped
+        sample exceed C; half operands are exact in the fp32 products of the tensor cores anyway."""
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, input_precision="ieee")
 
     @triton.jit
     def upper_tile(p, T, BLOCK_T: tl.constexpr):

@@ -19,22 +19,22 @@ __all__ = ["fused_clip_linear_grad"]
 
 
 # ----------------------------------------------------------------------------------------------- torch reference
-def fused_clip_linear_grad_torch(x, g, max_norm, extra_sq_norms, strategy):
+def fused_clip_linear_grad_torch(x, g, max_norm, extra_sq_norms, strategy, out_dtype=None):
     """Reference: norms (ghost or instantiate), then one scaled GEMM."""
     sq = linear_grad_sq_norms_torch(x, g, strategy)  # (B,)
     if extra_sq_norms is not None:
         sq = sq + extra_sq_norms
     norms = sq.sqrt()
-    return scaled_linear_grad_torch(x, g, clip_factors(norms, max_norm)), norms
+    return scaled_linear_grad_torch(x, g, clip_factors(norms, max_norm), out_dtype), norms
 
 
 # ----------------------------------------------------------------------------------------------- Triton kernels
-def fused_clip_linear_grad_triton(x, g, max_norm, extra_sq_norms, strategy):
+def fused_clip_linear_grad_triton(x, g, max_norm, extra_sq_norms, strategy, out_dtype=None):
     """Norm kernel (ghost or instantiate, tiled on chip), then the scaled-sum kernel in its clipping variant."""
     sq = linear_grad_sq_norms_triton(x, g, strategy)  # (B,) fp32
     if extra_sq_norms is not None:
         sq = sq + extra_sq_norms
-    return scaled_linear_grad_triton(x, g, sq, clip_norm=max_norm), sq.sqrt()
+    return scaled_linear_grad_triton(x, g, sq, clip_norm=max_norm, out_dtype=out_dtype), sq.sqrt()
 
 
 # ----------------------------------------------------------------------------------------------- public op
@@ -46,12 +46,13 @@ def fused_clip_linear_grad(
     extra_sq_norms: torch.Tensor | None = None,
     strategy: str = "auto",
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped weight-gradient sum and per-sample norms of a linear layer: (grad (d_out, d_in), norms (B,)).
 
     x: (B, T, d_in) or (B, d_in); g: (B, T, d_out) or (B, d_out); extra_sq_norms: (B,) squared per-sample norms
     of the layer's other parameters (e.g. bias), included in the norm so the layer is clipped jointly. grad is
-    in x's dtype, norms fp32; the clip factors are ``clip_factors(norms, max_norm)``.
+    in ``out_dtype`` (default: x's dtype), norms fp32; the clip factors are ``clip_factors(norms, max_norm)``.
     """
     check_strategy(strategy)
     if isinstance(max_norm, torch.Tensor):
@@ -66,5 +67,5 @@ def fused_clip_linear_grad(
     if strategy == "auto":
         strategy = choose_linear_strategy(x3.shape[1], x3.shape[2], g3.shape[2])
     if x3.shape[0] > 0 and use_triton(backend, x3, g3):
-        return fused_clip_linear_grad_triton(x3, g3, max_norm, extra_sq_norms, strategy)
-    return fused_clip_linear_grad_torch(x3, g3, max_norm, extra_sq_norms, strategy)
+        return fused_clip_linear_grad_triton(x3, g3, max_norm, extra_sq_norms, strategy, out_dtype)
+    return fused_clip_linear_grad_torch(x3, g3, max_norm, extra_sq_norms, strategy, out_dtype)

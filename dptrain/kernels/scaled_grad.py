@@ -1,7 +1,9 @@
 """Scaled sum of per-sample linear-layer gradients: sum_i scale_i g_i^T x_i, one GEMM over B*T rows.
 
 This is the clipped (or weighted, for flat clipping) weight gradient: with scale_i = 1 it is the ordinary
-batch weight gradient. Output (d_out, d_in) in the dtype of x, accumulated in fp32.
+batch weight gradient. Output (d_out, d_in), accumulated in fp32, in x's dtype or ``out_dtype``: a private sum
+must come out in fp32, since rounding it to a half type moves it by up to 2^-9 of its own size, which grows with
+the batch and is not bounded by the clip threshold.
 """
 
 from __future__ import annotations
@@ -29,28 +31,56 @@ __all__ = ["scaled_linear_grad"]
 
 
 # ----------------------------------------------------------------------------------------------- torch reference
-def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
+                             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Reference for (B, T, d_in), (B, T, d_out), (B,) fp32: ((scale * g) reshaped)^T @ x reshaped."""
+    out_dtype = out_dtype or x.dtype
     B, T, d_in = x.shape
     d_out = g.shape[2]
     half_on_gpu = x.is_cuda and is_half(x.dtype)  # cuBLAS accumulates half GEMMs in fp32 already
     work = x.dtype if half_on_gpu else torch.float32
     s = scale.to(x.device)[:, None, None]  # (B, 1, 1)
-    if d_out <= d_in:  # fold the scale into the smaller operand
-        gs = (g.float() * s).to(work).reshape(B * T, d_out)  # (B*T, d_out)
-        xs = x.to(work).reshape(B * T, d_in)  # (B*T, d_in)
-    else:
-        gs = g.to(work).reshape(B * T, d_out)
-        xs = (x.float() * s).to(work).reshape(B * T, d_in)
-    return (gs.T @ xs).to(x.dtype)  # (d_out, d_in)
+    fold_into_g = d_out <= d_in  # the scale goes into the smaller operand
+    scaled = (g if fold_into_g else x).float() * s  # (B, T, d) fp32
+    other = (x if fold_into_g else g).to(work).reshape(B * T, -1)  # (B*T, d')
+    total = None
+    for part in split_half(scaled, work):
+        rows = part.reshape(B * T, -1)
+        gs, xs = (rows, other) if fold_into_g else (other, rows)  # (B*T, d_out), (B*T, d_in)
+        term = _mm(gs.T, xs, torch.float32)  # (d_out, d_in)
+        total = term if total is None else total.add_(term)
+    return total.to(out_dtype)
+
+
+def split_half(v: torch.Tensor, dtype: torch.dtype) -> list:
+    """fp32 ``v`` as operands of ``dtype`` whose sum is ``v``: itself for fp32; for a half type hi + lo, 16 of the
+    24 bits. A scaled term rounded to one half value would move by up to 2^-9 of itself, and a clipped sample
+    could then weigh more than C; hi + lo leaves 2^-17."""
+    if dtype == torch.float32:
+        return [v]
+    hi = v.to(dtype)
+    return [hi, (v - hi.float()).to(dtype)]
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in ``out_dtype``; half operands with an fp32 output on the GPU keep cuBLAS's fp32 accumulator
+    unrounded (torch.mm's out_dtype, torch >= 2.8; older versions multiply fp32 copies)."""
+    if a.dtype == out_dtype:
+        return a @ b
+    if a.is_cuda and out_dtype == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=out_dtype)
+        except (TypeError, RuntimeError):
+            return a.float() @ b.float()
+    return (a @ b).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------- Triton kernel
 if HAS_TRITON:
     _CONFIGS = autotune_configs(SUM_BLOCKS, SUM_TABLE)
 
-    # CLIP in the key: the plain and the clipping variant are tuned apart
-    @triton.autotune(configs=_CONFIGS, key=["N", "D_IN", "D_OUT", "CLIP"])
+    # CLIP and SPLIT in the key: each variant is tuned apart
+    @triton.autotune(configs=_CONFIGS, key=["N", "D_IN", "D_OUT", "CLIP", "SPLIT"])
     @triton.jit
     def _scaled_linear_grad_kernel(
         x_ptr, g_ptr, scale_ptr, out_ptr,
@@ -58,10 +88,10 @@ if HAS_TRITON:
         N, T, D_IN, D_OUT,
         stride_xr, stride_xd, stride_gr, stride_gd, stride_oo, stride_oi,
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, CLIP: tl.constexpr,
-        DOT_FP32: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """One program: tile (BLOCK_O, BLOCK_I) of sum_r s[r // T] g[r, o] x[r, i] over the N = B*T rows, written
-        in x's dtype (fp32 accumulation).
+        in out's dtype (fp32 accumulation).
 
         CLIP=False: s = scale_ptr[b]. CLIP=True: scale_ptr holds squared norms and s = min(1, C / (norm + eps)),
         the clip factor computed in registers (the formula of ``clip.clip_factors``), never stored.
@@ -80,14 +110,20 @@ if HAS_TRITON:
                              mask=row_ok[None, :] & (offs_o[:, None] < D_OUT), other=0.0)  # (BLOCK_O, BLOCK_K)
             x_tile = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_xr + offs_i[None, :] * stride_xd,
                              mask=row_ok[:, None] & (offs_i[None, :] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_I)
-            g_tile = (g_tile.to(tl.float32) * s[None, :]).to(x_tile.dtype)
-            acc = dot_acc(g_tile, x_tile, acc, DOT_FP32)
+            g_tile = g_tile.to(tl.float32) * s[None, :]
+            if SPLIT:  # half operands: s * g as hi + lo, as ``split_half`` does
+                hi = g_tile.to(x_tile.dtype)
+                acc = dot_acc(hi, x_tile, acc, DOT_FP32)
+                acc = dot_acc((g_tile - hi.to(tl.float32)).to(x_tile.dtype), x_tile, acc, DOT_FP32)
+            else:
+                acc = dot_acc(g_tile, x_tile, acc, DOT_FP32)
         tl.store(out_ptr + offs_o[:, None] * stride_oo + offs_i[None, :] * stride_oi,
                  acc.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < D_OUT) & (offs_i[None, :] < D_IN))
 
 
 def scaled_linear_grad_triton(
-    x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, clip_norm: float | None = None
+    x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, clip_norm: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Launch the scaled-sum kernel on (B, T, d_in), (B, T, d_out) and a (B,) fp32 vector; (d_out, d_in).
 
@@ -97,7 +133,7 @@ def scaled_linear_grad_triton(
     B, T, d_in = x.shape
     d_out = g.shape[2]
     x2, g2 = rows_2d(x), rows_2d(g)  # (B*T, d_in), (B*T, d_out)
-    out = torch.empty(d_out, d_in, dtype=x.dtype, device=x.device)
+    out = torch.empty(d_out, d_in, dtype=out_dtype or x.dtype, device=x.device)
     clip = clip_norm is not None
     max_norm, eps = (float(clip_norm), CLIP_EPS) if clip else (1.0, 0.0)
 
@@ -106,14 +142,15 @@ def scaled_linear_grad_triton(
 
     _scaled_linear_grad_kernel[grid](
         x2, g2, scale.contiguous(), out, max_norm, eps, B * T, T, d_in, d_out, *x2.stride(), *g2.stride(),
-        *out.stride(), CLIP=clip, DOT_FP32=DOT_FP32,
+        *out.stride(), CLIP=clip, SPLIT=is_half(x.dtype), DOT_FP32=DOT_FP32,
     )
     return out
 
 
 # ----------------------------------------------------------------------------------------------- public op
-def scaled_linear_grad(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """sum_i scale_i g_i^T x_i, (d_out, d_in) in x's dtype (fp32 accumulation).
+def scaled_linear_grad(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, backend: str = "auto",
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """sum_i scale_i g_i^T x_i, (d_out, d_in) in ``out_dtype`` (default: x's dtype), fp32 accumulation.
 
     x: (B, T, d_in) or (B, d_in); g: (B, T, d_out) or (B, d_out); scale: (B,).
     """
@@ -122,5 +159,5 @@ def scaled_linear_grad(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *,
     if g3.dtype != x3.dtype:
         g3 = g3.to(x3.dtype)
     if use_triton(backend, x3, g3):
-        return scaled_linear_grad_triton(x3, g3, scale)
-    return scaled_linear_grad_torch(x3, g3, scale)
+        return scaled_linear_grad_triton(x3, g3, scale, out_dtype=out_dtype)
+    return scaled_linear_grad_torch(x3, g3, scale, out_dtype)

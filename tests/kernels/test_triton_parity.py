@@ -71,6 +71,20 @@ def test_scaled_linear_grad(shape, dtype, atol, rtol):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scaled_sum_of_half_inputs_in_fp32_is_exact_to_fp32(shape, dtype):
+    """Half inputs, fp32 output: the only rounding left is fp32's. A scale applied to one half operand and rounded
+    to it (2^-9 per term) would miss the fp64 oracle by ~1e-3 (hi + lo: ~1e-5) and let a clipped sample weigh more than C."""
+    x, g = _inputs(*shape, dtype)
+    scale = (0.3 + torch.rand(shape[0], generator=torch.Generator().manual_seed(1))).to(DEVICE)
+    for backend in ("triton", "torch"):
+        got = K.scaled_linear_grad(x, g, scale, backend=backend, out_dtype=torch.float32)
+        assert got.dtype == torch.float32
+        want = oracles.scaled_sum(x.cpu(), g.cpu(), scale.cpu())
+        assert float((got.cpu().double() - want).norm() / want.norm()) < 5e-5, backend
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES[:2])
 @pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
 def test_fused_clip_with_extra_norms(shape, dtype, atol, rtol, strategy):

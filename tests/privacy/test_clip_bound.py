@@ -34,3 +34,29 @@ def test_a_clipped_sample_of_an_8m_weight_layer_stays_within_c():
     clipped = tracker.clipped_sum[layer.weight].double().norm()
     assert float(clipped) <= c * (1 + 1e-6)
     assert float(clipped) >= c * (1 - 1e-6)  # it was clipped (its norm is far above C)
+
+
+@pytest.mark.parametrize("route", ["factored", "fused"])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_removing_one_sample_of_a_bf16_batch_moves_the_clipped_sum_by_at_most_c(clipping, route):
+    """Neighbouring batches (one sample removed) of a bf16 layer: their clipped sums differ by at most C. 256
+    near-identical samples make the sum ~256 C long; rounded to bf16 (2^-9 of its size per coordinate) the two sums
+    differed by 1.1 C, beyond what the noise is calibrated for. Oracle: the float64 norm of the difference."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    c = 1e-2
+    base = torch.randn(1, 3, 64)
+    x = (base + 1e-2 * torch.randn(257, 3, 64)).to(torch.bfloat16)  # (B, T, d_in), every sample clipped
+    planner = RoutePlanner(dense_budget_bytes=0, fuse=route == "fused")
+
+    def clipped_sum(batch):
+        tracker = GradSampleTracker(layer, clipping=clipping, max_grad_norm=c, loss_reduction="sum", planner=planner)
+        layer(batch).float().pow(2).sum().backward()
+        tracker.flush()
+        (total,) = tracker.clipped_sum.values()
+        assert total.dtype == torch.float32
+        return total.double()
+
+    moved = float((clipped_sum(x) - clipped_sum(x[:-1])).norm())
+    assert moved <= c * (1 + 1e-5), moved / c
+    assert moved >= c * (1 - 1e-2)  # the removed sample was clipped to C
