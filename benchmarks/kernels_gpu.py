@@ -3,6 +3,7 @@
     python -m benchmarks.kernels_gpu                 # on an NVIDIA GPU: both parts, writes the "kernels_gpu" section
     python -m benchmarks.kernels_gpu --part ops      # only (1), per-op figures
     python -m benchmarks.kernels_gpu --smoke         # tiny CPU configuration of (1) and (2): proves the script runs
+    python -m benchmarks.kernels_gpu --part model --methods dptrain-per_layer --profile   # where a step's time goes
 
 (1) Per op, bf16, Llama-7B-like layers (d_out x d_in = 4096x4096, 11008x4096, 4096x11008), T in 512..2048 and
     B*T = --tokens: time of the plain weight-gradient GEMM g^T x (what non-DP training does), the Triton ops
@@ -147,8 +148,9 @@ MODEL_SMOKE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, n
                    num_key_value_heads=2, vocab_size=256)
 
 
-def model_worker(method: str, smoke: bool, batch: int, seq_len: int, steps: int) -> dict:
-    """One method in this process: build the model, make it private, time optimizer steps back to back."""
+def model_worker(method: str, smoke: bool, batch: int, seq_len: int, steps: int, profile: bool = False) -> dict:
+    """One method in this process: build the model, make it private, time optimizer steps back to back; with
+    ``profile``, then the op table (torch.profiler) of 3 more steps."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -167,17 +169,42 @@ def model_worker(method: str, smoke: bool, batch: int, seq_len: int, steps: int)
     step_s = statistics.median(time_steps(step, steps, sync=lambda: _sync(device)))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     n_params = sum(p.numel() for p in model.parameters())
-    return {"step_s": step_s, "tokens_per_s": batch * seq_len / step_s, "peak_gb": peak, "params": n_params}
+    row = {"step_s": step_s, "tokens_per_s": batch * seq_len / step_s, "peak_gb": peak, "params": n_params}
+    if profile:
+        row["profile"] = _profile(step, device)
+    return row
 
 
-def bench_model(smoke: bool, batch: int, seq_len: int, steps: int) -> list[dict]:
+def _profile(step, device: str, steps: int = 3, rows: int = 30) -> str:
+    """torch.profiler's table of ``steps`` steps, the ops of most device time first (CPU time on the CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
+MODEL_METHODS = ["nondp", "dptrain-per_layer", "dptrain-flat", "opacus-ghost"]
+
+
+def bench_model(smoke: bool, batch: int, seq_len: int, steps: int, methods=MODEL_METHODS,
+                profile: bool = False) -> list[dict]:
     rows = []
-    for method in ["nondp", "dptrain-per_layer", "dptrain-flat", "opacus-ghost"]:
+    for method in methods:
         worker = WorkerProcess("kernels_gpu", "--model-worker", method, "--batch", str(batch), "--seq-len",
-                               str(seq_len), "--steps", str(steps), *(["--smoke"] if smoke else []))
+                               str(seq_len), "--steps", str(steps), *(["--smoke"] if smoke else []),
+                               *(["--profile"] if profile else []))
         row = {"method": method, **worker.ask()}  # the figures, or {"error": <its last stderr line>}
         worker.close()
+        table = row.pop("profile", None)
         print(json.dumps(row), flush=True)
+        if table:
+            print(f"profile of {method}:\n{table}", flush=True)
         rows.append(row)
     return rows
 
@@ -210,6 +237,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (part 2)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (part 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (part 2)")
+    parser.add_argument("--methods", nargs="+", choices=MODEL_METHODS, default=MODEL_METHODS, help="(part 2)")
+    parser.add_argument("--profile", action="store_true", help="(part 2) print each method's op table too")
     parser.add_argument("--model-worker", metavar="METHOD", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave RESULTS.md alone")
     args = parser.parse_args()
@@ -217,7 +246,7 @@ def main() -> int:
     import torch
 
     if args.model_worker:
-        reply(model_worker(args.model_worker, args.smoke, args.batch, args.seq_len, args.steps))
+        reply(model_worker(args.model_worker, args.smoke, args.batch, args.seq_len, args.steps, args.profile))
         return 0
     if not torch.cuda.is_available() and not args.smoke:
         print("kernels_gpu: no CUDA GPU found; these figures need an NVIDIA GPU. Run with --smoke for a tiny CPU "
@@ -235,7 +264,8 @@ def main() -> int:
     if args.part in ("model", "all"):
         batch, seq_len, steps = (2, 32, 1) if args.smoke else (args.batch, args.seq_len, args.steps)
         sections.append("### (2) model level\n\n" + model_table(
-            bench_model(args.smoke, batch, seq_len, steps), batch, seq_len, "float32 (smoke)" if args.smoke else "bf16"
+            bench_model(args.smoke, batch, seq_len, steps, args.methods, args.profile), batch, seq_len,
+            "float32 (smoke)" if args.smoke else "bf16"
         ))
     body = "\n\n".join(sections)
     print(body)
