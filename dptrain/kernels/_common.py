@@ -20,6 +20,7 @@ __all__ = [
     "autotune_configs",
     "min_block",
     "gram_partials",
+    "tuning_bucket",
     "rows_2d",
     "row_sq_norms",
     "SUM_BLOCKS",
@@ -145,6 +146,13 @@ def row_sq_norms(t: torch.Tensor) -> torch.Tensor:
     if whole < n:
         total = total + torch.linalg.vector_norm(t[:, whole:], dim=1, dtype=torch.float32).square()
     return total
+
+
+def tuning_bucket(n: int) -> int:
+    """The autotuning key of a size that changes from step to step (a Poisson batch's B * T, a padded length T):
+    the next power of two, so a config is tuned once per bucket, not once per batch (each tuning times every
+    config: most of a second)."""
+    return triton.next_power_of_2(n)
 
 
 def gram_partials(batch: int, T: int, configs: list, device: torch.device):

@@ -26,6 +26,7 @@ from ._common import (
     gram_tile,
     tl,
     triton,
+    tuning_bucket,
     upper_tile,
     use_triton,
 )
@@ -86,13 +87,13 @@ if HAS_TRITON:
     _CONFIGS = autotune_configs(GRAM_BLOCKS, EMBEDDING_GRAM_TABLE)
 
     # partial sums: zeroed again after tuning, so no config leaves stale tiles behind
-    @triton.autotune(configs=_CONFIGS, key=["T", "D"], reset_to_zero=["out_ptr"])
+    @triton.autotune(configs=_CONFIGS, key=["T_KEY", "D"], reset_to_zero=["out_ptr"])
     @triton.jit
     def _embedding_norms_kernel(
         ids_ptr, g_ptr, out_ptr,
         T, D, pad,
         stride_ib, stride_it, stride_gb, stride_gt, stride_gd,
-        out_stride,
+        out_stride, T_KEY,  # T_KEY: ``tuning_bucket(T)``, read by the autotuner only
         HAS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """One program: Gram tile (g g^T)[r, c] of sample b masked by token equality, summed (upper tiles only)."""
@@ -116,7 +117,8 @@ def embedding_grad_sq_norms_triton(ids: torch.Tensor, g: torch.Tensor, padding_i
     partial, grid = gram_partials(B, T, _CONFIGS, g.device)
     _embedding_norms_kernel[grid](
         ids, g, partial, T, d, -1 if padding_idx is None else int(padding_idx),
-        *ids.stride(), *g.stride(), partial.shape[1], HAS_PAD=padding_idx is not None, DOT_FP32=DOT_FP32,
+        *ids.stride(), *g.stride(), partial.shape[1], tuning_bucket(T), HAS_PAD=padding_idx is not None,
+        DOT_FP32=DOT_FP32,
     )
     return partial.sum(1)
 

@@ -31,6 +31,7 @@ from ._common import (
     row_sq_norms,
     tl,
     triton,
+    tuning_bucket,
     upper_tile,
     use_triton,
 )
@@ -85,14 +86,14 @@ if HAS_TRITON:
     _GHOST_CONFIGS = autotune_configs(GRAM_BLOCKS, LINEAR_GRAM_TABLE)
 
     # partial sums: zeroed again after tuning, so no config leaves stale tiles behind
-    @triton.autotune(configs=_INST_CONFIGS, key=["T", "D_IN", "D_OUT"], reset_to_zero=["out_ptr"])
+    @triton.autotune(configs=_INST_CONFIGS, key=["T_KEY", "D_IN", "D_OUT"], reset_to_zero=["out_ptr"])
     @triton.jit
     def _linear_norms_instantiate_kernel(
         x_ptr, g_ptr, out_ptr,  # out: (B, n_tiles) fp32 partial squared norms
         T, D_IN, D_OUT,
         stride_xb, stride_xt, stride_xd,
         stride_gb, stride_gt, stride_gd,
-        n_tiles,
+        n_tiles, T_KEY,  # T_KEY: ``tuning_bucket(T)``, read by the autotuner only
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """One program: tile (BLOCK_O, BLOCK_I) of G_b = g_b^T x_b accumulated over T on chip, squared, summed."""
@@ -119,14 +120,14 @@ if HAS_TRITON:
         tl.store(out_ptr + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
     # partial sums: zeroed again after tuning, so no config leaves stale tiles behind
-    @triton.autotune(configs=_GHOST_CONFIGS, key=["T", "D_IN", "D_OUT"], reset_to_zero=["out_ptr"])
+    @triton.autotune(configs=_GHOST_CONFIGS, key=["T_KEY", "D_IN", "D_OUT"], reset_to_zero=["out_ptr"])
     @triton.jit
     def _linear_norms_ghost_kernel(
         x_ptr, g_ptr, out_ptr,  # out: (B, out_stride) fp32 partial squared norms
         T, D_IN, D_OUT,
         stride_xb, stride_xt, stride_xd,
         stride_gb, stride_gt, stride_gd,
-        out_stride,
+        out_stride, T_KEY,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """One program: Gram tiles (x x^T)[r, c] and (g g^T)[r, c] of sample b on chip, their inner product.
@@ -156,7 +157,8 @@ def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str)
     strides = (*x.stride(), *g.stride())
     if strategy == "ghost":
         partial, grid = gram_partials(B, T, _GHOST_CONFIGS, x.device)
-        _linear_norms_ghost_kernel[grid](x, g, partial, T, d_in, d_out, *strides, partial.shape[1], DOT_FP32=DOT_FP32)
+        _linear_norms_ghost_kernel[grid](x, g, partial, T, d_in, d_out, *strides, partial.shape[1], tuning_bucket(T),
+                                         DOT_FP32=DOT_FP32)
         return partial.sum(1)
     n_tiles = triton.cdiv(d_out, min_block(_INST_CONFIGS, "BLOCK_O")) * triton.cdiv(
         d_in, min_block(_INST_CONFIGS, "BLOCK_I")
@@ -166,7 +168,8 @@ def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str)
     def grid(meta):
         return (B, triton.cdiv(d_out, meta["BLOCK_O"]) * triton.cdiv(d_in, meta["BLOCK_I"]))
 
-    _linear_norms_instantiate_kernel[grid](x, g, partial, T, d_in, d_out, *strides, n_tiles, DOT_FP32=DOT_FP32)
+    _linear_norms_instantiate_kernel[grid](x, g, partial, T, d_in, d_out, *strides, n_tiles, tuning_bucket(T),
+                                           DOT_FP32=DOT_FP32)
     return partial.sum(1)
 
 

@@ -23,6 +23,7 @@ from ._common import (
     rows_2d,
     tl,
     triton,
+    tuning_bucket,
     use_triton,
 )
 from .clip import CLIP_EPS
@@ -80,13 +81,14 @@ if HAS_TRITON:
     _CONFIGS = autotune_configs(SUM_BLOCKS, SUM_TABLE)
 
     # CLIP and SPLIT in the key: each variant is tuned apart
-    @triton.autotune(configs=_CONFIGS, key=["N", "D_IN", "D_OUT", "CLIP", "SPLIT"])
+    @triton.autotune(configs=_CONFIGS, key=["N_KEY", "D_IN", "D_OUT", "CLIP", "SPLIT"])
     @triton.jit
     def _scaled_linear_grad_kernel(
         x_ptr, g_ptr, scale_ptr, out_ptr,
         max_norm, eps,
         N, T, D_IN, D_OUT,
         stride_xr, stride_xd, stride_gr, stride_gd, stride_oo, stride_oi,
+        N_KEY,  # ``tuning_bucket(N)``, read by the autotuner only
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, CLIP: tl.constexpr,
         SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
@@ -142,7 +144,7 @@ def scaled_linear_grad_triton(
 
     _scaled_linear_grad_kernel[grid](
         x2, g2, scale.contiguous(), out, max_norm, eps, B * T, T, d_in, d_out, *x2.stride(), *g2.stride(),
-        *out.stride(), CLIP=clip, SPLIT=is_half(x.dtype), DOT_FP32=DOT_FP32,
+        *out.stride(), tuning_bucket(B * T), CLIP=clip, SPLIT=is_half(x.dtype), DOT_FP32=DOT_FP32,
     )
     return out
 

@@ -130,3 +130,31 @@ def test_triton_backend_rejects_float64_by_name():
     x, g = _inputs(2, 3, 4, 5, torch.float64)
     with pytest.raises(TypeError, match="found torch.float64"):
         K.per_sample_linear_grad_norms(x, g, backend="triton")
+
+
+def test_autotuning_keys_take_one_value_per_size_bucket(monkeypatch):
+    """Poisson batches change B every step and padded batches change T: each new key would time every config
+    again (most of a second per kernel and shape). Sizes in one power-of-two bucket share one key."""
+    from dptrain.kernels import embedding_norms, linear_norms, scaled_grad
+
+    kernels = [linear_norms._linear_norms_ghost_kernel, linear_norms._linear_norms_instantiate_kernel,
+               embedding_norms._embedding_norms_kernel, scaled_grad._scaled_linear_grad_kernel]
+    keys = {k.fn.__name__: set() for k in kernels}
+    for kernel in kernels:
+        def spy(*args, _kernel=kernel, _run=kernel.run, **kwargs):
+            named = {**dict(zip(_kernel.arg_names, args)), **kwargs}
+            keys[_kernel.fn.__name__].add(tuple(named[k] for k in _kernel.keys))
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    # three batch sizes at T = 16 and three lengths at B = 8: T in two buckets (16, 64), B * T in one (512)
+    for B, T in [(17, 16), (23, 16), (32, 16), (8, 33), (8, 50), (8, 64)]:
+        x, g = _inputs(B, T, 8, 12, torch.float32)
+        K.per_sample_linear_grad_norms(x, g, strategy="ghost", backend="triton")
+        K.per_sample_linear_grad_norms(x, g, strategy="instantiate", backend="triton")
+        K.scaled_linear_grad(x, g, torch.ones(B, device=DEVICE), backend="triton")
+        ids = torch.randint(0, 5, (B, T), generator=torch.Generator().manual_seed(B)).to(DEVICE)
+        K.per_sample_embedding_grad_norms(ids, g, strategy="ghost", backend="triton")
+    assert {name: len(k) for name, k in keys.items()} == {
+        "_linear_norms_ghost_kernel": 2, "_linear_norms_instantiate_kernel": 2, "_embedding_norms_kernel": 2,
+        "_scaled_linear_grad_kernel": 1}
