@@ -90,6 +90,7 @@ class GaussianNoise:
     PREFETCH = hasattr(os, "SCHED_IDLE")  # CPU only; needs an idle-class thread or it would steal compute
     PREFETCH_MAX_NUMEL = 1 << 24  # 64 MiB: larger models draw synchronously rather than hold a second copy
     PREFETCH_START = 1 << 20  # values a first prefetch may draw (4 MiB); then twice what the last one drew
+    DEVICE_CHUNK = 1 << 24  # values per draw on an accelerator (64 MiB)
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0, *, secure: bool = False):
         if secure and seed is not None:
@@ -142,11 +143,8 @@ class GaussianNoise:
         for key, group in by_device.items():
             device, flat = group[0].device, _FlatView(group)
             gens = self._generators(device)
-            if device.type != "cpu":  # one draw: the device kernel is parallel already
-                self._fresh(gens)
-                buffer = self._scratch(key, flat.numel, device)
-                buffer.normal_(0.0, std, generator=gens[0])
-                flat.add_(0, buffer, scale)
+            if device.type != "cpu":
+                self._draw_and_add_on_device(self._fresh(gens)[0], flat, std, scale, key, device)
                 continue
             cuts = self._cuts(flat.numel, len(gens))
             prefetch = self._take_prefetch(key, flat.numel, std)
@@ -168,6 +166,16 @@ class GaussianNoise:
                     self._worker = _IdleWorker(self)
                 self._worker.submit(prefetch.run)
                 self._prefetch[key] = prefetch
+
+    def _draw_and_add_on_device(self, gen, flat: "_FlatView", std: float, scale: float, key: str,
+                                device: torch.device) -> None:
+        """An accelerator's path: one generator, ``DEVICE_CHUNK`` values per draw (a full-width kernel already),
+        so the scratch stays that size instead of a second fp32 copy of the model's sums."""
+        scratch = self._scratch(key, min(flat.numel, self.DEVICE_CHUNK), device)
+        for lo, hi in _chunks(0, flat.numel, self.DEVICE_CHUNK):
+            chunk = scratch[: hi - lo]
+            chunk.normal_(0.0, std, generator=gen)
+            flat.add_(lo, chunk, scale)
 
     def _draw_and_add(self, gens, flat: "_FlatView", std: float, scale: float, key: str, cuts: List[int],
                       starts: List[int]) -> None:

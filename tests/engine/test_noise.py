@@ -217,3 +217,20 @@ def test_prefetch_buffer_follows_what_the_idle_thread_manages(monkeypatch):
     _draw(source, [(size,)])  # the last prefetch (whole) was used; the next one cannot draw anything
     _draw(source, [(size,)])
     assert len(source._prefetch["cpu"].buffer) == 1 << 12
+
+
+def test_accelerator_path_draws_in_bounded_chunks_covering_every_position(monkeypatch):
+    """The path CUDA tensors take (run here on CPU tensors): chunks of DEVICE_CHUNK values across tensor
+    boundaries, every position noised once with the right law, consecutive chunks independent, and a scratch of
+    one chunk, not a second copy of the sums."""
+    monkeypatch.setattr(GaussianNoise, "DEVICE_CHUNK", 1000)
+    source = GaussianNoise(seed=5)
+    tensors = [torch.full((700,), 3.0), torch.full((40, 37), 3.0), torch.full((33,), 3.0)]  # 2213 values
+    gen = torch.Generator().manual_seed(11)
+    source._draw_and_add_on_device(gen, noise_module._FlatView(tensors), 2.0, 0.5, "dev", torch.device("cpu"))
+    draw = (torch.cat([t.flatten() for t in tensors]) - 1.5) / 2.0  # scale 0.5 applied to the old values
+    assert bool((draw != 0).all()), "a position was left without noise"
+    assert stats.kstest(draw.numpy(), "norm").pvalue > 1e-3
+    corr = torch.corrcoef(draw[:2000].view(2, 1000))[0, 1]
+    assert abs(float(corr)) < 5 / 1000**0.5, "two chunks drew the same values"
+    assert source._buffers["dev"].numel() == 1000
