@@ -19,7 +19,6 @@ from ._common import (
     check_linear_inputs,
     check_per_sample,
     dot_acc,
-    is_half,
     rows_2d,
     tl,
     triton,
@@ -38,14 +37,13 @@ def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tens
     out_dtype = out_dtype or x.dtype
     B, T, d_in = x.shape
     d_out = g.shape[2]
-    half_on_gpu = x.is_cuda and is_half(x.dtype)  # cuBLAS accumulates half GEMMs in fp32 already
-    work = x.dtype if half_on_gpu else torch.float32
+    work = torch.bfloat16 if x.is_cuda and x.dtype == torch.bfloat16 else torch.float32  # see split_bf16
     s = scale.to(x.device)[:, None, None]  # (B, 1, 1)
     fold_into_g = d_out <= d_in  # the scale goes into the smaller operand
     scaled = (g if fold_into_g else x).float() * s  # (B, T, d) fp32
     other = (x if fold_into_g else g).to(work).reshape(B * T, -1)  # (B*T, d')
     total = None
-    for part in split_half(scaled, work):
+    for part in (split_bf16(scaled) if work == torch.bfloat16 else [scaled]):
         rows = part.reshape(B * T, -1)
         gs, xs = (rows, other) if fold_into_g else (other, rows)  # (B*T, d_out), (B*T, d_in)
         term = _mm(gs.T, xs, torch.float32)  # (d_out, d_in)
@@ -53,14 +51,13 @@ def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tens
     return total.to(out_dtype)
 
 
-def split_half(v: torch.Tensor, dtype: torch.dtype) -> list:
-    """fp32 ``v`` as operands of ``dtype`` whose sum is ``v``: itself for fp32; for a half type hi + lo, 16 of the
-    24 bits. A scaled term rounded to one half value would move by up to 2^-9 of itself, and a clipped sample
-    could then weigh more than C; hi + lo leaves 2^-17."""
-    if dtype == torch.float32:
-        return [v]
-    hi = v.to(dtype)
-    return [hi, (v - hi.float()).to(dtype)]
+def split_bf16(v: torch.Tensor) -> list:
+    """fp32 ``v`` as two bf16 operands hi + lo, 16 of its 24 bits: a scaled term rounded to one bf16 value would
+    move by up to 2^-9 of itself, and a clipped sample could then weigh more than C; hi + lo leaves 2^-17. Not
+    for fp16: its lo underflows below 2^-14 (an absolute 2^-25, not a relative 2^-17), so fp16 layers multiply
+    fp32 copies instead (as on the CPU)."""
+    hi = v.to(torch.bfloat16)
+    return [hi, (v - hi.float()).to(torch.bfloat16)]
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -113,12 +110,12 @@ if HAS_TRITON:
             x_tile = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_xr + offs_i[None, :] * stride_xd,
                              mask=row_ok[:, None] & (offs_i[None, :] < D_IN), other=0.0)  # (BLOCK_K, BLOCK_I)
             g_tile = g_tile.to(tl.float32) * s[None, :]
-            if SPLIT:  # half operands: s * g as hi + lo, as ``split_half`` does
+            if SPLIT:  # bf16 operands: s * g as hi + lo, as ``split_bf16`` does
                 hi = g_tile.to(x_tile.dtype)
                 acc = dot_acc(hi, x_tile, acc, DOT_FP32)
                 acc = dot_acc((g_tile - hi.to(tl.float32)).to(x_tile.dtype), x_tile, acc, DOT_FP32)
-            else:
-                acc = dot_acc(g_tile, x_tile, acc, DOT_FP32)
+            else:  # fp32 and fp16 operands: IEEE fp32 products
+                acc = dot_acc(g_tile, x_tile.to(tl.float32), acc, DOT_FP32)
         tl.store(out_ptr + offs_o[:, None] * stride_oo + offs_i[None, :] * stride_oi,
                  acc.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < D_OUT) & (offs_i[None, :] < D_IN))
 
@@ -144,7 +141,7 @@ def scaled_linear_grad_triton(
 
     _scaled_linear_grad_kernel[grid](
         x2, g2, scale.contiguous(), out, max_norm, eps, B * T, T, d_in, d_out, *x2.stride(), *g2.stride(),
-        *out.stride(), tuning_bucket(B * T), CLIP=clip, SPLIT=is_half(x.dtype), DOT_FP32=DOT_FP32,
+        *out.stride(), tuning_bucket(B * T), CLIP=clip, SPLIT=x.dtype == torch.bfloat16, DOT_FP32=DOT_FP32,
     )
     return out
 
