@@ -46,7 +46,7 @@ def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tens
     for part in (split_bf16(scaled) if work == torch.bfloat16 else [scaled]):
         rows = part.reshape(B * T, -1)
         gs, xs = (rows, other) if fold_into_g else (other, rows)  # (B*T, d_out), (B*T, d_in)
-        term = _mm(gs.T, xs, torch.float32)  # (d_out, d_in)
+        term = _mm_fp32(gs.T, xs)  # (d_out, d_in)
         total = term if total is None else total.add_(term)
     return total.to(out_dtype)
 
@@ -60,17 +60,15 @@ def split_bf16(v: torch.Tensor) -> list:
     return [hi, (v - hi.float()).to(torch.bfloat16)]
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b in ``out_dtype``; half operands with an fp32 output on the GPU keep cuBLAS's fp32 accumulator
-    unrounded (torch.mm's out_dtype, torch >= 2.8; older versions multiply fp32 copies)."""
-    if a.dtype == out_dtype:
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32; bf16 operands (GPU) keep cuBLAS's fp32 accumulator unrounded (torch.mm's out_dtype, torch
+    >= 2.8; older versions multiply fp32 copies)."""
+    if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and out_dtype == torch.float32:
-        try:
-            return torch.mm(a, b, out_dtype=out_dtype)
-        except (TypeError, RuntimeError):
-            return a.float() @ b.float()
-    return (a @ b).to(out_dtype)
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return a.float() @ b.float()
 
 
 # ----------------------------------------------------------------------------------------------- Triton kernel

@@ -174,3 +174,15 @@ def test_split_bf16_keeps_sixteen_bits_over_fp32s_whole_range():
     relative = lambda approx: float(((approx - v.double()).abs() / v.double().abs()).max())  # noqa: E731
     assert relative(hi.double() + lo.double()) < 2.0**-16
     assert relative(hi.double()) > 2.0**-10  # one bf16 alone: 8 bits
+
+
+def test_bf16_products_come_out_unrounded_in_fp32():
+    """The GPU path's product of bf16 operands (torch.mm's out_dtype there; fp32 copies where it is missing,
+    as on CPU): exact products accumulated in fp32, never rounded to bf16."""
+    from dptrain.kernels.scaled_grad import _mm_fp32
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 300, generator=gen).bfloat16(), torch.randn(300, 5, generator=gen).bfloat16()
+    got = _mm_fp32(a, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
