@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dptrain import kernels as K
-from dptrain.kernels.scaled_grad import split_bf16
+from dptrain.kernels.scaled_grad import _mm_fp32, split_bf16
 from tests.kernels import oracles
 
 SHAPES = [(3, 5, 7, 9), (1, 1, 4, 3), (4, 17, 6, 5), (2, 3, 33, 2)]  # (B, T, d_in, d_out), odd on purpose
@@ -171,16 +171,15 @@ def test_split_bf16_keeps_sixteen_bits_over_fp32s_whole_range():
     v = magnitude * torch.randn(10_000, generator=gen).sign()
     hi, lo = split_bf16(v)
     assert hi.dtype == lo.dtype == torch.bfloat16
-    relative = lambda approx: float(((approx - v.double()).abs() / v.double().abs()).max())  # noqa: E731
-    assert relative(hi.double() + lo.double()) < 2.0**-16
-    assert relative(hi.double()) > 2.0**-10  # one bf16 alone: 8 bits
+    relative = ((hi.double() + lo.double() - v.double()).abs() / v.double().abs()).max()
+    assert float(relative) < 2.0**-16
+    alone = ((hi.double() - v.double()).abs() / v.double().abs()).max()
+    assert float(alone) > 2.0**-10  # one bf16 alone: 8 bits
 
 
 def test_bf16_products_come_out_unrounded_in_fp32():
     """The GPU path's product of bf16 operands (torch.mm's out_dtype there; fp32 copies where it is missing,
     as on CPU): exact products accumulated in fp32, never rounded to bf16."""
-    from dptrain.kernels.scaled_grad import _mm_fp32
-
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(8, 300, generator=gen).bfloat16(), torch.randn(300, 5, generator=gen).bfloat16()
     got = _mm_fp32(a, b)
