@@ -38,7 +38,6 @@ __all__ = [
     "as_3d",
     "check_linear_inputs",
     "batch_chunks",
-    "is_half",
     "check_per_sample",
 ]
 
@@ -181,10 +180,6 @@ INSTANTIATE_TABLE = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4
 GRAM_BLOCKS = ("BLOCK_T", "BLOCK_K")
 LINEAR_GRAM_TABLE = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 8, 4)]
 EMBEDDING_GRAM_TABLE = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 4)]
-
-
-def is_half(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -67,7 +67,7 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
     try:
         return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):
+    except (TypeError, NotImplementedError):  # no out_dtype argument, or no such kernel for this device
         return a.float() @ b.float()
 
 
