@@ -19,6 +19,7 @@ from dptrain.grad_sample.contributions import (
     Contribution,
     batch_size_of,
     device_of,
+    clip_sq_norms,
     per_sample_sq_norms,
     weighted_sum,
 )
@@ -81,7 +82,7 @@ class Clipper:
         batch = batch_size_of(next(iter(pending.values()))[0])
         scale = float(batch) if self.loss_reduction == "mean" and batch else 1.0
         routes = self.planner.plan(pending, batch, per_layer=self.clipping == "per_layer")
-        parts = {p: per_sample_sq_norms(uses) for p, uses in routes.factored.items()}  # {p: (B,)}
+        parts = {p: clip_sq_norms(uses) for p, uses in routes.factored.items()}  # {p: (B,)}
         sq = _total(parts.values()) if parts else torch.zeros(batch, device=device_of(next(iter(pending.values()))[0]))
         entry = functools.partial(NormEntry, count_as, max_norm)  # entry(norms, parts, blame)
         if routes.fused is not None:

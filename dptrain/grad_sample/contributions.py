@@ -28,7 +28,8 @@ import torch
 from dptrain import kernels
 
 __all__ = [
-    "Factored", "Instantiated", "Contribution", "per_sample_sq_norms", "weighted_sum", "batch_size_of", "device_of",
+    "Factored", "Instantiated", "Contribution", "per_sample_sq_norms", "clip_sq_norms", "weighted_sum",
+    "batch_size_of", "device_of",
     "densify",
     "select_samples",
     "densify_gain",
@@ -136,6 +137,25 @@ def per_sample_sq_norms(uses: Sequence[Contribution]) -> torch.Tensor:
         for j in range(i):
             total = total + 2.0 * _inner(uses[i], uses[j])
     return total
+
+
+def _triangle_bound(c: Contribution) -> torch.Tensor:
+    """(B,) upper bounds of the per-sample gradient norms of one use that no cancellation can understate."""
+    if isinstance(c, Instantiated):
+        return kernels.row_sq_norms(c.grad.flatten(1)).sqrt()
+    return kernels.triangle_bounds(None if c.is_index else c.left, c.right)
+
+
+def clip_sq_norms(uses: Sequence[Contribution]) -> torch.Tensor:
+    """Squared norms to clip ``uses`` against, (B,) fp32: ``per_sample_sq_norms`` plus the cancellation margin
+    (``kernels.cancellation_margins``) wherever terms can cancel: several uses, or a factored one over T > 1."""
+    sq = per_sample_sq_norms(uses)
+    if len(uses) == 1 and (isinstance(uses[0], Instantiated) or uses[0].right.shape[1] == 1):
+        return sq  # one dense gradient or one rank-one product: its norm is a sum of squares
+    bound = _triangle_bound(uses[0])
+    for c in uses[1:]:
+        bound = bound + _triangle_bound(c)
+    return sq + kernels.cancellation_margins(bound)
 
 
 def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch.Size,

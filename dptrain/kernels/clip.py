@@ -1,12 +1,20 @@
-"""The clip factor: the one place its formula lives (the engine uses it too)."""
+"""The clip factor (the one place its formula lives; the engine uses it too) and the rounding margin that makes
+clipping against a factored norm sound."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-__all__ = ["CLIP_EPS", "clip_factors"]
+__all__ = ["CLIP_EPS", "CANCELLATION_RHO", "clip_factors", "triangle_bounds", "cancellation_margins"]
 
 CLIP_EPS = 1e-6
+
+#: Bound on |computed - exact| of a factored squared norm (ghost Gram or instantiated tiles, fp32 accumulation),
+#: relative to the square of its triangle bound sum_t |x_t| |g_t|: 16 fp32 units of roundoff, 6x the largest
+#: error measured on SmolLM2-135M (docs/architecture.md, "Precision of the private sums").
+CANCELLATION_RHO = 2.0**-20
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:
@@ -20,3 +28,22 @@ def clip_factors(norms: torch.Tensor, max_norm: float | torch.Tensor) -> torch.T
     elif not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, found {max_norm}")
     return (max_norm / (norms.float() + CLIP_EPS)).clamp(max=1.0)  # (B,)
+
+
+def triangle_bounds(x: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+    """Triangle bounds sum_t |x_t| |g_t| of G_i = g_i^T x_i, (B,) fp32; ``x`` None: one-hot rows (|x_t| = 1)."""
+    bound = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32)  # (B, T)
+    if x is not None:
+        bound = bound * torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    return bound.sum(-1)
+
+
+def cancellation_margins(triangle_bounds: torch.Tensor) -> torch.Tensor:
+    """What to add to a factored squared norm before clipping, (B,) fp32: ``CANCELLATION_RHO * bound^2``.
+
+    A sample whose token terms cancel has a true norm far below its terms; its computed squared norm can then be
+    ~0 (or negative) while the weighted sum, another computation, adds its true gradient. Clipping against
+    sqrt(norm^2 + margin) >= the true norm keeps every sample within C; a typical sample (bound^2 / norm^2 ~ T) is
+    clipped as if its norm were larger by a factor ~1 + CANCELLATION_RHO * T / 2.
+    """
+    return triangle_bounds.square().mul_(CANCELLATION_RHO)

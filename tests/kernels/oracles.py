@@ -16,6 +16,14 @@ def linear_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return per_sample_linear_grads(x, g).flatten(1).norm(dim=1)
 
 
+def clip_sq_norms(x: torch.Tensor, g: torch.Tensor, rho: float) -> torch.Tensor:
+    """What a fused clip clips against, float64: ||g_i^T x_i||^2 plus rho (sum_t |x_t| |g_t|)^2 for T > 1."""
+    sq = linear_norms(x, g) ** 2
+    if x.dim() == 3 and x.shape[1] > 1:
+        sq = sq + rho * (x.double().norm(dim=-1) * g.double().norm(dim=-1)).sum(1) ** 2
+    return sq
+
+
 def scaled_sum(x: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.einsum("b,boi->oi", scale.double(), per_sample_linear_grads(x, g))
 
