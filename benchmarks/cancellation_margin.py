@@ -5,7 +5,7 @@
 
 One forward/backward of the model on text (this repository's docs) captures every ``nn.Linear``'s inputs x and
 output gradients g. Per layer and sample, against a float64 instantiated oracle norm N and the triangle bound
-U = sum_t |x_t| |g_t|: the rounding error of the fp32 ghost (Gram) squared norm relative to U^2, which
+U = sum_t |x_t| |g_t|: the rounding error of the ghost (Gram) squared norm (fp64 Grams) relative to U^2, which
 ``kernels.CANCELLATION_RHO`` must exceed, and U^2 / N^2, which sets the margin's price: the norm clipped against
 is larger than N by a factor sqrt(1 + rho U^2 / N^2). Both ratios are scale-free, so a mean loss is fine.
 """
@@ -36,7 +36,7 @@ def _capture(model) -> dict:
 
 def _ratios(x: torch.Tensor, g: torch.Tensor):
     """(error / U^2, U^2 / N^2) per sample, float64, for (B, T, d_in) inputs and (B, T, d_out) gradients."""
-    computed = _sq_norms_ghost_torch(x.float(), g.float()).double()  # (B,)
+    computed = _sq_norms_ghost_torch(x, g).double()  # (B,)
     exact = torch.einsum("bto,bti->boi", g.double(), x.double()).flatten(1).square().sum(1)  # (B,)
     bound = (x.double().norm(dim=-1) * g.double().norm(dim=-1)).sum(1).square()  # (B,) U^2
     return (computed - exact).abs() / bound, bound / exact

@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from dptrain import kernels
+from dptrain.kernels._common import GRAM_DTYPE
 
 __all__ = [
     "Factored", "Instantiated", "Contribution", "per_sample_sq_norms", "clip_sq_norms", "weighted_sum",
@@ -101,32 +102,32 @@ def _self_sq_norm(c: Contribution) -> torch.Tensor:
 
 
 def _left_gram(a: Factored, b: Factored) -> torch.Tensor:
-    """(L_a L_b^T) per sample, (B, T_a, T_b), for dense or one-hot left factors."""
+    """(L_a L_b^T) per sample, (B, T_a, T_b) fp64, for dense or one-hot left factors."""
     if a.is_index and b.is_index:
-        return (a.left[:, :, None] == b.left[:, None, :]).float()
+        return (a.left[:, :, None] == b.left[:, None, :]).to(GRAM_DTYPE)
     if a.is_index:  # entry [t, s] = L_b[s, ids_a[t]]
         idx = a.left[:, :, None].expand(-1, -1, b.left.shape[1])  # (B, T_a, T_b)
-        return torch.gather(b.left.float().transpose(1, 2), 1, idx)
+        return torch.gather(b.left.to(GRAM_DTYPE).transpose(1, 2), 1, idx)
     if b.is_index:
         return _left_gram(b, a).transpose(1, 2)
-    return torch.bmm(a.left.float(), b.left.float().transpose(1, 2))
+    return torch.bmm(a.left.to(GRAM_DTYPE), b.left.to(GRAM_DTYPE).transpose(1, 2))
 
 
 def _inner(a: Contribution, b: Contribution) -> torch.Tensor:
-    """Per-sample inner product <G_a,i, G_b,i>, (B,)."""
+    """Per-sample inner product <G_a,i, G_b,i>, (B,), summed in fp64 (``GRAM_DTYPE``: its terms can cancel)."""
     if isinstance(a, Instantiated) and isinstance(b, Instantiated):
-        return (a.grad.float() * b.grad.float()).flatten(1).sum(1)
+        return (a.grad.to(GRAM_DTYPE) * b.grad.to(GRAM_DTYPE)).flatten(1).sum(1).float()
     if isinstance(a, Instantiated):
         a, b = b, a
     if isinstance(b, Instantiated):  # <L^T R, G> = sum_t <L_t^T G, R_t>
-        grad = a.matrix_view(b.grad).float()  # (B, rows, cols)
+        grad = a.matrix_view(b.grad).to(GRAM_DTYPE)  # (B, rows, cols)
         if a.is_index:
             rows_used = torch.gather(grad, 1, a.left[:, :, None].expand(-1, -1, grad.shape[2]))  # (B, T, cols)
         else:
-            rows_used = torch.bmm(a.left.float(), grad)  # (B, T, cols)
-        return (rows_used * a.right.float()).sum((1, 2))
-    right_gram = torch.bmm(a.right.float(), b.right.float().transpose(1, 2))  # (B, T_a, T_b)
-    return (_left_gram(a, b) * right_gram).sum((1, 2))
+            rows_used = torch.bmm(a.left.to(GRAM_DTYPE), grad)  # (B, T, cols)
+        return (rows_used * a.right.to(GRAM_DTYPE)).sum((1, 2)).float()
+    right_gram = torch.bmm(a.right.to(GRAM_DTYPE), b.right.to(GRAM_DTYPE).transpose(1, 2))  # (B, T_a, T_b)
+    return (_left_gram(a, b) * right_gram).sum((1, 2)).float()
 
 
 def per_sample_sq_norms(uses: Sequence[Contribution]) -> torch.Tensor:

@@ -66,6 +66,11 @@ INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 # the kernels upcast dot operands to fp32; compiled kernels keep half operands for tensor cores.
 DOT_FP32 = INTERPRETED
 
+# Gram (ghost) norms sum d products per entry: in fp32 crafted rows (long, nearly constant) round an entry by up
+# to ~d 2^-24 of its terms, enough to state a cancelling sample's norm many times below its gradient's. fp64
+# keeps that under 1e-12 of the terms, far inside the cancellation margin (``clip.CANCELLATION_RHO``).
+GRAM_DTYPE = torch.float64
+
 if HAS_TRITON:
 
     @triton.jit
@@ -92,19 +97,19 @@ if HAS_TRITON:
         return offs_r, offs_c, upper, weight
 
     @triton.jit
-    def gram_tile(base, offs_r, offs_c, T, D, end, stride_t, stride_d,
-                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    def gram_tile(base, offs_r, offs_c, T, D, end, stride_t, stride_d, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
         """(BLOCK_T, BLOCK_T) tile of a sample's Gram matrix v v^T, v: (T, D) at ``base``, summed over the
-        features [0, end) (end = 0: a skipped tile), fp32."""
+        features [0, end) (end = 0: a skipped tile), fp64 (``GRAM_DTYPE``: operands upcast, products and sums in
+        fp64)."""
         offs_k = tl.arange(0, BLOCK_K)
-        gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float64)
         for k0 in range(0, end, BLOCK_K):
             k = k0 + offs_k
             a = tl.load(base + offs_r[:, None] * stride_t + k[None, :] * stride_d,
                         mask=(offs_r[:, None] < T) & (k[None, :] < D), other=0.0)  # (BLOCK_T, BLOCK_K)
             bt = tl.load(base + offs_c[None, :] * stride_t + k[:, None] * stride_d,
                          mask=(offs_c[None, :] < T) & (k[:, None] < D), other=0.0)  # (BLOCK_K, BLOCK_T)
-            gram = dot_acc(a, bt, gram, DOT_FP32)
+            gram = tl.dot(a.to(tl.float64), bt.to(tl.float64), gram)
         return gram
 
 else:  # pragma: no cover - depends on the environment
@@ -155,11 +160,11 @@ def tuning_bucket(n: int) -> int:
 
 
 def gram_partials(batch: int, T: int, configs: list, device: torch.device):
-    """A Gram kernel's output and grid: a zeroed (batch, n_tiles) fp32 buffer, one partial sum per (T, T) tile,
+    """A Gram kernel's output and grid: a zeroed (batch, n_tiles) fp64 buffer, one partial sum per (T, T) tile,
     sized for the smallest BLOCK_T of ``configs`` so any config fits (summed after: deterministic, no atomics),
     and the launch grid (batch, tiles of the chosen BLOCK_T)."""
     n_t = triton.cdiv(T, min_block(configs, "BLOCK_T"))
-    partial = torch.zeros(batch, n_t * n_t, dtype=torch.float32, device=device)
+    partial = torch.zeros(batch, n_t * n_t, dtype=GRAM_DTYPE, device=device)
 
     def grid(meta):
         return (batch, triton.cdiv(T, meta["BLOCK_T"]) ** 2)

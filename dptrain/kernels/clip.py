@@ -31,10 +31,11 @@ def clip_factors(norms: torch.Tensor, max_norm: float | torch.Tensor) -> torch.T
 
 
 def triangle_bounds(x: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
-    """Triangle bounds sum_t |x_t| |g_t| of G_i = g_i^T x_i, (B,) fp32; ``x`` None: one-hot rows (|x_t| = 1)."""
-    bound = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32)  # (B, T)
+    """Triangle bounds sum_t |x_t| |g_t| of G_i = g_i^T x_i, (B,) fp64 (fp32 squares of tiny rows underflow to 0);
+    ``x`` None: one-hot rows (|x_t| = 1)."""
+    bound = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float64)  # (B, T)
     if x is not None:
-        bound = bound * torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+        bound = bound * torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
     return bound.sum(-1)
 
 
@@ -46,4 +47,4 @@ def cancellation_margins(triangle_bounds: torch.Tensor) -> torch.Tensor:
     sqrt(norm^2 + margin) >= the true norm keeps every sample within C; a typical sample (bound^2 / norm^2 ~ T) is
     clipped as if its norm were larger by a factor ~1 + CANCELLATION_RHO * T / 2.
     """
-    return triangle_bounds.square().mul_(CANCELLATION_RHO)
+    return triangle_bounds.double().square().mul_(CANCELLATION_RHO).float()

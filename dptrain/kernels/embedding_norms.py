@@ -2,7 +2,8 @@
 
 G_i = sum_t onehot(ids_t) g_t^T, so ||G_i||^2 = sum_{t,s} [ids_t == ids_s] <g_t, g_s>. Two exact strategies:
 
-- ghost: the masked Gram form above, cost T^2 d per sample (the Triton kernel tiles it on chip);
+- ghost: the masked Gram form above, cost T^2 d per sample, accumulated in fp64 as a linear layer's (the Triton
+  kernel tiles it on chip);
 - instantiate: sum the gradients of equal tokens (a segment sum over unique (sample, id) pairs) and take the
   squared norms of the sums, cost T d per sample plus a sort; only the rows actually used are built.
 
@@ -14,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from ._common import (
-    DOT_FP32,
     EMBEDDING_GRAM_TABLE,
     GRAM_BLOCKS,
+    GRAM_DTYPE,
     HAS_TRITON,
     as_3d,
     autotune_configs,
@@ -54,8 +55,8 @@ def _check_embedding_inputs(ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.T
 def _sq_norms_ghost_torch(ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     B, T, d = g.shape
     out = torch.empty(B, dtype=torch.float32, device=g.device)
-    for sl in batch_chunks(B, 8 * T * T + 4 * T * d):
-        gs = g[sl].float()  # (b, T, d)
+    for sl in batch_chunks(B, 8 * T * T + 8 * T * d):
+        gs = g[sl].to(GRAM_DTYPE)  # (b, T, d)
         gram = torch.bmm(gs, gs.transpose(1, 2))  # (b, T, T)
         gram.mul_(ids[sl, :, None] == ids[sl, None, :])
         out[sl] = gram.sum((1, 2))
@@ -94,7 +95,7 @@ if HAS_TRITON:
         T, D, pad,
         stride_ib, stride_it, stride_gb, stride_gt, stride_gd,
         out_stride, T_KEY,  # T_KEY: ``tuning_bucket(T)``, read by the autotuner only
-        HAS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+        HAS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """One program: Gram tile (g g^T)[r, c] of sample b masked by token equality, summed (upper tiles only)."""
         b = tl.program_id(0)
@@ -107,8 +108,8 @@ if HAS_TRITON:
         if HAS_PAD:
             same = same & (id_r[:, None] != pad)
         gram = gram_tile(g_ptr + b.to(tl.int64) * stride_gb, offs_r, offs_c, T, D, tl.where(upper, D, 0),
-                         stride_gt, stride_gd, BLOCK_T, BLOCK_K, DOT_FP32)
-        total = tl.sum(tl.sum(tl.where(same, gram, 0.0), axis=1), axis=0)
+                         stride_gt, stride_gd, BLOCK_T, BLOCK_K)
+        total = tl.sum(tl.sum(tl.where(same, gram, 0.0), axis=1), axis=0)  # fp64
         tl.store(out_ptr + b * out_stride + p, weight * total)
 
 
@@ -118,9 +119,8 @@ def embedding_grad_sq_norms_triton(ids: torch.Tensor, g: torch.Tensor, padding_i
     _embedding_norms_kernel[grid](
         ids, g, partial, T, d, -1 if padding_idx is None else int(padding_idx),
         *ids.stride(), *g.stride(), partial.shape[1], tuning_bucket(T), HAS_PAD=padding_idx is not None,
-        DOT_FP32=DOT_FP32,
     )
-    return partial.sum(1)
+    return partial.sum(1).float()
 
 
 # ----------------------------------------------------------------------------------------------- public op

@@ -2,7 +2,9 @@
 
 x: (B, T, d_in) layer inputs, g: (B, T, d_out) output gradients ((B, d) means T = 1). Two exact strategies:
 
-- ghost (Gram): ||G_i||^2 = <x_i x_i^T, g_i g_i^T>, cost ~ 2 T^2 (d_in + d_out) per sample, (T, T) temporaries;
+- ghost (Gram): ||G_i||^2 = <x_i x_i^T, g_i g_i^T>, cost ~ 2 T^2 (d_in + d_out) per sample, (T, T) temporaries,
+  accumulated in fp64: its feature sums of d terms would otherwise let crafted rows round the norm far below
+  the gradient's (docs/architecture.md, "Precision of the private sums");
 - instantiate: build G_i = g_i^T x_i, cost T d_in d_out per sample, (d_out, d_in) temporaries.
 
 ``strategy="auto"`` picks ghost when 2 T^2 < d_in d_out (the mixed rule of fastDP). The Triton kernels do both
@@ -16,6 +18,7 @@ import torch
 from ._common import (
     DOT_FP32,
     GRAM_BLOCKS,
+    GRAM_DTYPE,
     HAS_TRITON,
     INSTANTIATE_BLOCKS,
     INSTANTIATE_TABLE,
@@ -46,15 +49,14 @@ def choose_linear_strategy(seq_len: int, d_in: int, d_out: int) -> str:
 
 # ----------------------------------------------------------------------------------------------- torch reference
 def _sq_norms_ghost_torch(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_{t,s} (x x^T)[t,s] (g g^T)[t,s] per sample, batch-chunked bmm, fp32."""
+    """sum_{t,s} (x x^T)[t,s] (g g^T)[t,s] per sample, batch-chunked bmm in fp64 (``GRAM_DTYPE``), returned fp32."""
     B, T, d_in = x.shape
     d_out = g.shape[2]
     if T == 1:  # rank one: ||g_i x_i^T|| = ||g_i|| ||x_i||
-        return x[:, 0].float().square().sum(1) * g[:, 0].float().square().sum(1)  # (B,)
+        return (x[:, 0].to(GRAM_DTYPE).square().sum(1) * g[:, 0].to(GRAM_DTYPE).square().sum(1)).float()  # (B,)
     out = torch.empty(B, dtype=torch.float32, device=x.device)
-    per_sample = 8 * T * T + (4 * T * (d_in + d_out) if x.dtype != torch.float32 else 0)
-    for sl in batch_chunks(B, per_sample):
-        xs, gs = x[sl].float(), g[sl].float()  # (b, T, d_in), (b, T, d_out)
+    for sl in batch_chunks(B, 16 * T * T + 8 * T * (d_in + d_out)):
+        xs, gs = x[sl].to(GRAM_DTYPE), g[sl].to(GRAM_DTYPE)  # (b, T, d_in), (b, T, d_out)
         gram = torch.bmm(xs, xs.transpose(1, 2))  # (b, T, T)
         gram.mul_(torch.bmm(gs, gs.transpose(1, 2)))
         out[sl] = gram.sum((1, 2))
@@ -128,7 +130,7 @@ if HAS_TRITON:
         stride_xb, stride_xt, stride_xd,
         stride_gb, stride_gt, stride_gd,
         out_stride, T_KEY,
-        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """One program: Gram tiles (x x^T)[r, c] and (g g^T)[r, c] of sample b on chip, their inner product.
 
@@ -140,16 +142,16 @@ if HAS_TRITON:
         x_base = x_ptr + b.to(tl.int64) * stride_xb
         g_base = g_ptr + b.to(tl.int64) * stride_gb
         gram_x = gram_tile(x_base, offs_r, offs_c, T, D_IN, tl.where(upper, D_IN, 0), stride_xt, stride_xd,
-                           BLOCK_T, BLOCK_K, DOT_FP32)
+                           BLOCK_T, BLOCK_K)  # fp64
         gram_g = gram_tile(g_base, offs_r, offs_c, T, D_OUT, tl.where(upper, D_OUT, 0), stride_gt, stride_gd,
-                           BLOCK_T, BLOCK_K, DOT_FP32)
+                           BLOCK_T, BLOCK_K)
         tl.store(out_ptr + b * out_stride + p, weight * tl.sum(tl.sum(gram_x * gram_g, axis=1), axis=0))
 
 
 def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str) -> torch.Tensor:
     """Launch the ghost or instantiate kernel on (B, T, d_in), (B, T, d_out); (B,) fp32 squared norms.
 
-    Each program writes one partial sum into a zeroed (B, n_tiles_max) buffer (sized for the smallest
+    Each program writes one partial sum (fp64 for ghost) into a zeroed (B, n_tiles_max) buffer (sized for the smallest
     autotuned tile, so any config fits) and the partials are summed: deterministic, no atomics.
     """
     B, T, d_in = x.shape
@@ -157,9 +159,8 @@ def linear_grad_sq_norms_triton(x: torch.Tensor, g: torch.Tensor, strategy: str)
     strides = (*x.stride(), *g.stride())
     if strategy == "ghost":
         partial, grid = gram_partials(B, T, _GHOST_CONFIGS, x.device)
-        _linear_norms_ghost_kernel[grid](x, g, partial, T, d_in, d_out, *strides, partial.shape[1], tuning_bucket(T),
-                                         DOT_FP32=DOT_FP32)
-        return partial.sum(1)
+        _linear_norms_ghost_kernel[grid](x, g, partial, T, d_in, d_out, *strides, partial.shape[1], tuning_bucket(T))
+        return partial.sum(1).float()
     n_tiles = triton.cdiv(d_out, min_block(_INST_CONFIGS, "BLOCK_O")) * triton.cdiv(
         d_in, min_block(_INST_CONFIGS, "BLOCK_I")
     )

@@ -116,3 +116,49 @@ def test_the_cancellation_margin_barely_moves_the_norm_of_a_typical_sample():
     exact = torch.einsum("bto,bti->boi", g.double(), x.double()).flatten(1).norm(dim=1)
     excess = bound.double().sqrt() / exact - 1
     assert bool((excess >= 0).all()) and float(excess.max()) < 1e-3, excess
+
+
+def _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, c) -> float:
+    """float64 norm of clipped_sum(batch) - clipped_sum(batch without its last sample), one linear layer."""
+    sums = []
+    for b in (len(x), len(x) - 1):
+        tracker = GradSampleTracker(layer, clipping=clipping, max_grad_norm=c, loss_reduction="sum",
+                                    planner=planner)
+        (layer(x[:b]) * out_grads[:b]).sum().backward()
+        tracker.flush()
+        sums.append(tracker.clipped_sum[layer.weight].double())
+        tracker.detach()
+    return float((sums[0] - sums[1]).norm())
+
+
+ROUTES = [("per_layer", RoutePlanner(dense_budget_bytes=0, fuse=True)),
+          ("per_layer", RoutePlanner(dense_budget_bytes=0, fuse=False)),
+          ("flat", RoutePlanner(dense_budget_bytes=0, fuse=False))]
+
+
+@pytest.mark.parametrize("clipping,planner", ROUTES, ids=["fused", "factored", "flat"])
+def test_crafted_rows_cannot_round_a_gram_norm_below_the_gradient(clipping, planner):
+    """Attacker's review: x_1 = ones(1024), x_2 = c ones(1024), output gradients +1 and -1. An fp32 Gram entry sums
+    1024 equal products, each rounding the same way (~1e-4 of the entry), and the norm^2 = X11 - 2 X12 + X22 came
+    out far below the true ||x_1 - x_2||^2 = (7.7 C)^2: the sample entered at 7.69 C. Grams in fp64 fix it."""
+    torch.manual_seed(0)
+    layer = nn.Linear(1024, 1, bias=False)
+    attack = torch.ones(1, 2, 1024)
+    attack[0, 1] = 1.0002403259277344
+    x = torch.cat([torch.randn(1, 2, 1024), attack])  # (B=2, T=2, d_in), the attack sample last
+    out_grads = torch.tensor([1.0, -1.0]).expand(2, 2)[..., None]  # (B, T, 1)
+    assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, 1e-3) <= 1e-3 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 8])
+@pytest.mark.parametrize("clipping,planner", ROUTES, ids=["fused", "factored", "flat"])
+def test_inputs_whose_squares_underflow_are_still_clipped(T, clipping, planner):
+    """Attacker's review: inputs of 1e-23 (their squares below fp32's smallest subnormal) times output gradients of
+    1e18: the gradient's entries (~1e-5) are representable, but fp32 norms and triangle bounds were 0, so the sample
+    entered unclipped at 22.6 C (T = 1) to 181 C (T = 8). Norms and bounds of such rows are formed in fp64."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 8, bias=False)
+    x = torch.cat([torch.randn(1, T, 64), torch.full((1, T, 64), 1e-23)])  # (B=2, T, d_in)
+    out_grads = torch.ones(2, T, 8)
+    out_grads[1] *= 1e18
+    assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, 1e-5) <= 1e-5 * (1 + 1e-5)
