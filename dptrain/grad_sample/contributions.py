@@ -105,9 +105,9 @@ def _left_gram(a: Factored, b: Factored) -> torch.Tensor:
     """(L_a L_b^T) per sample, (B, T_a, T_b) fp64, for dense or one-hot left factors."""
     if a.is_index and b.is_index:
         return (a.left[:, :, None] == b.left[:, None, :]).to(GRAM_DTYPE)
-    if a.is_index:  # entry [t, s] = L_b[s, ids_a[t]]
+    if a.is_index:  # entry [t, s] = L_b[s, ids_a[t]]: picked values, exact in any dtype
         idx = a.left[:, :, None].expand(-1, -1, b.left.shape[1])  # (B, T_a, T_b)
-        return torch.gather(b.left.to(GRAM_DTYPE).transpose(1, 2), 1, idx)
+        return torch.gather(b.left.transpose(1, 2), 1, idx).to(GRAM_DTYPE)
     if b.is_index:
         return _left_gram(b, a).transpose(1, 2)
     return torch.bmm(a.left.to(GRAM_DTYPE), b.left.to(GRAM_DTYPE).transpose(1, 2))
@@ -120,11 +120,11 @@ def _inner(a: Contribution, b: Contribution) -> torch.Tensor:
     if isinstance(a, Instantiated):
         a, b = b, a
     if isinstance(b, Instantiated):  # <L^T R, G> = sum_t <L_t^T G, R_t>
-        grad = a.matrix_view(b.grad).to(GRAM_DTYPE)  # (B, rows, cols)
-        if a.is_index:
-            rows_used = torch.gather(grad, 1, a.left[:, :, None].expand(-1, -1, grad.shape[2]))  # (B, T, cols)
+        grad = a.matrix_view(b.grad)  # (B, rows, cols)
+        if a.is_index:  # picked rows, exact in any dtype
+            rows_used = torch.gather(grad, 1, a.left[:, :, None].expand(-1, -1, grad.shape[2])).to(GRAM_DTYPE)
         else:
-            rows_used = torch.bmm(a.left.to(GRAM_DTYPE), grad)  # (B, T, cols)
+            rows_used = torch.bmm(a.left.to(GRAM_DTYPE), grad.to(GRAM_DTYPE))  # (B, T, cols)
         return (rows_used * a.right.to(GRAM_DTYPE)).sum((1, 2)).float()
     right_gram = torch.bmm(a.right.to(GRAM_DTYPE), b.right.to(GRAM_DTYPE).transpose(1, 2))  # (B, T_a, T_b)
     return (_left_gram(a, b) * right_gram).sum((1, 2)).float()
@@ -195,7 +195,8 @@ def densify_gain(uses: Sequence[Contribution], numel: int, pass_cost: float = DE
     for c in uses:
         if isinstance(c, Factored) and not c.is_index:
             t, rows, cols = c.left.shape[1], c.rows, c.right.shape[2]
-            saved += min(t * t * (rows + cols), t * rows * cols)  # the factored norm (ghost or instantiate)
+            ghost = kernels.gram_cost("cpu") * t * t * (rows + cols)  # fp64 Grams: the dense route is CPU-only
+            saved += min(ghost, t * rows * cols)  # the factored norm (ghost or instantiate)
     return saved - pass_cost * numel if saved else 0.0
 
 

@@ -9,7 +9,7 @@ Norm ops of linear layers and embeddings also take ``strategy``: "auto", "ghost"
 # importable as a top-level ``kernels`` too: the name of Hugging Face's kernel-hub package, which transformers
 # probes for by importing it. Under that name stay an empty package, so the probe is cheap and finds nothing.
 if __name__ == "dptrain.kernels":
-    from ._common import row_sq_norms
+    from ._common import gram_cost, row_sq_norms
     from .clip import CANCELLATION_RHO, cancellation_margins, clip_factors, triangle_bounds
     from .embedding_norms import per_sample_embedding_grad_norms, per_sample_embedding_grad_sq_norms
     from .fused_clip import fused_clip_linear_grad
@@ -18,6 +18,7 @@ if __name__ == "dptrain.kernels":
 
 __all__ = [
     "row_sq_norms",
+    "gram_cost",
     "clip_factors",
     "triangle_bounds",
     "CANCELLATION_RHO",

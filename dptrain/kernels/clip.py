@@ -31,12 +31,21 @@ def clip_factors(norms: torch.Tensor, max_norm: float | torch.Tensor) -> torch.T
 
 
 def triangle_bounds(x: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
-    """Triangle bounds sum_t |x_t| |g_t| of G_i = g_i^T x_i, (B,) fp64 (fp32 squares of tiny rows underflow to 0);
-    ``x`` None: one-hot rows (|x_t| = 1)."""
-    bound = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float64)  # (B, T)
+    """Triangle bounds sum_t |x_t| |g_t| of G_i = g_i^T x_i, (B,) fp64; ``x`` None: one-hot rows (|x_t| = 1)."""
+    bound = _row_norms(g)  # (B, T)
     if x is not None:
-        bound = bound * torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
+        bound = bound * _row_norms(x)
     return bound.sum(-1)
+
+
+def _row_norms(t: torch.Tensor) -> torch.Tensor:
+    """Norms of the rows of ``t`` (B, T, d), (B, T) fp64: fp32 sums of squares, and fp64 for the rows whose fp32
+    squares may have underflowed (norm below 2^-60) or overflowed."""
+    norms = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).double()  # (B, T)
+    redo = (norms < 2.0**-60) | ~torch.isfinite(norms)
+    if bool(redo.any()):
+        norms[redo] = torch.linalg.vector_norm(t[redo].double(), dim=-1)
+    return norms
 
 
 def cancellation_margins(triangle_bounds: torch.Tensor) -> torch.Tensor:

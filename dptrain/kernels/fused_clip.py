@@ -70,7 +70,7 @@ def fused_clip_linear_grad(
         margins = cancellation_margins(triangle_bounds(x3, g3))  # (B,)
         extra_sq_norms = margins if extra_sq_norms is None else margins.add_(extra_sq_norms)
     if strategy == "auto":
-        strategy = choose_linear_strategy(x3.shape[1], x3.shape[2], g3.shape[2])
+        strategy = choose_linear_strategy(x3.shape[1], x3.shape[2], g3.shape[2], x3.device.type)
     if x3.shape[0] > 0 and use_triton(backend, x3, g3):
         return fused_clip_linear_grad_triton(x3, g3, max_norm, extra_sq_norms, strategy, out_dtype)
     return fused_clip_linear_grad_torch(x3, g3, max_norm, extra_sq_norms, strategy, out_dtype)

@@ -7,8 +7,8 @@ x: (B, T, d_in) layer inputs, g: (B, T, d_out) output gradients ((B, d) means T 
   the gradient's (docs/architecture.md, "Precision of the private sums");
 - instantiate: build G_i = g_i^T x_i, cost T d_in d_out per sample, (d_out, d_in) temporaries.
 
-``strategy="auto"`` picks ghost when 2 T^2 < d_in d_out (the mixed rule of fastDP). The Triton kernels do both
-tiled in on-chip memory, never writing (B, T, T) or (B, d_out, d_in) to global memory.
+``strategy="auto"`` picks the cheaper (``choose_linear_strategy``: the ghost's fp64 work weighed by ``gram_cost``).
+The Triton kernels do both tiled in on-chip memory, never writing (B, T, T) or (B, d_out, d_in) to global memory.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import torch
 from ._common import (
     DOT_FP32,
     GRAM_BLOCKS,
+    GRAM_CHUNK_BYTES,
     GRAM_DTYPE,
+    gram_cost,
     HAS_TRITON,
     INSTANTIATE_BLOCKS,
     INSTANTIATE_TABLE,
@@ -42,9 +44,10 @@ from ._common import (
 __all__ = ["per_sample_linear_grad_norms", "per_sample_linear_grad_sq_norms", "choose_linear_strategy"]
 
 
-def choose_linear_strategy(seq_len: int, d_in: int, d_out: int) -> str:
-    """'ghost' when 2 T^2 < d_in d_out, else 'instantiate'."""
-    return "ghost" if 2 * seq_len * seq_len < d_in * d_out else "instantiate"
+def choose_linear_strategy(seq_len: int, d_in: int, d_out: int, device_type: str = "cpu") -> str:
+    """'ghost' when its fp64 Gram work, ``gram_cost(device_type)`` T^2 (d_in + d_out) multiply-adds, is below
+    instantiating's T d_in d_out; else 'instantiate'."""
+    return "ghost" if gram_cost(device_type) * seq_len * (d_in + d_out) < d_in * d_out else "instantiate"
 
 
 # ----------------------------------------------------------------------------------------------- torch reference
@@ -55,7 +58,7 @@ def _sq_norms_ghost_torch(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if T == 1:  # rank one: ||g_i x_i^T|| = ||g_i|| ||x_i||
         return (x[:, 0].to(GRAM_DTYPE).square().sum(1) * g[:, 0].to(GRAM_DTYPE).square().sum(1)).float()  # (B,)
     out = torch.empty(B, dtype=torch.float32, device=x.device)
-    for sl in batch_chunks(B, 16 * T * T + 8 * T * (d_in + d_out)):
+    for sl in batch_chunks(B, 16 * T * T + 8 * T * (d_in + d_out), GRAM_CHUNK_BYTES):
         xs, gs = x[sl].to(GRAM_DTYPE), g[sl].to(GRAM_DTYPE)  # (b, T, d_in), (b, T, d_out)
         gram = torch.bmm(xs, xs.transpose(1, 2))  # (b, T, T)
         gram.mul_(torch.bmm(gs, gs.transpose(1, 2)))
@@ -182,7 +185,7 @@ def per_sample_linear_grad_sq_norms(
     check_strategy(strategy)
     x3, g3 = check_linear_inputs(x, g)  # (B, T, d_in), (B, T, d_out)
     if strategy == "auto":
-        strategy = choose_linear_strategy(x3.shape[1], x3.shape[2], g3.shape[2])
+        strategy = choose_linear_strategy(x3.shape[1], x3.shape[2], g3.shape[2], x3.device.type)
     if x3.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float32, device=x.device)
     if use_triton(backend, x3, g3):
