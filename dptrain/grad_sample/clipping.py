@@ -18,8 +18,8 @@ from dptrain import kernels
 from dptrain.grad_sample.contributions import (
     Contribution,
     batch_size_of,
-    device_of,
     clip_sq_norms,
+    device_of,
     per_sample_sq_norms,
     weighted_sum,
 )

@@ -11,9 +11,10 @@ __all__ = ["CLIP_EPS", "CANCELLATION_RHO", "clip_factors", "triangle_bounds", "c
 
 CLIP_EPS = 1e-6
 
-#: Bound on |computed - exact| of a factored squared norm (ghost Gram or instantiated tiles, fp32 accumulation),
-#: relative to the square of its triangle bound sum_t |x_t| |g_t|: 16 fp32 units of roundoff, 6x the largest
-#: error measured on SmolLM2-135M (docs/architecture.md, "Precision of the private sums").
+#: The margin's square root, 2^-10 of the triangle bound U = sum_t |x_t| |g_t|, covers what a factored norm and
+#: the weighted sum still round in fp32: sums over T tokens, each within T 2^-24 U of exact in any order, so up to
+#: T = 2^14 (the Gram sums over features are fp64: ``_common.GRAM_DTYPE``). docs/architecture.md, "Precision of
+#: the private sums", has the attacks it stops and its measured price.
 CANCELLATION_RHO = 2.0**-20
 
 

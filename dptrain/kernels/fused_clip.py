@@ -2,9 +2,9 @@
 
 norms_i = sqrt(||g_i^T x_i||^2 + margin_i + extra_i) (margin: ``cancellation_margins`` for T > 1, so a sample whose
 token terms cancel is still clipped against a bound of its true norm; extra: squared norms of the layer's other
-parameters, e.g. its bias, so the layer is clipped jointly); grad = sum_i min(1, C / (norms_i + 1e-6)) g_i^T x_i. On the GPU the norm
-kernel never writes per-sample gradients, and the clip factor is computed inside the sum kernel from the
-squared norms, so nothing of size (B, d_out, d_in) ever reaches global memory.
+parameters, e.g. its bias, so the layer is clipped jointly); grad = sum_i min(1, C / (norms_i + 1e-6)) g_i^T x_i.
+On the GPU the norm kernel never writes per-sample gradients, and the clip factor is computed inside the sum
+kernel from the squared norms, so nothing of size (B, d_out, d_in) ever reaches global memory.
 """
 
 from __future__ import annotations
