@@ -6,8 +6,8 @@
 One forward/backward of the model on text (this repository's docs) captures every ``nn.Linear``'s inputs x and
 output gradients g. Per layer and sample, against a float64 instantiated oracle norm N and the triangle bound
 U = sum_t |x_t| |g_t|: the rounding error of the ghost (Gram) squared norm (fp64 Grams) relative to U^2, which
-``kernels.CANCELLATION_RHO`` must exceed, and U^2 / N^2, which sets the margin's price: the norm clipped against
-is larger than N by a factor sqrt(1 + rho U^2 / N^2). Both ratios are scale-free, so a mean loss is fine.
+``kernels.CANCELLATION_RHO`` must exceed, and the price of the bound clipped against (``kernels.clip_bounds_sq``):
+how far it exceeds N. Both are scale-free, so a mean loss is fine.
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ def _capture(model) -> dict:
 
 
 def _ratios(x: torch.Tensor, g: torch.Tensor):
-    """(error / U^2, U^2 / N^2) per sample, float64, for (B, T, d_in) inputs and (B, T, d_out) gradients."""
-    computed = _sq_norms_ghost_torch(x, g).double()  # (B,)
+    """(error / U^2, bound / N - 1) per sample, float64, for (B, T, d_in) inputs and (B, T, d_out) gradients."""
+    computed = _sq_norms_ghost_torch(x, g)  # (B,) fp32
     exact = torch.einsum("bto,bti->boi", g.double(), x.double()).flatten(1).square().sum(1)  # (B,)
-    bound = (x.double().norm(dim=-1) * g.double().norm(dim=-1)).sum(1).square()  # (B,) U^2
-    return (computed - exact).abs() / bound, bound / exact
+    triangle = kernels.triangle_bounds(x, g)  # (B,) U
+    bound = kernels.clip_bounds_sq(computed, triangle, x.shape[1] * triangle).double()
+    return (computed.double() - exact).abs() / triangle.square(), (bound / exact).sqrt() - 1
 
 
 def main(argv=None) -> None:
@@ -64,16 +65,16 @@ def main(argv=None) -> None:
     rho = kernels.CANCELLATION_RHO
     rows, worst_error, prices = [], 0.0, []
     for name, (x, g) in captured.items():
-        error, spread = _ratios(x, g)
+        error, price = _ratios(x, g)
         worst_error = max(worst_error, float(error.max()))
-        prices += (torch.sqrt(1 + rho * spread) - 1).tolist()
-        rows.append((float(error.max()), name, float(spread.max())))
+        prices += price.tolist()
+        rows.append((float(error.max()), name, float(price.max())))
     rows.sort(reverse=True)
     lines = [f"{args.model}, B {args.batch} x T {args.length}, {len(rows)} linear layers; rho = 2^{math.log2(rho):.0f}.",
-             "", "| layer (largest errors first) | max error / U^2 | max U^2 / N^2 |", "|---|---|---|"]
-    lines += [f"| {name} | {err:.2e} | {spread:.0f} |" for err, name, spread in rows[:5]]
+             "", "| layer (largest errors first) | max error / U^2 | max price |", "|---|---|---|"]
+    lines += [f"| {name} | {err:.2e} | {price:.1e} |" for err, name, price in rows[:5]]
     lines += ["", f"- largest error / U^2 over all layers: {worst_error:.2e}, rho / that = {rho / worst_error:.1f}x",
-              f"- price (norm clipped against / true norm - 1) over all samples and layers: median "
+              f"- price (bound clipped against / true norm - 1) over all samples and layers: median "
               f"{statistics.median(prices):.1e}, max {max(prices):.1e}"]
     body = "\n".join(lines)
     print(body)

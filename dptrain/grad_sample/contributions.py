@@ -140,23 +140,25 @@ def per_sample_sq_norms(uses: Sequence[Contribution]) -> torch.Tensor:
     return total
 
 
-def _triangle_bound(c: Contribution) -> torch.Tensor:
-    """(B,) upper bounds of the per-sample gradient norms of one use that no cancellation can understate."""
+def _triangle_bound(c: Contribution) -> Tuple[torch.Tensor, int]:
+    """(B,) upper bounds of one use's per-sample gradient norms that no cancellation can understate, and the
+    tokens its fp32 sums run over (1 for a dense gradient: its sum adds each entry once)."""
     if isinstance(c, Instantiated):
-        return kernels.row_sq_norms(c.grad.flatten(1)).sqrt()
-    return kernels.triangle_bounds(None if c.is_index else c.left, c.right)
+        return kernels.row_sq_norms(c.grad.flatten(1)).sqrt(), 1
+    return kernels.triangle_bounds(None if c.is_index else c.left, c.right), c.right.shape[1]
 
 
 def clip_sq_norms(uses: Sequence[Contribution]) -> torch.Tensor:
-    """Squared norms to clip ``uses`` against, (B,) fp32: ``per_sample_sq_norms`` plus the cancellation margin
-    (``kernels.cancellation_margins``) wherever terms can cancel: several uses, or a factored one over T > 1."""
+    """Squared norms to clip ``uses`` against, (B,) fp32: ``per_sample_sq_norms`` raised to ``kernels.clip_bounds_sq``
+    wherever rounding can understate them: several uses, or a factored one over T > 1 tokens."""
     sq = per_sample_sq_norms(uses)
     if len(uses) == 1 and (isinstance(uses[0], Instantiated) or uses[0].right.shape[1] == 1):
-        return sq  # one dense gradient or one rank-one product: its norm is a sum of squares
-    bound = _triangle_bound(uses[0])
-    for c in uses[1:]:
-        bound = bound + _triangle_bound(c)
-    return sq + kernels.cancellation_margins(bound)
+        return sq  # one dense gradient or one rank-one product: its norm is a sum of squares, its sum one product
+    triangle = token_weighted = 0.0
+    for c in uses:
+        bound, tokens = _triangle_bound(c)
+        triangle, token_weighted = triangle + bound, token_weighted + tokens * bound
+    return kernels.clip_bounds_sq(sq, triangle, token_weighted)
 
 
 def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch.Size,

@@ -7,15 +7,17 @@ from typing import Optional
 
 import torch
 
-__all__ = ["CLIP_EPS", "CANCELLATION_RHO", "clip_factors", "triangle_bounds", "cancellation_margins"]
+__all__ = ["CLIP_EPS", "CANCELLATION_RHO", "FP32_UNIT_ROUNDOFF", "clip_factors", "triangle_bounds", "clip_bounds_sq"]
 
 CLIP_EPS = 1e-6
 
-#: The margin's square root, 2^-10 of the triangle bound U = sum_t |x_t| |g_t|, covers what a factored norm and
-#: the weighted sum still round in fp32: sums over T tokens, each within T 2^-24 U of exact in any order, so up to
-#: T = 2^14 (the Gram sums over features are fp64: ``_common.GRAM_DTYPE``). docs/architecture.md, "Precision of
-#: the private sums", has the attacks it stops and its measured price.
+#: A factored norm is clipped against sqrt(norm^2 + rho U^2) + 2 u sum_k T_k U_k (``clip_bounds_sq``), U the
+#: triangle bound sum_t |x_t| |g_t|: rho U^2 covers the fp64 Gram sums and the fp32 rounding of norm^2 itself
+#: (relative to U^2), the linear term the fp32 sums over a use's T_k tokens that the norm (instantiated tiles,
+#: segment sums) and the weighted sum each make, within T_k u U_k of exact in any order, u = 2^-24.
+#: docs/architecture.md, "Precision of the private sums", has the attacks they stop and their measured price.
 CANCELLATION_RHO = 2.0**-20
+FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:
@@ -49,12 +51,15 @@ def _row_norms(t: torch.Tensor) -> torch.Tensor:
     return norms
 
 
-def cancellation_margins(triangle_bounds: torch.Tensor) -> torch.Tensor:
-    """What to add to a factored squared norm before clipping, (B,) fp32: ``CANCELLATION_RHO * bound^2``.
+def clip_bounds_sq(sq_norms: torch.Tensor, triangle: torch.Tensor, token_weighted: torch.Tensor) -> torch.Tensor:
+    """Squared bounds to clip factored per-sample gradients against, (B,) fp32:
+    (sqrt(max(sq_norms, 0) + rho U^2) + 2 u sum_k T_k U_k)^2, from their computed squared norms, U = ``triangle``
+    and sum_k T_k U_k = ``token_weighted`` (all (B,)).
 
-    A sample whose token terms cancel has a true norm far below its terms; its computed squared norm can then be
-    ~0 (or negative) while the weighted sum, another computation, adds its true gradient. Clipping against
-    sqrt(norm^2 + margin) >= the true norm keeps every sample within C; a typical sample (bound^2 / norm^2 ~ T) is
-    clipped as if its norm were larger by a factor ~1 + CANCELLATION_RHO * T / 2.
+    A sample whose token terms cancel has a true norm far below its terms, and a computed norm that rounding can
+    put anywhere below that (~0, or negative); the weighted sum, another computation, rounds its own way. Both are
+    covered: the bound is at least the norm of what the weighted sum adds. A typical sample (U / norm ~ sqrt(T))
+    is clipped as if its norm were larger by ~rho T / 2 + 2 u T sqrt(T).
     """
-    return triangle_bounds.double().square().mul_(CANCELLATION_RHO).float()
+    sq = sq_norms.double().clamp_min(0) + CANCELLATION_RHO * triangle.double().square()
+    return (sq.sqrt() + 2 * FP32_UNIT_ROUNDOFF * token_weighted.double()).square().float()

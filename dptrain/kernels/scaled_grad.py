@@ -41,6 +41,8 @@ def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tens
     s = scale.to(x.device)[:, None, None]  # (B, 1, 1)
     fold_into_g = d_out <= d_in  # the scale goes into the smaller operand
     scaled = (g if fold_into_g else x).float() * s  # (B, T, d) fp32
+    if _rounded_into_subnormals(scaled):  # a clip factor times a tiny operand: redo the products in fp64
+        return _scaled_sum_fp64(x, g, s).to(out_dtype)
     other = (x if fold_into_g else g).to(work).reshape(B * T, -1)  # (B*T, d')
     total = None
     for part in (split_bf16(scaled) if work == torch.bfloat16 else [scaled]):
@@ -49,6 +51,21 @@ def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tens
         term = _mm_fp32(gs.T, xs)  # (d_out, d_in)
         total = term if total is None else total.add_(term)
     return total.to(out_dtype)
+
+
+def _rounded_into_subnormals(scaled: torch.Tensor) -> bool:
+    """Whether an fp32 scaled operand has nonzero subnormal entries: there a product with the clip factor keeps few
+    bits (2^-149 * 0.51 rounds to 2^-149, doubling the term), and against an operand of 2^127 that doubled a clipped
+    sample's weight (tests/privacy/test_clip_bound.py)."""
+    tiny = torch.finfo(torch.float32).tiny
+    return bool(((scaled.abs() < tiny) & (scaled != 0)).any())
+
+
+def _scaled_sum_fp64(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """sum_i s_i g_i^T x_i with fp64 products and sums (fp32's whole range stays normal there), (d_out, d_in)."""
+    B, T, d_in = x.shape
+    scaled = (g.double() * s.double()).reshape(B * T, -1)  # (B*T, d_out)
+    return scaled.T @ x.double().reshape(B * T, d_in)
 
 
 def split_bf16(v: torch.Tensor) -> list:

@@ -17,10 +17,12 @@ def linear_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def clip_sq_norms(x: torch.Tensor, g: torch.Tensor, rho: float) -> torch.Tensor:
-    """What a fused clip clips against, float64: ||g_i^T x_i||^2 plus rho (sum_t |x_t| |g_t|)^2 for T > 1."""
+    """What a fused clip clips against, float64: ||g_i^T x_i||^2, and for T > 1 the bound
+    (sqrt(||g_i^T x_i||^2 + rho U^2) + 2^-23 T U)^2, U = sum_t |x_t| |g_t|."""
     sq = linear_norms(x, g) ** 2
     if x.dim() == 3 and x.shape[1] > 1:
-        sq = sq + rho * (x.double().norm(dim=-1) * g.double().norm(dim=-1)).sum(1) ** 2
+        u = (x.double().norm(dim=-1) * g.double().norm(dim=-1)).sum(1)
+        sq = ((sq + rho * u**2).sqrt() + 2.0**-23 * x.shape[1] * u) ** 2
     return sq
 
 

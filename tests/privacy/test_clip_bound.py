@@ -3,6 +3,8 @@ by must not be understated. torch's CPU norm sums a whole row in one running fp3
 over 8M positive-mean values), so a densified per-sample gradient of a large layer was clipped to C * 1.003: the
 noise then covers less than the sensitivity the ledger records. Oracle: float64 norms."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -105,9 +107,9 @@ def test_a_sample_whose_token_gradients_cancel_is_still_clipped_to_c(uses, clipp
     assert float(tracker.clipped_sum[layer.weight].double().norm()) <= c * (1 + 1e-5)
 
 
-def test_the_cancellation_margin_barely_moves_the_norm_of_a_typical_sample():
-    """The margin's price: for sequences shaped like a language model's (inputs sharing a common direction,
-    T = 512) the norm clipped against exceeds the true norm by under 0.1%."""
+def test_the_clip_bound_barely_moves_the_norm_of_a_typical_sample():
+    """The bound's price: for sequences shaped like a language model's (inputs sharing a common direction,
+    T = 512) the norm clipped against exceeds the true norm by under 0.3% (0.16% here, from U / norm ~ 25)."""
     torch.manual_seed(0)
     B, T, d_in, d_out = 4, 512, 96, 80
     x = torch.randn(1, 1, d_in) + 0.5 * torch.randn(B, T, d_in)  # (B, T, d_in), correlated tokens
@@ -115,7 +117,7 @@ def test_the_cancellation_margin_barely_moves_the_norm_of_a_typical_sample():
     bound = clip_sq_norms([Factored(g, x, d_out, torch.Size([d_out, d_in]))])
     exact = torch.einsum("bto,bti->boi", g.double(), x.double()).flatten(1).norm(dim=1)
     excess = bound.double().sqrt() / exact - 1
-    assert bool((excess >= 0).all()) and float(excess.max()) < 1e-3, excess
+    assert bool((excess >= 0).all()) and float(excess.max()) < 3e-3, excess
 
 
 def _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, c) -> float:
@@ -162,3 +164,37 @@ def test_inputs_whose_squares_underflow_are_still_clipped(T, clipping, planner):
     out_grads = torch.ones(2, T, 8)
     out_grads[1] *= 1e18
     assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, 1e-5) <= 1e-5 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("clipping,planner", ROUTES, ids=["fused", "factored", "flat"])
+def test_token_sums_rounding_one_way_cannot_lift_a_sample_above_c(clipping, planner):
+    """Attacker's review: x_t = ones(8) and output gradients c_t ones(8) with c = [1, delta x (T - 2), -1 + r],
+    delta just under 2^-24: the norm's fp32 sum over the T tokens loses every delta, and the weighted sum (its
+    scaled g rounding each s delta up) gains them. A margin added in quadrature covered only a sliver of that
+    linear error: 1.03 C at T = 4096 (1.41 C at 16384). The bound now adds 2^-23 T U linearly."""
+    T, d, rho = 4096, 8, 2.0**-20
+    delta = 2.0**-24 * (1 - 2.0**-10)
+    r = float(torch.tensor(4 * rho / (2 * (T - 2) * 2.0**-24)).float())
+    c_t = torch.full((T,), delta)
+    c_t[0], c_t[-1] = 1.0, -1.0 + r
+    x = torch.ones(2, T, d)
+    out_grads = torch.zeros(2, T, d)  # sample 0 has no gradient, sample 1 attacks
+    out_grads[1] = c_t[:, None]
+    u = d * float(c_t.double().abs().sum())
+    c = math.sqrt((d * r) ** 2 + rho * u**2) * 1.01 * 2.0**-8  # a clip factor s of mantissa ~1.01
+    layer = nn.Linear(d, d, bias=False)
+    assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, c) <= c * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("clipping,planner", ROUTES, ids=["fused", "factored", "flat"])
+def test_a_clip_factor_folded_into_subnormal_gradients_is_not_rounded_up(clipping, planner):
+    """Attacker's review: output gradients 2^-149 (the smallest fp32 subnormal) against inputs 2^127, so every
+    token term is an ordinary 2^-22 and the norm is exact; but the weighted sum folded the clip factor into g, and
+    0.51 * 2^-149 rounds to 2^-149: the sample entered at 1.96 C. Such products now run in fp64."""
+    d, T = 64, 64
+    x = torch.full((2, T, d), 2.0**127)
+    x[0] = 0.0  # sample 0 has no gradient
+    out_grads = torch.full((2, T, d), 2.0**-149)
+    c = 0.51 * T * d * 2.0**-22  # the attack sample's norm is T d 2^-22
+    layer = nn.Linear(d, d, bias=False)
+    assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, c) <= c * (1 + 1e-5)
