@@ -1,5 +1,5 @@
-"""The clip factor (the one place its formula lives; the engine uses it too) and the rounding margin that makes
-clipping against a factored norm sound."""
+"""The clip factor (the one place its formula lives; the engine uses it too) and the bound that factored per-sample
+norms are clipped against, so that no rounding lets a clipped sample weigh more than C."""
 
 from __future__ import annotations
 
