@@ -17,13 +17,12 @@ import torch
 from ._common import (
     EMBEDDING_GRAM_TABLE,
     GRAM_BLOCKS,
-    GRAM_CHUNK_BYTES,
-    GRAM_DTYPE,
     HAS_TRITON,
     as_3d,
     autotune_configs,
     batch_chunks,
     check_strategy,
+    gram_fp64,
     gram_partials,
     gram_tile,
     tl,
@@ -56,9 +55,8 @@ def _check_embedding_inputs(ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.T
 def _sq_norms_ghost_torch(ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     B, T, d = g.shape
     out = torch.empty(B, dtype=torch.float32, device=g.device)
-    for sl in batch_chunks(B, 8 * T * T + 8 * T * d, GRAM_CHUNK_BYTES):
-        gs = g[sl].to(GRAM_DTYPE)  # (b, T, d)
-        gram = torch.bmm(gs, gs.transpose(1, 2))  # (b, T, T)
+    for sl in batch_chunks(B, 8 * T * T):
+        gram = gram_fp64(g[sl])  # (b, T, T)
         gram.mul_(ids[sl, :, None] == ids[sl, None, :])
         out[sl] = gram.sum((1, 2))
     return out

@@ -18,7 +18,6 @@ import torch
 from ._common import (
     DOT_FP32,
     GRAM_BLOCKS,
-    GRAM_CHUNK_BYTES,
     GRAM_DTYPE,
     HAS_TRITON,
     INSTANTIATE_BLOCKS,
@@ -30,6 +29,7 @@ from ._common import (
     check_strategy,
     dot_acc,
     gram_cost,
+    gram_fp64,
     gram_partials,
     gram_tile,
     min_block,
@@ -58,11 +58,8 @@ def _sq_norms_ghost_torch(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if T == 1:  # rank one: ||g_i x_i^T|| = ||g_i|| ||x_i||
         return (x[:, 0].to(GRAM_DTYPE).square().sum(1) * g[:, 0].to(GRAM_DTYPE).square().sum(1)).float()  # (B,)
     out = torch.empty(B, dtype=torch.float32, device=x.device)
-    for sl in batch_chunks(B, 16 * T * T + 8 * T * (d_in + d_out), GRAM_CHUNK_BYTES):
-        xs, gs = x[sl].to(GRAM_DTYPE), g[sl].to(GRAM_DTYPE)  # (b, T, d_in), (b, T, d_out)
-        gram = torch.bmm(xs, xs.transpose(1, 2))  # (b, T, T)
-        gram.mul_(torch.bmm(gs, gs.transpose(1, 2)))
-        out[sl] = gram.sum((1, 2))
+    for sl in batch_chunks(B, 16 * T * T):
+        out[sl] = gram_fp64(x[sl]).mul_(gram_fp64(g[sl])).sum((1, 2))  # (b, T, T) products, summed
     return out
 
 
