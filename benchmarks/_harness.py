@@ -73,7 +73,7 @@ def make_method(method: str, model, optimizer, loader):
 
         model, optimizer, _ = dptrain.PrivacyEngine().make_private(
             module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=1.0, noise_multiplier=1.0,
-            poisson_sampling=False, clipping=method.split("-")[1])
+            poisson_sampling=False, loss_reduction="mean", clipping=method.split("-")[1])
         return model, optimizer, None
     if method.startswith("opacus"):
         import warnings

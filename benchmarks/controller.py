@@ -89,7 +89,7 @@ def run(method: str, seed: int, *, epsilon: float, epochs: int, batch_size: int,
             losses = per_sample_loss(model, x, y)
             if method == "sac-noisy":
                 ctrl.observe_losses(losses)
-            losses.mean().backward()
+            losses.sum().backward()
             optimizer.step()
             optimizer.zero_grad()
     seconds = time.perf_counter() - started

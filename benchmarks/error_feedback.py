@@ -97,7 +97,7 @@ def train(task: str, inputs, targets, *, dice: bool, c1: float, lr: float, seed:
     for _ in range(epochs):
         for xb, yb in loader:
             if len(xb):
-                loss_fn(model, xb, yb).mean().backward()
+                loss_fn(model, xb, yb).sum().backward()
             optimizer.step()
             optimizer.zero_grad()
     spent = engine.get_epsilon(DELTA)

@@ -64,7 +64,7 @@ def _worker(rank: int, port: int, layers: int, width: int, clipping: str, out: s
     loader = torch.utils.data.DataLoader(data, batch_size=PER_RANK)
     model, optimizer, _ = dptrain.PrivacyEngine().make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), data_loader=loader, max_grad_norm=1.0,
-        noise_multiplier=1.0, poisson_sampling=False, clipping=clipping)
+        noise_multiplier=1.0, poisson_sampling=False, loss_reduction="mean", clipping=clipping)
     seen = {}
     privatise = optimizer._privatise
 

@@ -207,9 +207,12 @@ def markov_corpus(vocab: int, n_seq: int, length: int, seed: int, base: torch.Te
     return seqs, logits
 
 
-def lm_loss(model: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
+def lm_loss(model: nn.Module, seqs: torch.Tensor, per_sample_sum: bool = False) -> torch.Tensor:
+    """Mean next-token loss; ``per_sample_sum``: the sum over sequences of each one's mean (what DP-SGD backprops)."""
     logits = model(seqs[:, :-1])  # (B, T-1, V)
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
+    per_token = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1),
+                                            reduction="none")  # (B * (T-1),)
+    return per_token.view(len(seqs), -1).mean(1).sum() if per_sample_sum else per_token.mean()
 
 
 def run_lm_part(steps: int, lrs: dict[str, list[float]], *, batch: int = 64, context: int = 16,
@@ -258,7 +261,7 @@ def run_lm_part(steps: int, lrs: dict[str, list[float]], *, batch: int = 64, con
                         break
                     dp_opt.zero_grad()
                     if len(xb):
-                        lm_loss(model, xb).backward()
+                        lm_loss(model, xb, per_sample_sum=True).backward()
                     dp_opt.step()
                     done += 1
             with torch.no_grad():

@@ -1,7 +1,7 @@
 """``PrivacyEngine``: turns a model, optimizer and data loader into their DP-SGD counterparts.
 
-The gradient convention (a promise): the user's loss is the MEAN of per-sample losses (``loss_reduction=
-"mean"``; or their SUM with ``"sum"``), ``loss.backward()`` then ``optimizer.step()``. The update uses
+The gradient convention (a promise): the user's loss is the SUM of per-sample losses (``loss_reduction="sum"``;
+their MEAN over a fixed batch with ``"mean"``), ``loss.backward()`` then ``optimizer.step()``. The update uses
 ``(sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected`` with g_i the gradient of sample i's own loss and
 ``B_expected = sample_rate * len(dataset)`` (Poisson) or the loader's batch size.
 
@@ -79,7 +79,7 @@ class PrivacyEngine:
         clipping: str = "flat",
         poisson_sampling: bool = True,
         max_physical_batch_size: Optional[int] = None,
-        loss_reduction: str = "mean",
+        loss_reduction: str = "sum",
         automatic_gamma: float = 0.01,
         insecure_noise_seed: Optional[int] = None,
         insecure_sampler_seed: Optional[int] = None,
@@ -96,6 +96,8 @@ class PrivacyEngine:
         i.e. ceil(epochs * steps per epoch) logical steps, or ``steps``) to calibrate it.
         ``error_feedback=True``: DiceSGD with feedback budget ``error_max_grad_norm`` (C2, default C1), accounted
         as a full-batch Gaussian per step (docs/error_feedback.md); noise std on the sum z * (C1 + 2 C2).
+        ``loss_reduction="mean"`` needs fixed batches: a mean over a Poisson batch divides every sample's gradient
+        by the realized batch size, whose rounding then depends on who else is in the batch.
         ``poisson_sampling=False``: the loader's own fixed batches, accounted without amplification (each record
         in one batch per epoch, replace-one adjacency: sensitivity 2C); ``target_epsilon`` calibrates under that.
         ``insecure_noise_seed``/``insecure_sampler_seed``: fixed seeds for tests and debugging; NOT private.

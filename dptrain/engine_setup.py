@@ -66,6 +66,12 @@ class Batching(NamedTuple):
     steps_per_epoch: int
 
 
+MEAN_OVER_POISSON = (
+    "loss_reduction='mean' with poisson_sampling=True: a mean over a Poisson batch divides every sample's gradient "
+    "by the realized batch size, so adding or removing one sample re-rounds all the others (docs/architecture.md, "
+    "Precision of the private sums); backprop the SUM of per-sample losses with loss_reduction='sum'")
+
+
 def check_arguments(args: MakePrivateArgs, secure_mode: bool) -> None:
     """Refuse bad or conflicting arguments, in one line each."""
     for name, expected in (("module", nn.Module), ("optimizer", torch.optim.Optimizer), ("data_loader", DataLoader)):
@@ -76,6 +82,8 @@ def check_arguments(args: MakePrivateArgs, secure_mode: bool) -> None:
         check_optional_int(name, getattr(args, name))
     if secure_mode and args.insecure_seeds:
         raise ValueError(f"secure_mode draws fresh OS entropy for noise and sampling: do not pass {args.insecure_seeds[0]}")
+    if args.loss_reduction == "mean" and args.poisson_sampling:
+        raise ValueError(MEAN_OVER_POISSON)
     if args.error_max_grad_norm is not None and not args.error_feedback:
         raise ValueError("error_max_grad_norm is only used with error_feedback=True")
     if args.error_feedback:

@@ -1,10 +1,12 @@
-"""Per-sample losses for DP-SGD: each returns ONE loss per sample, shape (B,); call ``.mean()`` on it for backward.
+"""Per-sample losses for DP-SGD: each returns ONE loss per sample, shape (B,); call ``.sum()`` on it for backward.
 
-dptrain clips each sample's gradient, so the loss you backpropagate must be the MEAN of per-sample losses (or
-their sum with ``loss_reduction="sum"``): sample i's gradient is then the gradient of its own loss.
+dptrain clips each sample's gradient, so the loss you backpropagate must be the SUM of per-sample losses (the
+engine's default ``loss_reduction="sum"``): sample i's gradient is then the gradient of its own loss, whoever
+else is in the batch. (A mean divides by the batch's size, so with Poisson batches one sample more or less would
+re-round every other sample's gradient; ``"mean"`` is for fixed batches only.)
 
-    loss = dptrain.losses.cross_entropy(model(x), y).mean()                               # classification
-    loss = dptrain.losses.causal_lm(model(input_ids=ids, attention_mask=mask).logits, ids, mask).mean()  # LM
+    loss = dptrain.losses.cross_entropy(model(x), y).sum()                                # classification
+    loss = dptrain.losses.causal_lm(model(input_ids=ids, attention_mask=mask).logits, ids, mask).sum()  # LM
 
 Do not use Hugging Face's ``model(..., labels=...).loss``: it averages over all tokens of the batch, so a long
 record weighs more than a short one and each sample's gradient is not its own loss's. ``check_model_call``
@@ -25,9 +27,9 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 BATCH_LOSS_WARNING = (
-    "the model was called with labels=...: Hugging Face's output.loss is a token mean over the WHOLE batch, not the "
-    "mean of per-sample losses that DP-SGD clips (a long record weighs more than a short one); use "
-    "dptrain.losses.causal_lm(output.logits, input_ids, attention_mask).mean() instead")
+    "the model was called with labels=...: Hugging Face's output.loss is a token mean over the WHOLE batch, not a "
+    "sum of per-sample losses as DP-SGD clips them (a long record weighs more than a short one); use "
+    "dptrain.losses.causal_lm(output.logits, input_ids, attention_mask).sum() instead")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -46,7 +46,7 @@ def train(use_controller: bool):
     )
     for _ in range(EPOCHS):
         for xb, yb in loader:
-            F.cross_entropy(model(xb), yb).backward()  # mean of per-sample losses
+            F.cross_entropy(model(xb), yb, reduction="sum").backward()  # the sum of per-sample losses
             optimizer.step()
             optimizer.zero_grad()
     with torch.no_grad():

@@ -47,7 +47,7 @@ def train(x, *, error_feedback, epsilon, steps=10, lr=1.0, c1=0.1):
     for _ in range(steps):
         for inp, target in loader:
             if len(inp):  # Poisson batches can be empty: still step
-                (0.5 * (model(inp) - target).pow(2).sum(1)).mean().backward()
+                (0.5 * (model(inp) - target).pow(2).sum(1)).sum().backward()
             optimizer.step()
             optimizer.zero_grad()
     distance = float((model.weight.detach()[:, 0] - x.mean(0)).norm())

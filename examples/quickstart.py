@@ -31,7 +31,7 @@ def main() -> None:
     for epoch in range(3):
         for xb, yb in loader:
             if len(xb):  # Poisson batches can be empty: still step (noise only)
-                cross_entropy(model(xb), yb).mean().backward()  # the mean of per-sample losses
+                cross_entropy(model(xb), yb).sum().backward()  # the sum of per-sample losses
             optimizer.step()
             optimizer.zero_grad()
         with torch.no_grad():

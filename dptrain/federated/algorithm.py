@@ -168,7 +168,7 @@ class FederatedClient:
             while done < cfg.local_steps:
                 for batch in loader:
                     if int(batch["input_ids"].shape[0]):  # an empty Poisson batch still takes a (noise-only) step
-                        self.loss_fn(net, batch).mean().backward()
+                        self.loss_fn(net, batch).sum().backward()
                     before = optimizer.steps_taken
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -51,7 +51,7 @@ def make_private_lm(model, train_set, collate, cfg: FinetuneConfig, delta: float
             module=net, optimizer=inner, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
             target_epsilon=cfg.target_epsilon, target_delta=delta, steps=total,
             clipping=cfg.clipping, poisson_sampling=True, max_physical_batch_size=_physical(cfg),
-            loss_reduction="mean", error_feedback=cfg.error_feedback, controller=controller,
+            loss_reduction="sum", error_feedback=cfg.error_feedback, controller=controller,
             insecure_noise_seed=seed, insecure_sampler_seed=None if seed is None else seed + 1,
         )
     except ImportError as err:  # an optional engine part (e.g. error feedback) missing from this build

@@ -158,7 +158,7 @@ class PrivateLMTrainer:
         mask = batch["attention_mask"].to(self.device)  # (b, T)
         logits = self.net(input_ids=ids, attention_mask=mask).logits  # (b, T, V)
         losses = per_sample_lm_loss(logits, ids, mask)  # (b,)
-        losses.mean().backward()
+        losses.sum().backward()  # the sum: a mean would divide by the Poisson batch's realized size
         if getattr(self.controller, "loss_bound", None) is not None:
             self.controller.observe_losses(losses)  # released with noise and accounted
         if self.loss_release is not None:

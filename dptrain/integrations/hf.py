@@ -128,7 +128,7 @@ class DPTrainer(Trainer):
         # no max_physical_batch_size here: the loader yields whole Poisson batches, training_step splits them
         self.model, self.optimizer, self._dp_loader = self.engine.make_private(
             module=self.model, optimizer=self.optimizer, data_loader=loader, max_grad_norm=s["max_grad_norm"],
-            clipping=s["clipping"], poisson_sampling=True, loss_reduction="mean",
+            clipping=s["clipping"], poisson_sampling=True, loss_reduction="sum",
             insecure_noise_seed=s["insecure_noise_seed"], insecure_sampler_seed=s["insecure_sampler_seed"],
             **calibration,
         )
@@ -142,22 +142,25 @@ class DPTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss and step
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Mean over samples of each sample's own mean token NLL."""
+        """Mean over samples of each sample's own mean token NLL (what evaluation reports)."""
+        losses, outputs = self._sample_losses(model, inputs)
+        loss = losses.mean()
+        return (loss, outputs) if return_outputs else loss
+
+    def _sample_losses(self, model, inputs):
+        """Each sample's own mean token NLL, (B,), and the model's outputs."""
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         if labels is None:
             labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", 1) == 0, -100)
         outputs = model(**inputs)
-        losses = causal_lm_per_sample_loss(outputs.logits, labels)  # (B,)
-        if self.loss_release is not None and model.training:
-            self.loss_release.add(losses)
-        loss = losses.mean()
-        return (loss, outputs) if return_outputs else loss
+        return causal_lm_per_sample_loss(outputs.logits, labels), outputs
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward/backward over one logical batch, in micro-batches; the Trainer's ``optimizer.step()`` then
-        clips the last one and adds the noise. Returns the batch's exact mean loss only without noise (else 0:
-        the DP-noised loss of the step replaces it in ``log``)."""
+        clips the last one and adds the noise. Backprops the SUM of per-sample losses (a mean would divide every
+        gradient by the Poisson batch's realized size). Returns the batch's exact mean loss only without noise
+        (else 0: the DP-noised loss of the step replaces it in ``log``)."""
         model.train()
         rows = batch_length(inputs) or 0
         size = self.max_physical_batch_size or max(rows, 1)
@@ -168,9 +171,11 @@ class DPTrainer(Trainer):
             part = inputs if size >= rows else split_batch(inputs, start, min(start + size, rows), rows)
             part = self._prepare_inputs(part)
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, part)
-            loss.backward()  # not accelerator.backward: no loss scaling may touch per-sample gradients
-            total += loss.detach() * batch_length(part)
+                losses, _ = self._sample_losses(model, part)  # (b,)
+            if self.loss_release is not None:
+                self.loss_release.add(losses)
+            losses.sum().backward()  # not accelerator.backward: no loss scaling may touch per-sample gradients
+            total += losses.detach().sum()
         return total / max(rows, 1) if self.loss_release is None else torch.zeros((), device=self.args.device)
 
     # ------------------------------------------------------------------ accounting

@@ -41,7 +41,7 @@ def _model(wide=False):
 
 
 def _loss(model, x, y):
-    return (model(x) - y).pow(2).flatten(1).mean(1).mean()
+    return (model(x) - y).pow(2).flatten(1).mean(1).sum()
 
 
 def _train(rank, world, scenario, per_rank_batch=4, n=N, wrap=True, pass_inner=False, steps=3):
@@ -74,7 +74,7 @@ def _train(rank, world, scenario, per_rank_batch=4, n=N, wrap=True, pass_inner=F
         if scenario == "accumulate":  # two micro-batches per logical batch
             half = len(xs) // 2
             optimizer.signal_skip_step(True)
-            _loss(model, xs[:half], ys[:half]).backward()  # each micro-batch: its own mean loss
+            _loss(model, xs[:half], ys[:half]).backward()  # each micro-batch: its own summed loss
             optimizer.step()
             _loss(model, xs[half:], ys[half:]).backward()
         else:

@@ -49,7 +49,7 @@ def test_noise_free_update_is_the_oracles_clipped_mean(clipping):
     oracle = per_sample_grads(model, lambda m, i: _mse_per_sample(m, x[i : i + 1], y[i : i + 1]).sum(), 8)
     engine, model, optimizer, loader = _private(model, data, poisson_sampling=False, clipping=clipping, max_grad_norm=0.5)
     names = {p: n for n, p in model.named_parameters()}
-    _mse_per_sample(model, x, y).mean().backward()
+    _mse_per_sample(model, x, y).sum().backward()
     optimizer.step()
     groups = [[names[p] for p in g.params] for g in engine.tracker.groups]
     expected = clipped_sum(oracle, groups, [g.max_norm for g in engine.tracker.groups])
@@ -63,7 +63,7 @@ def test_automatic_clipping_normalises_each_sample():
     x, y = data.tensors[0][:8], data.tensors[1][:8]
     oracle = per_sample_grads(model, lambda m, i: _mse_per_sample(m, x[i : i + 1], y[i : i + 1]).sum(), 8)
     engine, model, optimizer, _ = _private(model, data, poisson_sampling=False, clipping="automatic", max_grad_norm=2.0)
-    _mse_per_sample(model, x, y).mean().backward()
+    _mse_per_sample(model, x, y).sum().backward()
     optimizer.step()
     for n, p in model.named_parameters():
         expected = sum(2.0 * g[n] / (torch.sqrt(sum(v.pow(2).sum() for v in g.values())) + 0.01) for g in oracle) / 8
@@ -111,7 +111,7 @@ def test_micro_batches_accumulate_to_the_union_batch():
         )
         steps = 0
         for x, y in loader:
-            _mse_per_sample(model, x, y).mean().backward()
+            _mse_per_sample(model, x, y).sum().backward()
             optimizer.step()
             optimizer.zero_grad()
             steps += 1
@@ -131,7 +131,7 @@ def test_poisson_batches_are_uneven_and_empty_batches_still_step():
     for x, y in loader:
         sizes.append(len(x))
         if len(x):
-            _mse_per_sample(model, x, y).mean().backward()
+            _mse_per_sample(model, x, y).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
     assert len(sizes) == 40 and 0 in sizes and len(set(sizes)) > 1
@@ -153,7 +153,7 @@ def test_resume_reproduces_the_uninterrupted_run():
         while done < steps:
             for x, y in loader:
                 if len(x):
-                    _mse_per_sample(model, x, y).mean().backward()
+                    _mse_per_sample(model, x, y).sum().backward()
                 optimizer.step()
                 optimizer.zero_grad()
                 done += 1
@@ -179,7 +179,7 @@ def test_target_epsilon_calibrates_sigma_and_the_ledger_stays_under_it():
     assert optimizer.noise_multiplier > 0
     for x, y in loader:
         if len(x):
-            _mse_per_sample(model, x, y).mean().backward()
+            _mse_per_sample(model, x, y).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
     assert engine.get_epsilon(1e-5) <= 2.0 * (1 + 1e-6)
@@ -245,13 +245,13 @@ def test_non_finite_norm_names_layer_and_step_and_changes_nothing(clipping):
     engine, model, optimizer, loader = _private(model, data, noise_multiplier=1.0, poisson_sampling=False,
                                                 clipping=clipping)
     x, y = data.tensors[0][:8], data.tensors[1][:8]
-    _mse_per_sample(model, x, y).mean().backward()
+    _mse_per_sample(model, x, y).sum().backward()
     optimizer.step()  # one good step: its counts and ledger entry must survive the bad one
     before = [p.detach().clone() for p in model.parameters()]
     counted = dict(optimizer.tracker.clipped_count)
     x = x.clone()
     x[2, 0] = float("inf")
-    _mse_per_sample(model, x, y).mean().backward()  # per-layer clipping processes during backward
+    _mse_per_sample(model, x, y).sum().backward()  # per-layer clipping processes during backward
     with pytest.raises(FloatingPointError, match=r"layer\(s\) 0\.weight at step 1"):
         optimizer.step()  # the norms are checked when the micro-batch is flushed
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

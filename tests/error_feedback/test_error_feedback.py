@@ -111,9 +111,9 @@ def test_update_matches_hand_written_reference(clipping, c1, c2, clip_active, er
     ef = engine.error_feedback
     for step, idx in enumerate(batches):
         # gradient accumulation: two micro-batches of two rows make one logical step
-        _per_sample_loss(model, x[idx[:2]], y[idx[:2]]).mean().backward()
+        _per_sample_loss(model, x[idx[:2]], y[idx[:2]]).sum().backward()
         optimizer.accumulate()
-        _per_sample_loss(model, x[idx[2:]], y[idx[2:]]).mean().backward()
+        _per_sample_loss(model, x[idx[2:]], y[idx[2:]]).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
         expected_params, expected_error = history[step]
@@ -144,7 +144,7 @@ def test_parameter_without_gradient_keeps_zero_error_and_no_update():
     before = model["unused"].weight.detach().clone()
     engine, net, optimizer = _private(net, x, y, batch_size=4, max_grad_norm=0.2, error_max_grad_norm=0.3)
     for idx in ([0, 1, 2, 3], [4, 5, 6, 7]):
-        _per_sample_loss(net, x[idx], y[idx]).mean().backward()
+        _per_sample_loss(net, x[idx], y[idx]).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
     ef = engine.error_feedback
@@ -157,7 +157,7 @@ def test_empty_batch_feeds_back_the_clipped_error_only():
     x, y = _data(n=8)
     engine, model, optimizer = _private(_model(), x, y, batch_size=4, max_grad_norm=0.1, error_max_grad_norm=0.25)
     ef = engine.error_feedback
-    _per_sample_loss(model, x[:4], y[:4]).mean().backward()
+    _per_sample_loss(model, x[:4], y[:4]).sum().backward()
     optimizer.step()
     optimizer.zero_grad()
     e_before = {p: ef.error[p].clone() for p in model.parameters()}
@@ -272,7 +272,7 @@ def test_target_epsilon_calibrates_z_at_sample_rate_one():
 # ---------------------------------------------------------------------- resume
 def _train(model, optimizer, x, y, batches):
     for idx in batches:
-        _per_sample_loss(model, x[idx], y[idx]).mean().backward()
+        _per_sample_loss(model, x[idx], y[idx]).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -341,7 +341,7 @@ def test_thresholds_raised_above_c2_later_are_refused_at_the_step():
     x, y = _data()
     engine, model, optimizer = _private(_model(), x, y, batch_size=4, max_grad_norm=0.3, error_max_grad_norm=0.6)
     engine.tracker.set_max_norms([0.8])  # e.g. a controller's action
-    _per_sample_loss(model, x[:4], y[:4]).mean().backward()
+    _per_sample_loss(model, x[:4], y[:4]).sum().backward()
     with pytest.raises(ValueError, match="C2=0.6 < C1=0.8"):
         optimizer.step()
 
@@ -419,7 +419,7 @@ def _mean_estimation_distance(x, *, error_feedback, seed, steps, lr, c1, c2=None
     )
     for _ in range(steps):
         for inp, target in loader:
-            (0.5 * (model(inp) - target).pow(2).sum(1)).mean().backward()
+            (0.5 * (model(inp) - target).pow(2).sum(1)).sum().backward()
             optimizer.step()
             optimizer.zero_grad()
     if "target_epsilon" in privacy:
@@ -508,7 +508,7 @@ def _batched_distance(x, *, error_feedback, seed, lr, c1, batch, epochs, c2=None
     for _ in range(epochs):
         for inp, target in loader:
             if len(inp):
-                (0.5 * (model(inp) - target).pow(2).sum(1)).mean().backward()
+                (0.5 * (model(inp) - target).pow(2).sum(1)).sum().backward()
             optimizer.step()
             optimizer.zero_grad()
     assert engine.get_epsilon(privacy["target_delta"]) <= privacy["target_epsilon"] * (1 + 1e-6)

@@ -51,7 +51,7 @@ def _assert_exact(model, clipping="flat"):
     c = 0.5 * float(torch.stack([sum(g.pow(2).sum() for g in g_i.values()) for g_i in oracle]).sqrt().median())
     engine, model, optimizer = _private(model, clipping=clipping, max_grad_norm=c)
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}
-    _mse(model, x, y).mean().backward()
+    _mse(model, x, y).sum().backward()
     optimizer.step()
     groups = [[names[p] for p in g.params] for g in engine.tracker.groups]
     expected = clipped_sum(oracle, groups, [g.max_norm for g in engine.tracker.groups])
@@ -164,7 +164,7 @@ def test_language_models_buffers_pass_the_check():
     for name in ("gpt2_tied", "llama"):
         case = CASES[name]()
         tracker = GradSampleTracker(case.model, clipping="flat", max_grad_norm=1.0)
-        case.per_sample_loss(case.model, case.inputs).mean().backward()
+        case.per_sample_loss(case.model, case.inputs).sum().backward()
         tracker.flush()
         assert tracker.clipped_sum
         with torch.no_grad():
@@ -253,7 +253,7 @@ def test_norm_weight_used_outside_its_module_is_refused_by_name(norm, how):
     engine, model, _ = _private(ReusedNorm(norm(), how))
     x, y = _data().tensors[0][:B], _data().tensors[1][:B]
     with pytest.raises(ValueError, match=r"parameter norm\.(weight|bias) received an ordinary gradient"):
-        _mse(model, x, y).mean().backward()
+        _mse(model, x, y).sum().backward()
 
 
 class Stash(nn.Module):
@@ -282,7 +282,7 @@ def test_parameter_reaching_the_loss_around_the_outputs_is_refused_by_name(retur
     engine, model, _ = _private(Net())
     x, y = _data().tensors[0][:B], _data().tensors[1][:B]
     with pytest.raises(ValueError, match=r"parameter 'w' of module 'stash' \(Stash\) reaches the loss other than"):
-        _mse(model, x, y).mean().backward()
+        _mse(model, x, y).sum().backward()
 
 
 def test_parameters_not_used_in_a_forward_get_a_zero_sum():
@@ -360,7 +360,7 @@ def test_fsdp_norm_weight_used_outside_its_module_is_refused_by_name(one_rank_gr
     engine, model, optimizer = _private(fully_shard(model, mesh=mesh))
     x, y = _data().tensors[0][:B], _data().tensors[1][:B]
     with pytest.raises(ValueError, match=r"parameter module\.norm\.weight received an ordinary gradient"):
-        _mse(model, x, y).mean().backward()
+        _mse(model, x, y).sum().backward()
 
 
 class TokenModel(nn.Module):
