@@ -57,8 +57,9 @@ class Clipper:
     def take_sum(self, p: nn.Parameter) -> Optional[torch.Tensor]:
         """The deferred clipped sum of ``p`` (fp32, full size; None if it has none), forgotten by the clipper."""
         out = None
-        for uses, weights in self.deferred.pop(p, []):
-            out = weighted_sum(uses, weights, p.shape, out=out)
+        with kernels.ieee_fp32_matmul():
+            for uses, weights in self.deferred.pop(p, []):
+                out = weighted_sum(uses, weights, p.shape, out=out)
         return out
 
     def process(self, groups: Sequence[ClipGroup]) -> None:
@@ -67,12 +68,13 @@ class Clipper:
         if not groups:
             return
         try:
-            if self.clipping == "per_layer":
-                for g in groups:
-                    self._clip(g.pending, g.max_norm, g.name)
-            else:  # one norm per sample over every group
-                pending = {p: uses for g in groups for p, uses in g.pending.items()}
-                self._clip(pending, groups[0].max_norm, groups[0].name)
+            with kernels.ieee_fp32_matmul():
+                if self.clipping == "per_layer":
+                    for g in groups:
+                        self._clip(g.pending, g.max_norm, g.name)
+                else:  # one norm per sample over every group
+                    pending = {p: uses for g in groups for p, uses in g.pending.items()}
+                    self._clip(pending, groups[0].max_norm, groups[0].name)
         finally:
             for g in groups:
                 g.pending = {}

@@ -10,7 +10,7 @@ Norm ops of linear layers and embeddings also take ``strategy``: "auto", "ghost"
 # probes for by importing it. Under that name stay an empty package, so the probe is cheap and finds nothing.
 if __name__ == "dptrain.kernels":
     from ._common import gram_cost, row_sq_norms
-    from .clip import CANCELLATION_RHO, clip_bounds_sq, clip_factors, triangle_bounds
+    from .clip import CANCELLATION_RHO, clip_bounds_sq, clip_factors, ieee_fp32_matmul, triangle_bounds
     from .embedding_norms import per_sample_embedding_grad_norms, per_sample_embedding_grad_sq_norms
     from .fused_clip import fused_clip_linear_grad
     from .linear_norms import choose_linear_strategy, per_sample_linear_grad_norms, per_sample_linear_grad_sq_norms
@@ -23,6 +23,7 @@ __all__ = [
     "triangle_bounds",
     "CANCELLATION_RHO",
     "clip_bounds_sq",
+    "ieee_fp32_matmul",
     "choose_linear_strategy",
     "per_sample_linear_grad_norms",
     "per_sample_linear_grad_sq_norms",

@@ -3,11 +3,13 @@ norms are clipped against, so that no rounding lets a clipped sample weigh more 
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["CLIP_EPS", "CANCELLATION_RHO", "FP32_UNIT_ROUNDOFF", "clip_factors", "triangle_bounds", "clip_bounds_sq"]
+__all__ = ["CLIP_EPS", "CANCELLATION_RHO", "FP32_UNIT_ROUNDOFF", "clip_factors", "triangle_bounds", "clip_bounds_sq",
+           "ieee_fp32_matmul"]
 
 CLIP_EPS = 1e-6
 
@@ -18,6 +20,21 @@ CLIP_EPS = 1e-6
 #: docs/architecture.md, "Precision of the private sums", has the attacks they stop and their measured price.
 CANCELLATION_RHO = 2.0**-20
 FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """fp32 matmuls in IEEE fp32 inside, whatever ``torch.set_float32_matmul_precision`` the user chose: the bounds
+    assume u = 2^-24, while "high" runs CUDA's in TF32 (10 mantissa bits) and "medium" the CPU's in bf16 (7)."""
+    saved = torch.get_float32_matmul_precision()
+    if saved == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:

@@ -198,3 +198,35 @@ def test_a_clip_factor_folded_into_subnormal_gradients_is_not_rounded_up(clippin
     c = 0.51 * T * d * 2.0**-22  # the attack sample's norm is T d 2^-22
     layer = nn.Linear(d, d, bias=False)
     assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, c) <= c * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("clipping,fuse", [("per_layer", True), ("per_layer", False), ("flat", False)])
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_clipping_multiplies_in_ieee_fp32_whatever_matmul_precision_the_user_set(precision, clipping, fuse,
+                                                                                  monkeypatch):
+    """The bounds assume fp32 products rounded at 2^-24: "high" would run CUDA's fp32 GEMMs in TF32 (10 mantissa
+    bits) and "medium" the CPU's in bf16, so the clipped sum (one GEMM) and the norm (another) would round apart by
+    ~2^-10 of a sample's token terms. The clipper's products run at "highest", and the user's setting comes back."""
+    seen = []
+
+    def recording(name, real):
+        def call(*args, **kwargs):
+            seen.append((name, torch.get_float32_matmul_precision()))
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("scaled_linear_grad", "fused_clip_linear_grad", "per_sample_linear_grad_sq_norms"):
+        monkeypatch.setattr(kernels, name, recording(name, getattr(kernels, name)))
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8, bias=False)
+    planner = RoutePlanner(dense_budget_bytes=0, fuse=fuse)
+    tracker = GradSampleTracker(layer, clipping=clipping, max_grad_norm=1e-2, loss_reduction="sum", planner=planner)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        layer(torch.randn(3, 5, 16)).sum().backward()
+        tracker.flush()
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen and all(p == "highest" for _, p in seen), seen
