@@ -24,17 +24,18 @@ FP32_UNIT_ROUNDOFF = 2.0**-24
 
 @contextlib.contextmanager
 def ieee_fp32_matmul() -> Iterator[None]:
-    """fp32 matmuls in IEEE fp32 inside, whatever ``torch.set_float32_matmul_precision`` the user chose: the bounds
-    assume u = 2^-24, while "high" runs CUDA's in TF32 (10 mantissa bits) and "medium" the CPU's in bf16 (7)."""
+    """fp32 matmuls in IEEE fp32 inside, whatever the caller set: the bounds assume u = 2^-24, while
+    ``torch.set_float32_matmul_precision("high")`` runs CUDA's in TF32 (10 mantissa bits), "medium" the CPU's in bf16
+    (7), and a backward called inside ``torch.autocast`` would cast the clipper's products to half precision."""
     saved = torch.get_float32_matmul_precision()
-    if saved == "highest":
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        if saved != "highest":
+            torch.set_float32_matmul_precision("highest")
+            stack.callback(torch.set_float32_matmul_precision, saved)
         yield
-        return
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved)
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:

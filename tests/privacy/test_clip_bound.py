@@ -201,17 +201,17 @@ def test_a_clip_factor_folded_into_subnormal_gradients_is_not_rounded_up(clippin
 
 
 @pytest.mark.parametrize("clipping,fuse", [("per_layer", True), ("per_layer", False), ("flat", False)])
-@pytest.mark.parametrize("precision", ["high", "medium"])
-def test_clipping_multiplies_in_ieee_fp32_whatever_matmul_precision_the_user_set(precision, clipping, fuse,
-                                                                                  monkeypatch):
-    """The bounds assume fp32 products rounded at 2^-24: "high" would run CUDA's fp32 GEMMs in TF32 (10 mantissa
-    bits) and "medium" the CPU's in bf16, so the clipped sum (one GEMM) and the norm (another) would round apart by
-    ~2^-10 of a sample's token terms. The clipper's products run at "highest", and the user's setting comes back."""
+@pytest.mark.parametrize("precision", ["high", "medium", "autocast"])
+def test_clipping_multiplies_in_ieee_fp32_whatever_precision_the_user_set(precision, clipping, fuse, monkeypatch):
+    """The bounds assume fp32 products rounded at 2^-24: matmul precision "high" would run CUDA's fp32 GEMMs in TF32
+    (10 mantissa bits), "medium" the CPU's in bf16, and a backward inside ``torch.autocast`` casts them to bf16; the
+    clipped sum (one GEMM) and the norm (another) would then round apart by ~2^-10 of a sample's token terms. The
+    clipper's products run at "highest" without autocast, and the user's settings come back."""
     seen = []
 
     def recording(name, real):
         def call(*args, **kwargs):
-            seen.append((name, torch.get_float32_matmul_precision()))
+            seen.append((name, torch.get_float32_matmul_precision(), torch.is_autocast_enabled("cpu")))
             return real(*args, **kwargs)
         return call
 
@@ -222,11 +222,14 @@ def test_clipping_multiplies_in_ieee_fp32_whatever_matmul_precision_the_user_set
     planner = RoutePlanner(dense_budget_bytes=0, fuse=fuse)
     tracker = GradSampleTracker(layer, clipping=clipping, max_grad_norm=1e-2, loss_reduction="sum", planner=planner)
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
+    user = "highest" if precision == "autocast" else precision
+    torch.set_float32_matmul_precision(user)
     try:
-        layer(torch.randn(3, 5, 16)).sum().backward()
-        tracker.flush()
-        assert torch.get_float32_matmul_precision() == precision
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            layer(torch.randn(3, 5, 16)).float().sum().backward()
+            tracker.flush()
+            assert torch.is_autocast_enabled("cpu") == (precision == "autocast")
+        assert torch.get_float32_matmul_precision() == user
     finally:
         torch.set_float32_matmul_precision(before)
-    assert seen and all(p == "highest" for _, p in seen), seen
+    assert seen and all(p == "highest" and not autocast for _, p, autocast in seen), seen
