@@ -140,12 +140,18 @@ def per_sample_sq_norms(uses: Sequence[Contribution]) -> torch.Tensor:
     return total
 
 
-def _triangle_bound(c: Contribution) -> Tuple[torch.Tensor, int]:
-    """(B,) upper bounds of one use's per-sample gradient norms that no cancellation can understate, and the
-    tokens its fp32 sums run over (1 for a dense gradient: its sum adds each entry once)."""
+def _triangle_bound(c: Contribution) -> Tuple[torch.Tensor, int, Optional[torch.Tensor]]:
+    """(B,) upper bounds of one use's per-sample gradient norms that no cancellation can understate, the tokens
+    its fp32 sums run over (1 for a dense gradient: its sum adds each entry once), and what fp32 Grams of its norm
+    may lose (``kernels.ghost_rounding_allowance``; None if nothing)."""
     if isinstance(c, Instantiated):
-        return kernels.row_sq_norms(c.grad.flatten(1)).sqrt(), 1
-    return kernels.triangle_bounds(None if c.is_index else c.left, c.right), c.right.shape[1]
+        return kernels.row_sq_norms(c.grad.flatten(1)).sqrt(), 1, None
+    if c.is_index:
+        return kernels.triangle_bounds(None, c.right), c.right.shape[1], None
+    (x, g), tokens = c.kernel_args, c.right.shape[1]
+    x_rows, g_rows = kernels.row_norm_bounds(x), kernels.row_norm_bounds(g)  # (B, T) each
+    strategy = kernels.choose_linear_strategy(tokens, x.shape[2], g.shape[2], x.device.type)
+    return (x_rows * g_rows).sum(1), tokens, kernels.ghost_rounding_allowance(x, g, x_rows, g_rows, strategy)
 
 
 def clip_sq_norms(uses: Sequence[Contribution]) -> torch.Tensor:
@@ -155,10 +161,13 @@ def clip_sq_norms(uses: Sequence[Contribution]) -> torch.Tensor:
     if len(uses) == 1 and (isinstance(uses[0], Instantiated) or uses[0].right.shape[1] == 1):
         return sq  # one dense gradient or one rank-one product: its norm is a sum of squares, its sum one product
     triangle = token_weighted = 0.0
+    allowance = None
     for c in uses:
-        bound, tokens = _triangle_bound(c)
+        bound, tokens, lost = _triangle_bound(c)
         triangle, token_weighted = triangle + bound, token_weighted + tokens * bound
-    return kernels.clip_bounds_sq(sq, triangle, token_weighted)
+        if lost is not None:
+            allowance = lost if allowance is None else allowance + lost
+    return kernels.clip_bounds_sq(sq, triangle, token_weighted, allowance)
 
 
 def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch.Size,
@@ -197,7 +206,7 @@ def densify_gain(uses: Sequence[Contribution], numel: int, pass_cost: float = DE
     for c in uses:
         if isinstance(c, Factored) and not c.is_index:
             t, rows, cols = c.left.shape[1], c.rows, c.right.shape[2]
-            ghost = kernels.gram_cost("cpu") * t * t * (rows + cols)  # fp64 Grams: the dense route is CPU-only
+            ghost = kernels.gram_cost("cpu") * t * t * (rows + cols)  # the dense route is CPU-only
             saved += min(ghost, t * rows * cols)  # the factored norm (ghost or instantiate)
     return saved - pass_cost * numel if saved else 0.0
 

@@ -10,10 +10,15 @@ Norm ops of linear layers and embeddings also take ``strategy``: "auto", "ghost"
 # probes for by importing it. Under that name stay an empty package, so the probe is cheap and finds nothing.
 if __name__ == "dptrain.kernels":
     from ._common import gram_cost, row_sq_norms
-    from .clip import CANCELLATION_RHO, clip_bounds_sq, clip_factors, ieee_fp32_matmul, triangle_bounds
+    from .clip import CANCELLATION_RHO, clip_bounds_sq, clip_factors, ieee_fp32_matmul, row_norm_bounds, triangle_bounds
     from .embedding_norms import per_sample_embedding_grad_norms, per_sample_embedding_grad_sq_norms
     from .fused_clip import fused_clip_linear_grad
-    from .linear_norms import choose_linear_strategy, per_sample_linear_grad_norms, per_sample_linear_grad_sq_norms
+    from .linear_norms import (
+        choose_linear_strategy,
+        ghost_rounding_allowance,
+        per_sample_linear_grad_norms,
+        per_sample_linear_grad_sq_norms,
+    )
     from .scaled_grad import scaled_linear_grad
 
 __all__ = [
@@ -21,6 +26,8 @@ __all__ = [
     "gram_cost",
     "clip_factors",
     "triangle_bounds",
+    "row_norm_bounds",
+    "ghost_rounding_allowance",
     "CANCELLATION_RHO",
     "clip_bounds_sq",
     "ieee_fp32_matmul",

@@ -2,12 +2,13 @@
 
 x: (B, T, d_in) layer inputs, g: (B, T, d_out) output gradients ((B, d) means T = 1). Two exact strategies:
 
-- ghost (Gram): ||G_i||^2 = <x_i x_i^T, g_i g_i^T>, cost ~ 2 T^2 (d_in + d_out) per sample, (T, T) temporaries,
-  accumulated in fp64: its feature sums of d terms would otherwise let crafted rows round the norm far below
-  the gradient's (docs/architecture.md, "Precision of the private sums");
+- ghost (Gram): ||G_i||^2 = <x_i x_i^T, g_i g_i^T>, cost ~ 2 T^2 (d_in + d_out) per sample, (T, T) temporaries.
+  Its feature sums of d terms can round a crafted sample's norm far below its gradient's (docs/architecture.md,
+  "Precision of the private sums"): the CPU sums them in fp32 blocks with a known error bound, which the clip
+  bound adds (``ghost_rounding_allowance``), accelerators in fp64;
 - instantiate: build G_i = g_i^T x_i, cost T d_in d_out per sample, (d_out, d_in) temporaries.
 
-``strategy="auto"`` picks the cheaper (``choose_linear_strategy``: the ghost's fp64 work weighed by ``gram_cost``).
+``strategy="auto"`` picks the cheaper (``choose_linear_strategy``: the ghost's Gram work weighed by ``gram_cost``).
 The Triton kernels do both tiled in on-chip memory, never writing (B, T, T) or (B, d_out, d_in) to global memory.
 """
 
@@ -29,7 +30,9 @@ from ._common import (
     check_strategy,
     dot_acc,
     gram_cost,
+    gram_fp32_blocked,
     gram_fp64,
+    gram_rounding,
     gram_partials,
     gram_tile,
     min_block,
@@ -41,25 +44,54 @@ from ._common import (
     use_triton,
 )
 
-__all__ = ["per_sample_linear_grad_norms", "per_sample_linear_grad_sq_norms", "choose_linear_strategy"]
+__all__ = ["per_sample_linear_grad_norms", "per_sample_linear_grad_sq_norms", "choose_linear_strategy",
+           "ghost_rounding_allowance"]
 
 
 def choose_linear_strategy(seq_len: int, d_in: int, d_out: int, device_type: str = "cpu") -> str:
-    """'ghost' when its fp64 Gram work, ``gram_cost(device_type)`` T^2 (d_in + d_out) multiply-adds, is below
+    """'ghost' when its Gram work, ``gram_cost(device_type)`` T^2 (d_in + d_out) multiply-adds, is below
     instantiating's T d_in d_out; else 'instantiate'."""
     return "ghost" if gram_cost(device_type) * seq_len * (d_in + d_out) < d_in * d_out else "instantiate"
 
 
+def _fp32_grams(x: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the torch ghost norm of these factors sums its Grams in fp32 blocks (the CPU, working dtypes)."""
+    return x.device.type == "cpu" and x.dtype != torch.float64 and g.dtype != torch.float64
+
+
+def ghost_rounding_allowance(x3: torch.Tensor, g3: torch.Tensor, x_rows: torch.Tensor, g_rows: torch.Tensor,
+                             strategy: str) -> torch.Tensor | None:
+    """How far below ||g_i^T x_i||^2 the norm computed with ``strategy`` (resolved) may fall beyond what
+    ``clip.CANCELLATION_RHO`` covers, (B,) fp64, from upper bounds of the row norms (B, T); None when nothing.
+
+    With Gram entries within e |v_t| |v_s| + delta of exact (``gram_rounding``) on each side and
+    |(x x^T)[t,s]| <= |x_t| |x_s|: (e_x + e_g + e_x e_g) U^2 + delta_x (1 + e_g) S_g^2 + delta_g (1 + e_x) S_x^2
+    + delta_x delta_g T^2, U = sum_t |x_t| |g_t|, S = sum_t of the row norms."""
+    if strategy != "ghost" or x3.shape[1] == 1 or not _fp32_grams(x3, g3):
+        return None
+    e_x, delta_x = gram_rounding(x3.shape[2])
+    e_g, delta_g = gram_rounding(g3.shape[2])
+    u, s_x, s_g = (x_rows * g_rows).sum(1), x_rows.sum(1), g_rows.sum(1)  # (B,) each
+    return ((e_x + e_g + e_x * e_g) * u.square() + delta_x * (1 + e_g) * s_g.square()
+            + delta_g * (1 + e_x) * s_x.square() + delta_x * delta_g * x3.shape[1] ** 2)
+
+
 # ----------------------------------------------------------------------------------------------- torch reference
 def _sq_norms_ghost_torch(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_{t,s} (x x^T)[t,s] (g g^T)[t,s] per sample, batch-chunked bmm in fp64 (``GRAM_DTYPE``), returned fp32."""
+    """sum_{t,s} (x x^T)[t,s] (g g^T)[t,s] per sample, batch-chunked; Grams in fp32 blocks on the CPU (fp64 where
+    a value is too large for them), fp64 elsewhere; their products summed in fp64, returned fp32."""
     B, T, d_in = x.shape
     d_out = g.shape[2]
     if T == 1:  # rank one: ||g_i x_i^T|| = ||g_i|| ||x_i||
         return (x[:, 0].to(GRAM_DTYPE).square().sum(1) * g[:, 0].to(GRAM_DTYPE).square().sum(1)).float()  # (B,)
     out = torch.empty(B, dtype=torch.float32, device=x.device)
+    fp32 = _fp32_grams(x, g)
     for sl in batch_chunks(B, 16 * T * T):
-        out[sl] = gram_fp64(x[sl]).mul_(gram_fp64(g[sl])).sum((1, 2))  # (b, T, T) products, summed
+        gx = gram_fp32_blocked(x[sl].float()) if fp32 else None  # (b, T, T)
+        gg = gram_fp32_blocked(g[sl].float()) if gx is not None else None
+        if gg is None:
+            gx, gg = gram_fp64(x[sl]), gram_fp64(g[sl])
+        out[sl] = gx.to(GRAM_DTYPE).mul_(gg.to(GRAM_DTYPE)).sum((1, 2))  # (b, T, T) products, summed in fp64
     return out
 
 

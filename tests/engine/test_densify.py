@@ -87,8 +87,10 @@ def test_planner_keeps_a_weight_whose_chunk_outgrows_the_cache_factored_at_short
     assert not planner.plan({short_head: short_uses}, 8, per_layer=True).dense  # ghost costs less than the spill
     mlp, mlp_uses = _linear_use(8, 128, 1024, 256)  # 8 MiB for the whole batch
     assert mlp in planner.plan({mlp: mlp_uses}, 8, per_layer=True).dense
-    head, head_uses = _linear_use(8, 128, 8192, 256)  # the fp64 ghost norm grows with T^2: at T = 128 densify
-    assert head in planner.plan({head: head_uses}, 8, per_layer=True).dense
+    head, head_uses = _linear_use(8, 128, 8192, 256)  # T = 128: the (fp32-block) ghost norm still beats the spill
+    assert not planner.plan({head: head_uses}, 8, per_layer=True).dense
+    long_head, long_uses = _linear_use(8, 512, 8192, 256)  # the factored norm grows with T (T^2 for the ghost)
+    assert long_head in planner.plan({long_head: long_uses}, 8, per_layer=True).dense
     # sharing the arena with the rest of a model (flat clipping), 2 samples per chunk stay in cache: densified
     others = dict(_linear_use(8, 128, 1024, 256) for _ in range(12))
     routes = planner.plan({head: head_uses, **others}, 8, per_layer=False)

@@ -142,13 +142,28 @@ ROUTES = [("per_layer", RoutePlanner(dense_budget_bytes=0, fuse=True)),
 def test_crafted_rows_cannot_round_a_gram_norm_below_the_gradient(clipping, planner):
     """Attacker's review: x_1 = ones(1024), x_2 = c ones(1024), output gradients +1 and -1. An fp32 Gram entry sums
     1024 equal products, each rounding the same way (~1e-4 of the entry), and the norm^2 = X11 - 2 X12 + X22 came
-    out far below the true ||x_1 - x_2||^2 = (7.7 C)^2: the sample entered at 7.69 C. Grams in fp64 fix it."""
+    out far below the true ||x_1 - x_2||^2 = (7.7 C)^2: the sample entered at 7.69 C. Grams in fp64 fixed it; the
+    CPU's fp32 blocks add their error bound instead (next test)."""
     torch.manual_seed(0)
     layer = nn.Linear(1024, 1, bias=False)
     attack = torch.ones(1, 2, 1024)
     attack[0, 1] = 1.0002403259277344
     x = torch.cat([torch.randn(1, 2, 1024), attack])  # (B=2, T=2, d_in), the attack sample last
     out_grads = torch.tensor([1.0, -1.0]).expand(2, 2)[..., None]  # (B, T, 1)
+    assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, 1e-3) <= 1e-3 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("clipping,planner", ROUTES, ids=["fused", "factored", "flat"])
+def test_crafted_rows_cannot_round_fp32_blocked_grams_below_the_gradient(clipping, planner):
+    """The same attack on a layer wide enough for ghost norms with 384 blocks of features (49152 -> 64): the fp32
+    Gram entries carry ~5e-6 of their terms' sum, and clipped against its computed norm plus the cancellation
+    margin alone the sample entered at 1.83 C (c found by a search). With ``ghost_rounding_allowance``: 0.28 C."""
+    d = 49152
+    layer = nn.Linear(d, 64, bias=False)
+    attack = torch.ones(1, 2, d)
+    attack[0, 1] = 1.0035858154296875
+    x = torch.cat([torch.randn(1, 2, d, generator=torch.Generator().manual_seed(0)), attack])  # (B=2, T=2, d)
+    out_grads = torch.tensor([1.0, -1.0])[None, :, None].expand(2, 2, 64)  # (B, T, 64)
     assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, 1e-3) <= 1e-3 * (1 + 1e-5)
 
 
@@ -233,3 +248,41 @@ def test_clipping_multiplies_in_ieee_fp32_whatever_precision_the_user_set(precis
     finally:
         torch.set_float32_matmul_precision(before)
     assert seen and all(p == "highest" and not autocast for _, p, autocast in seen), seen
+
+
+@pytest.mark.parametrize("d", [64, 1000, 8192, 49152])
+@pytest.mark.parametrize("rows", ["one way", "random", "tiny"])
+def test_fp32_blocked_grams_stay_within_their_stated_error(d, rows):
+    """The CPU's Gram entries against float64: within gamma_D sum_k |v_tk v_sk| + delta (``gram_rounding``), for
+    rows whose products all round one way (the crafted-rows attack), random rows and rows deep in the subnormals."""
+    from dptrain.kernels._common import gram_fp32_blocked, gram_rounding
+
+    g = torch.Generator().manual_seed(d)
+    if rows == "one way":
+        v = torch.ones(1, 3, d)
+        v[0, 1], v[0, 2] = 1.0002403259277344, 1 + 2.0**-22 * 3
+    elif rows == "random":
+        v = torch.randn(2, 5, d, generator=g) + 0.5
+    else:
+        v = torch.randn(2, 5, d, generator=g) * 2.0**-70  # products below fp32's subnormals
+    got = gram_fp32_blocked(v).double()
+    exact = torch.bmm(v.double(), v.double().transpose(1, 2))
+    terms = torch.bmm(v.double().abs(), v.double().abs().transpose(1, 2))
+    e, delta = gram_rounding(d)
+    error = (got - exact).abs()
+    assert bool((error <= e * terms + delta).all()), float((error / (e * terms + delta)).max())
+    if rows == "one way" and d >= 1000:
+        assert float((error / (e * terms)).max()) > 0.02  # this attack reaches a few % of the bound
+
+
+def test_values_too_large_for_fp32_grams_take_fp64_and_stay_clipped():
+    """Products of values beyond 2^50 could overflow an fp32 Gram: that sample chunk takes fp64 Grams instead."""
+    from dptrain.kernels._common import gram_fp32_blocked
+
+    assert gram_fp32_blocked(torch.full((1, 2, 8), 2.0**51)) is None
+    layer = nn.Linear(64, 4, bias=False)
+    x = torch.randn(2, 4, 64)
+    x[1] *= 2.0**52
+    out_grads = torch.randn(2, 4, 4)
+    for clipping, planner in ROUTES:
+        assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, 1e-2) <= 1e-2 * (1 + 1e-5)
