@@ -211,14 +211,15 @@ def row_sq_norms(t: torch.Tensor) -> torch.Tensor:
     elements, then the sum of their squares. torch's CPU norm sums a whole row in one running fp32 total (relative
     error -2e-4 at 8M elements, 1.5e-2 at 28M), which would understate a norm and let a clipped sample exceed C."""
     b, n = t.shape
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
     if n <= ROW_NORM_BLOCK:  # short rows (biases, norm layers): one norm is accurate
-        return torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).square()
+        return torch.linalg.vector_norm(t, dim=1, dtype=work).square().float()
     whole = n - n % ROW_NORM_BLOCK
     blocks = t[:, :whole].reshape(b, whole // ROW_NORM_BLOCK, ROW_NORM_BLOCK)  # a view for a contiguous t
-    total = torch.linalg.vector_norm(blocks, dim=2, dtype=torch.float32).square().sum(1)  # (b,)
+    total = torch.linalg.vector_norm(blocks, dim=2, dtype=work).square().sum(1)  # (b,)
     if whole < n:
-        total = total + torch.linalg.vector_norm(t[:, whole:], dim=1, dtype=torch.float32).square()
-    return total
+        total = total + torch.linalg.vector_norm(t[:, whole:], dim=1, dtype=work).square()
+    return total.float()
 
 
 def tuning_bucket(n: int) -> int:

@@ -26,16 +26,19 @@ FP32_UNIT_ROUNDOFF = 2.0**-24
 @contextlib.contextmanager
 def ieee_fp32_matmul() -> Iterator[None]:
     """fp32 matmuls in IEEE fp32 inside, whatever the caller set: the bounds assume u = 2^-24, while
-    ``torch.set_float32_matmul_precision("high")`` runs CUDA's in TF32 (10 mantissa bits), "medium" the CPU's in bf16
-    (7), and a backward called inside ``torch.autocast`` would cast the clipper's products to half precision."""
-    saved = torch.get_float32_matmul_precision()
+    ``torch.set_float32_matmul_precision("high")`` (or the backends' ``fp32_precision``) runs CUDA's in TF32 (10
+    mantissa bits), "medium" the CPU's in bf16 (7), and a backward called inside ``torch.autocast`` would cast the
+    clipper's products to half precision. Sets and restores each backend's own flag, which overrides both the
+    legacy and the global setting (reading the legacy one raises once the backends disagree)."""
     with contextlib.ExitStack() as stack:
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
-        if saved != "highest":
-            torch.set_float32_matmul_precision("highest")
-            stack.callback(torch.set_float32_matmul_precision, saved)
+        for matmul in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):
+            saved = matmul.fp32_precision
+            if saved != "ieee":
+                matmul.fp32_precision = "ieee"
+                stack.callback(setattr, matmul, "fp32_precision", saved)
         yield
 
 
@@ -64,8 +67,8 @@ def row_norm_bounds(t: torch.Tensor) -> torch.Tensor:
     """Upper bounds of the norms of the rows of ``t`` (B, T, d), (B, T) fp64: fp32 sums of squares raised by their
     rounding, (d + 3) u, and fp64 for the rows whose fp32 squares may have underflowed (norm below 2^-60) or
     overflowed."""
-    d = t.shape[-1]
-    norms = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).double().mul_(1 + (d + 3) * 2.0**-24)  # (B, T)
+    d, work = t.shape[-1], torch.float64 if t.dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(t, dim=-1, dtype=work).double().mul_(1 + (d + 3) * 2.0**-24)  # (B, T)
     redo = (norms < 2.0**-60) | ~torch.isfinite(norms)
     if bool(redo.any()):
         norms[redo] = torch.linalg.vector_norm(t[redo].double(), dim=-1)

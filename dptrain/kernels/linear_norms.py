@@ -100,9 +100,10 @@ def _sq_norms_instantiate_torch(x: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     B, T, d_in = x.shape
     d_out = g.shape[2]
     out = torch.empty(B, dtype=torch.float32, device=x.device)
+    work = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32  # as the weighted sum multiplies
     per_sample = 4 * d_in * d_out + (4 * T * (d_in + d_out) if x.dtype != torch.float32 else 0)
     for sl in batch_chunks(B, per_sample):
-        grads = torch.bmm(g[sl].float().transpose(1, 2), x[sl].float())  # (b, d_out, d_in)
+        grads = torch.bmm(g[sl].to(work).transpose(1, 2), x[sl].to(work))  # (b, d_out, d_in)
         out[sl] = row_sq_norms(grads.flatten(1))
     return out
 

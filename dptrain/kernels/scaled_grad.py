@@ -39,6 +39,8 @@ def scaled_linear_grad_torch(x: torch.Tensor, g: torch.Tensor, scale: torch.Tens
     d_out = g.shape[2]
     work = torch.bfloat16 if x.is_cuda and x.dtype == torch.bfloat16 else torch.float32  # see split_bf16
     s = scale.to(x.device)[:, None, None]  # (B, 1, 1)
+    if torch.float64 in (x.dtype, g.dtype):  # an fp64 layer: cast to fp32, a value could round up (2^-150 to 2^-149)
+        return _scaled_sum_fp64(x, g, s).to(out_dtype)
     fold_into_g = d_out <= d_in  # the scale goes into the smaller operand
     scaled = (g if fold_into_g else x).float() * s  # (B, T, d) fp32
     if _rounded_into_subnormals(scaled):  # a clip factor times a tiny operand: redo the products in fp64

@@ -222,18 +222,31 @@ def test_a_clip_factor_folded_into_subnormal_gradients_is_not_rounded_up(clippin
     assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, c) <= c * (1 + 1e-5)
 
 
+def _set_precision(setting: str) -> None:
+    if setting in ("highest", "high", "medium"):
+        torch.set_float32_matmul_precision(setting)
+    else:  # the per-backend API, which makes the legacy getter raise once the backends disagree
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+
+
+def _backend_precisions() -> tuple:
+    return torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+
+
 @pytest.mark.parametrize("clipping,fuse", [("per_layer", True), ("per_layer", False), ("flat", False)])
-@pytest.mark.parametrize("precision", ["high", "medium", "autocast"])
+@pytest.mark.parametrize("precision", ["high", "medium", "backend flags", "autocast"])
 def test_clipping_multiplies_in_ieee_fp32_whatever_precision_the_user_set(precision, clipping, fuse, monkeypatch):
     """The bounds assume fp32 products rounded at 2^-24: matmul precision "high" would run CUDA's fp32 GEMMs in TF32
-    (10 mantissa bits), "medium" the CPU's in bf16, and a backward inside ``torch.autocast`` casts them to bf16; the
-    clipped sum (one GEMM) and the norm (another) would then round apart by ~2^-10 of a sample's token terms. The
-    clipper's products run at "highest" without autocast, and the user's settings come back."""
+    (10 mantissa bits), "medium" the CPU's in bf16 (as would the backends' own ``fp32_precision`` flags), and a
+    backward inside ``torch.autocast`` casts them to bf16; the clipped sum (one GEMM) and the norm (another) would
+    then round apart by ~2^-10 of a sample's token terms. The clipper's products run in IEEE fp32 without autocast,
+    and the user's settings come back."""
     seen = []
 
     def recording(name, real):
         def call(*args, **kwargs):
-            seen.append((name, torch.get_float32_matmul_precision(), torch.is_autocast_enabled("cpu")))
+            seen.append((name, _backend_precisions(), torch.is_autocast_enabled("cpu")))
             return real(*args, **kwargs)
         return call
 
@@ -243,18 +256,35 @@ def test_clipping_multiplies_in_ieee_fp32_whatever_precision_the_user_set(precis
     layer = nn.Linear(16, 8, bias=False)
     planner = RoutePlanner(dense_budget_bytes=0, fuse=fuse)
     tracker = GradSampleTracker(layer, clipping=clipping, max_grad_norm=1e-2, loss_reduction="sum", planner=planner)
-    before = torch.get_float32_matmul_precision()
-    user = "highest" if precision == "autocast" else precision
-    torch.set_float32_matmul_precision(user)
+    before = _backend_precisions()
+    _set_precision("highest" if precision == "autocast" else precision)
+    users = _backend_precisions()
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
             layer(torch.randn(3, 5, 16)).float().sum().backward()
             tracker.flush()
             assert torch.is_autocast_enabled("cpu") == (precision == "autocast")
-        assert torch.get_float32_matmul_precision() == user
+        assert _backend_precisions() == users
     finally:
-        torch.set_float32_matmul_precision(before)
-    assert seen and all(p == "highest" and not autocast for _, p, autocast in seen), seen
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+    assert seen and all(p == ("ieee", "ieee") and not autocast for _, p, autocast in seen), seen
+
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("clipping,planner", ROUTES + [("per_layer", RoutePlanner())], ids=["fused", "factored", "flat",
+                                                                                           "default"])
+def test_a_float64_layer_is_clipped_from_the_values_it_sums(T, clipping, planner):
+    """Attacker's review: an fp64 layer's weighted sum cast the unscaled operand to fp32, where 2^-150 (1 + 2^-30)
+    rounds up to 2^-149, while the norm used the fp64 values: against output gradients of 2^127 the sample entered
+    at 1.97 C (T = 1). An fp64 layer's norms and sums now stay in fp64 (T > 1 crashed in the row norms before)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4096, 64, bias=False).double()
+    x = torch.cat([torch.randn(1, T, 4096, dtype=torch.float64),
+                   torch.full((1, T, 4096), 2.0**-150 * (1 + 2.0**-30), dtype=torch.float64)])  # (B=2, T, d_in)
+    out_grads = torch.ones(2, T, 64, dtype=torch.float64)
+    out_grads[1] *= 2.0**127
+    assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, 1e-6) <= 1e-6 * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("block_sum", ["one by one", "stacked"])
