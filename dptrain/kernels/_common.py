@@ -98,9 +98,6 @@ def gram_fp64(v: torch.Tensor) -> torch.Tensor:
 # at the speed of wider blocks. Beyond GRAM_FP32_MAX_ABS a product could overflow: fp64 instead.
 GRAM_FP32_BLOCK = 128
 GRAM_FP32_MAX_ABS = 2.0**50
-# Narrow Grams whose per-block partials fit in this many bytes take one batched product over all blocks (a call per
-# block costs ~0.1 ms on a CPU: SmolLM2 has ~2500 of them a step).
-GRAM_STACK_BYTES = 8 * 2**20
 
 
 def gram_rounding(d: int) -> tuple[float, float]:
@@ -116,17 +113,12 @@ def gram_rounding(d: int) -> tuple[float, float]:
 
 def gram_fp32_blocked(v: torch.Tensor) -> torch.Tensor | None:
     """Per-sample Grams v v^T of (b, T, d) fp32 rows, (b, T, T) fp32: one product per block of ``GRAM_FP32_BLOCK``
-    features, then their sum (not ``baddbmm``, which may fold the running sum into the block's own); None when a
+    features, added one by one (not ``baddbmm``, which may fold the running sum into the block's own); None when a
     value is beyond ``GRAM_FP32_MAX_ABS`` or not finite."""
     low, high = torch.aminmax(v)
     if not (-GRAM_FP32_MAX_ABS <= float(low) and float(high) <= GRAM_FP32_MAX_ABS):  # also False for NaN
         return None
-    b, T, d = v.shape
-    k, blocks = GRAM_FP32_BLOCK, -(-d // GRAM_FP32_BLOCK)
-    if blocks > 1 and 4 * b * blocks * T * T <= GRAM_STACK_BYTES:  # narrow: every block in one product
-        stacked = torch.nn.functional.pad(v, (0, blocks * k - d)).view(b, T, blocks, k).transpose(1, 2)
-        stacked = stacked.reshape(b * blocks, T, k)  # (b * blocks, T, k); the zero padding adds exact zeros
-        return torch.bmm(stacked, stacked.transpose(1, 2)).view(b, blocks, T, T).sum(1)  # (b, T, T)
+    k = GRAM_FP32_BLOCK
     gram = torch.bmm(v[:, :, :k], v[:, :, :k].transpose(1, 2))  # (b, T, T)
     block = torch.empty_like(gram)
     for start in range(k, v.shape[2], k):

@@ -153,18 +153,11 @@ def test_crafted_rows_cannot_round_a_gram_norm_below_the_gradient(clipping, plan
     assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, 1e-3) <= 1e-3 * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("block_sum", ["one by one", "stacked"])
 @pytest.mark.parametrize("clipping,planner", ROUTES, ids=["fused", "factored", "flat"])
-def test_crafted_rows_cannot_round_fp32_blocked_grams_below_the_gradient(clipping, planner, block_sum, monkeypatch):
-    """The same attack on a layer wide enough for ghost norms with 384 blocks of features (49152 -> 64). Summing the
-    blocks' products one by one, the fp32 Gram entries carry ~5e-6 of their terms' sum, and clipped against its
-    computed norm plus the cancellation margin alone the sample entered at 1.83 C (c found by a search); with
-    ``ghost_rounding_allowance`` at 0.28 C. (Stacked, torch's sum over the blocks happens to round less: 0.97 C
-    without the allowance; the bound holds for any order.)"""
-    from dptrain.kernels import _common
-
-    if block_sum == "one by one":
-        monkeypatch.setattr(_common, "GRAM_STACK_BYTES", 0)
+def test_crafted_rows_cannot_round_fp32_blocked_grams_below_the_gradient(clipping, planner):
+    """The same attack on a layer wide enough for ghost norms with 384 blocks of features (49152 -> 64): the fp32
+    Gram entries carry ~5e-6 of their terms' sum, and clipped against its computed norm plus the cancellation
+    margin alone the sample entered at 1.83 C (c found by a search). With ``ghost_rounding_allowance``: 0.28 C."""
     d = 49152
     layer = nn.Linear(d, 64, bias=False)
     attack = torch.ones(1, 2, d)
@@ -287,17 +280,12 @@ def test_a_float64_layer_is_clipped_from_the_values_it_sums(T, clipping, planner
     assert _moved_by_removing_the_last(layer, x, out_grads, clipping, planner, 1e-6) <= 1e-6 * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("block_sum", ["one by one", "stacked"])
 @pytest.mark.parametrize("d", [64, 1000, 8192, 49152])
 @pytest.mark.parametrize("rows", ["one way", "random", "tiny"])
-def test_fp32_blocked_grams_stay_within_their_stated_error(d, rows, block_sum, monkeypatch):
+def test_fp32_blocked_grams_stay_within_their_stated_error(d, rows):
     """The CPU's Gram entries against float64: within gamma_D sum_k |v_tk v_sk| + delta (``gram_rounding``), for
-    rows whose products all round one way (the crafted-rows attack), random rows and rows deep in the subnormals,
-    the blocks' products summed one by one or stacked."""
-    from dptrain.kernels import _common
+    rows whose products all round one way (the crafted-rows attack), random rows and rows deep in the subnormals."""
     from dptrain.kernels._common import gram_fp32_blocked, gram_rounding
-
-    monkeypatch.setattr(_common, "GRAM_STACK_BYTES", 0 if block_sum == "one by one" else 2**40)
 
     g = torch.Generator().manual_seed(d)
     if rows == "one way":
@@ -314,7 +302,7 @@ def test_fp32_blocked_grams_stay_within_their_stated_error(d, rows, block_sum, m
     error = (got - exact).abs()
     assert bool((error <= e * terms + delta).all()), float((error / (e * terms + delta)).max())
     if rows == "one way" and d >= 1000:
-        assert float((error / (e * terms)).max()) > 0.01  # this attack reaches 1-16% of the bound
+        assert float((error / (e * terms)).max()) > 0.02  # this attack reaches a few % of the bound
 
 
 def test_values_too_large_for_fp32_grams_take_fp64_and_stay_clipped():
