@@ -34,11 +34,16 @@ def ieee_fp32_matmul() -> Iterator[None]:
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
-        for matmul in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):
+        matmuls = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        backends = [m for m in matmuls if hasattr(m, "fp32_precision")]
+        for matmul in backends:
             saved = matmul.fp32_precision
             if saved != "ieee":
                 matmul.fp32_precision = "ieee"
                 stack.callback(setattr, matmul, "fp32_precision", saved)
+        if not backends and torch.get_float32_matmul_precision() != "highest":  # torch before the per-backend flags
+            stack.callback(torch.set_float32_matmul_precision, torch.get_float32_matmul_precision())
+            torch.set_float32_matmul_precision("highest")
         yield
 
 
