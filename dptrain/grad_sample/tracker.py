@@ -62,7 +62,7 @@ class GradSampleTracker:
     ``RuleAttachment``, ``build_groups``, ``RoutePlanner`` (pass one to configure it), ``Clipper`` and ``NormLog``."""
 
     def __init__(self, model: nn.Module, *, clipping: str,
-                 max_grad_norm: Union[float, Sequence[float], Mapping[str, float]], loss_reduction: str = "mean",
+                 max_grad_norm: Union[float, Sequence[float], Mapping[str, float]], loss_reduction: str = "sum",
                  automatic_gamma: float = 0.01, track_unclipped: bool = False, planner: Optional[RoutePlanner] = None,
                  sum_sink: Optional[Callable[[Clipper], None]] = None):
         _check_settings(clipping, loss_reduction, automatic_gamma)

@@ -53,7 +53,7 @@ def test_settings_check_names_rank_operation_and_fix(broken_group):
 def test_optimizer_step_names_rank_operation_and_fix(broken_group):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    tracker = GradSampleTracker(model, clipping="flat", max_grad_norm=1.0)
+    tracker = GradSampleTracker(model, clipping="flat", loss_reduction="mean", max_grad_norm=1.0)
     opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tracker, noise_multiplier=1.0,
                       expected_batch_size=4, insecure_noise_seed=0)
     model(torch.randn(4, 3)).sum().backward()

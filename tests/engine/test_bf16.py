@@ -32,7 +32,7 @@ def _threshold(oracle) -> float:
 
 
 def _check(case, model, oracle, clipping, run_backward, torch_bf16=None):
-    tracker = GradSampleTracker(model, clipping=clipping, max_grad_norm=_threshold(oracle))
+    tracker = GradSampleTracker(model, clipping=clipping, loss_reduction="mean", max_grad_norm=_threshold(oracle))
     run_backward(model)
     tracker.flush()
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}

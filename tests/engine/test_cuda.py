@@ -59,7 +59,7 @@ def test_clipped_sum_on_cuda_matches_the_oracle(case_name, clipping, dense):
     case = _on_cuda(CASES[case_name]())
     oracle, c = _oracle_and_threshold(case)
     planner = RoutePlanner(dense_pass_cost=-1e9) if dense else RoutePlanner(dense_budget_bytes=0)
-    tracker = GradSampleTracker(case.model, clipping=clipping, max_grad_norm=c, planner=planner)
+    tracker = GradSampleTracker(case.model, clipping=clipping, loss_reduction="mean", max_grad_norm=c, planner=planner)
     case.per_sample_loss(case.model, case.inputs).mean().backward()  # loss_reduction="mean"
     tracker.flush()
     assert _compare(case, tracker, oracle) < 1e-4  # fp32 kernels multiply in IEEE fp32, not TF32
@@ -70,7 +70,7 @@ def test_clipped_sum_on_cuda_matches_the_oracle(case_name, clipping, dense):
 def test_bf16_autocast_on_cuda_is_within_bf16_rounding_of_the_fp32_oracle(case_name, clipping):
     case = _on_cuda(CASES[case_name]())
     oracle, c = _oracle_and_threshold(case)
-    tracker = GradSampleTracker(case.model, clipping=clipping, max_grad_norm=c)
+    tracker = GradSampleTracker(case.model, clipping=clipping, loss_reduction="mean", max_grad_norm=c)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         losses = case.per_sample_loss(case.model, case.inputs)
     losses.float().mean().backward()

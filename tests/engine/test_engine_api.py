@@ -74,7 +74,7 @@ def test_automatic_clipping_normalises_each_sample():
 @given(scale=st.floats(1e-3, 1e3), c=st.floats(0.01, 10.0), clipping=st.sampled_from(["flat", "per_layer"]))
 def test_each_sample_contributes_at_most_its_threshold(scale, c, clipping):
     model = _mlp(seed=1)
-    tracker = GradSampleTracker(model, clipping=clipping, max_grad_norm=c)
+    tracker = GradSampleTracker(model, clipping=clipping, loss_reduction="mean", max_grad_norm=c)
     x = scale * torch.randn(1, 5)
     (model(x) - 1.0).pow(2).sum().backward()
     tracker.flush()

@@ -67,14 +67,14 @@ def test_clipped_sum_matches_batch_size_one_oracle(case_name, clipping, reductio
 
 def test_tied_embedding_is_one_group_with_both_uses():
     case = CASES["gpt2_tied"]()
-    tracker = GradSampleTracker(case.model, clipping="per_layer", max_grad_norm=1.0)
+    tracker = GradSampleTracker(case.model, clipping="per_layer", loss_reduction="mean", max_grad_norm=1.0)
     tied = [g for g in tracker.groups if any(p is case.model.lm_head.weight for p in g.params)]
     assert len(tied) == 1 and "wte" in tied[0].name and "lm_head" in tied[0].name
 
 
 def test_default_per_layer_thresholds_keep_total_sensitivity():
     case = CASES["tiny_lm"]()
-    tracker = GradSampleTracker(case.model, clipping="per_layer", max_grad_norm=2.0)
+    tracker = GradSampleTracker(case.model, clipping="per_layer", loss_reduction="mean", max_grad_norm=2.0)
     assert len(tracker.groups) == 5
     assert tracker.total_max_norm == pytest.approx(2.0)
     assert all(g.max_norm == pytest.approx(2.0 / 5**0.5) for g in tracker.groups)
@@ -83,7 +83,7 @@ def test_default_per_layer_thresholds_keep_total_sensitivity():
 def test_deferred_sums_refuse_a_planner_with_dense_or_fused_routes():
     case = CASES["tiny_lm"]()
     with pytest.raises(ValueError, match=r"deferred clipped sums need the factored route alone"):
-        GradSampleTracker(case.model, clipping="flat", max_grad_norm=1.0, planner=RoutePlanner(),
+        GradSampleTracker(case.model, clipping="flat", loss_reduction="mean", max_grad_norm=1.0, planner=RoutePlanner(),
                           sum_sink=lambda clipper: None)
 
 

@@ -163,7 +163,7 @@ def test_module_writing_a_buffer_in_a_training_forward_is_refused_by_name(writer
 def test_language_models_buffers_pass_the_check():
     for name in ("gpt2_tied", "llama"):
         case = CASES[name]()
-        tracker = GradSampleTracker(case.model, clipping="flat", max_grad_norm=1.0)
+        tracker = GradSampleTracker(case.model, clipping="flat", loss_reduction="mean", max_grad_norm=1.0)
         case.per_sample_loss(case.model, case.inputs).sum().backward()
         tracker.flush()
         assert tracker.clipped_sum
@@ -430,7 +430,7 @@ def test_a_model_running_hugging_face_hub_kernels_is_refused(monkeypatch):
     case.model._use_kernels = True  # what set_use_kernels(True) records (the kernels package is not needed here)
     with pytest.raises(ValueError, match=r"LlamaForCausalLM runs Hugging Face hub kernels \(use_kernels=True.*"
                                          r"from_pretrained\(\.\.\., use_kernels=False\)"):
-        GradSampleTracker(case.model, clipping="flat", max_grad_norm=1.0)
+        GradSampleTracker(case.model, clipping="flat", loss_reduction="mean", max_grad_norm=1.0)
     seen = {}
 
     def fake_from_pretrained(name, **kwargs):

@@ -218,7 +218,7 @@ def test_the_gradient_probe_accepts_every_parity_model(case_name, clipping, monk
     compared = []
     monkeypatch.setattr(independence, "_compare_gradients",
                         lambda *a: compared.append(a[-1]) or _compare_gradients(*a))
-    tracker = GradSampleTracker(case.model, clipping=clipping, max_grad_norm=C)
+    tracker = GradSampleTracker(case.model, clipping=clipping, loss_reduction="mean", max_grad_norm=C)
     lm = "input_ids" in case.inputs
     args, kwargs = ((), {"input_ids": case.inputs["input_ids"]}) if lm else ((case.inputs["x"],), {})
     if case_name == "tiny_lm":  # its output object hides the logits from the probes: give them the tensor
