@@ -39,12 +39,10 @@ def _ratios(x: torch.Tensor, g: torch.Tensor):
     """(error / U^2, margin / U^2, ghost price, engine's price) per sample, float64, for (B, T, d_in) inputs and
     (B, T, d_out) gradients; price = bound / N - 1."""
     exact = torch.einsum("bto,bti->boi", g.double(), x.double()).flatten(1).square().sum(1)  # (B,)
-    x_rows, g_rows = kernels.row_norm_bounds(x), kernels.row_norm_bounds(g)  # (B, T)
-    triangle = (x_rows * g_rows).sum(1)  # (B,) U
     out = []
     for strategy in ("ghost", kernels.choose_linear_strategy(x.shape[1], x.shape[2], g.shape[2])):
         computed = kernels.per_sample_linear_grad_sq_norms(x, g, strategy=strategy)  # (B,) fp32
-        allowance = kernels.ghost_rounding_allowance(x, g, x_rows, g_rows, strategy)
+        triangle, allowance = kernels.bound_terms(x, g, strategy)  # (B,) U, and what fp32 Grams may lose
         bound = kernels.clip_bounds_sq(computed, triangle, x.shape[1] * triangle, allowance).double()
         out.append(((computed.double() - exact).abs(), allowance, (bound / exact).sqrt() - 1))
     (error, allowance, ghost_price), (_, _, price) = out

@@ -149,9 +149,9 @@ def _triangle_bound(c: Contribution) -> Tuple[torch.Tensor, int, Optional[torch.
     if c.is_index:
         return kernels.triangle_bounds(None, c.right), c.right.shape[1], None
     (x, g), tokens = c.kernel_args, c.right.shape[1]
-    x_rows, g_rows = kernels.row_norm_bounds(x), kernels.row_norm_bounds(g)  # (B, T) each
     strategy = kernels.choose_linear_strategy(tokens, x.shape[2], g.shape[2], x.device.type)
-    return (x_rows * g_rows).sum(1), tokens, kernels.ghost_rounding_allowance(x, g, x_rows, g_rows, strategy)
+    bound, allowance = kernels.bound_terms(x, g, strategy)  # (B,) each
+    return bound, tokens, allowance
 
 
 def clip_sq_norms(uses: Sequence[Contribution]) -> torch.Tensor:

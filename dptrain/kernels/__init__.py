@@ -14,6 +14,7 @@ if __name__ == "dptrain.kernels":
     from .embedding_norms import per_sample_embedding_grad_norms, per_sample_embedding_grad_sq_norms
     from .fused_clip import fused_clip_linear_grad
     from .linear_norms import (
+        bound_terms,
         choose_linear_strategy,
         ghost_rounding_allowance,
         per_sample_linear_grad_norms,
@@ -28,6 +29,7 @@ __all__ = [
     "triangle_bounds",
     "row_norm_bounds",
     "ghost_rounding_allowance",
+    "bound_terms",
     "CANCELLATION_RHO",
     "clip_bounds_sq",
     "ieee_fp32_matmul",

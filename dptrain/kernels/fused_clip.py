@@ -13,13 +13,8 @@ from __future__ import annotations
 import torch
 
 from ._common import check_linear_inputs, check_per_sample, check_strategy, use_triton
-from .clip import clip_bounds_sq, clip_factors, row_norm_bounds
-from .linear_norms import (
-    choose_linear_strategy,
-    ghost_rounding_allowance,
-    linear_grad_sq_norms_torch,
-    linear_grad_sq_norms_triton,
-)
+from .clip import clip_bounds_sq, clip_factors
+from .linear_norms import bound_terms, choose_linear_strategy, linear_grad_sq_norms_torch, linear_grad_sq_norms_triton
 from .scaled_grad import scaled_linear_grad_torch, scaled_linear_grad_triton
 
 __all__ = ["fused_clip_linear_grad"]
@@ -58,10 +53,8 @@ def fused_clip_linear_grad(
     triton = x3.shape[0] > 0 and use_triton(backend, x3, g3)
     sq = (linear_grad_sq_norms_triton if triton else linear_grad_sq_norms_torch)(x3, g3, strategy)  # (B,) fp32
     if x3.shape[1] > 1:
-        x_rows, g_rows = row_norm_bounds(x3), row_norm_bounds(g3)  # (B, T) each
-        bound = (x_rows * g_rows).sum(1)  # (B,)
-        allowance = None if triton else ghost_rounding_allowance(x3, g3, x_rows, g_rows, strategy)
-        sq = clip_bounds_sq(sq, bound, x3.shape[1] * bound, allowance)
+        bound, allowance = bound_terms(x3, g3, strategy)  # (B,) each
+        sq = clip_bounds_sq(sq, bound, x3.shape[1] * bound, None if triton else allowance)
     if extra_sq_norms is not None:
         sq = sq + extra_sq_norms
     if triton:  # the scaled-sum kernel's clipping variant: clip factors from the squared norms, in the kernel

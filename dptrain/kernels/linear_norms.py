@@ -44,8 +44,10 @@ from ._common import (
     use_triton,
 )
 
+from .clip import row_norm_bounds
+
 __all__ = ["per_sample_linear_grad_norms", "per_sample_linear_grad_sq_norms", "choose_linear_strategy",
-           "ghost_rounding_allowance"]
+           "ghost_rounding_allowance", "bound_terms"]
 
 
 def choose_linear_strategy(seq_len: int, d_in: int, d_out: int, device_type: str = "cpu") -> str:
@@ -74,6 +76,13 @@ def ghost_rounding_allowance(x3: torch.Tensor, g3: torch.Tensor, x_rows: torch.T
     u, s_x, s_g = (x_rows * g_rows).sum(1), x_rows.sum(1), g_rows.sum(1)  # (B,) each
     return ((e_x + e_g + e_x * e_g) * u.square() + delta_x * (1 + e_g) * s_g.square()
             + delta_g * (1 + e_x) * s_x.square() + delta_x * delta_g * x3.shape[1] ** 2)
+
+
+def bound_terms(x3: torch.Tensor, g3: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What ``clip.clip_bounds_sq`` needs of a linear use besides its norm: the triangle bounds U, (B,) fp64, and
+    ``ghost_rounding_allowance`` for the norm ``strategy`` (resolved) computes, from the same row norms."""
+    x_rows, g_rows = row_norm_bounds(x3), row_norm_bounds(g3)  # (B, T) each
+    return (x_rows * g_rows).sum(1), ghost_rounding_allowance(x3, g3, x_rows, g_rows, strategy)
 
 
 # ----------------------------------------------------------------------------------------------- torch reference
