@@ -17,6 +17,14 @@ count or on whether the prefetch was used (the same generator calls in the same 
 independently, so the noise is i.i.d. N(0, std^2) per coordinate as DP-SGD requires. A prefetched draw is never
 released: the checkpoint state is the generators' state from before it.
 
+Two draws per value: torch's samplers are Box-Muller transforms of 24-bit (CPU fp32) or 32-bit (CUDA) uniforms, so
+one draw is not a Gaussian: its values lie on a lattice sparser than the fp32 grid (an attacker who knows the sum
+tells which of two neighbouring sums a released pair of coordinates came from) and its tail stops at 5.77 std (CPU:
+a coordinate moved by |v| leaves the support with probability ~1e-8 sqrt(|v| / std), ~1e-3 a step summed over 5M
+coordinates). Every value is therefore the sum of two independent draws of std / sqrt(2) (``_normal_``), as
+Opacus's secure mode does with four: the pairs then fill the grid and the support reaches 8.16 std
+(docs/architecture.md, "The noise's own floating point").
+
 Entropy: every stream's whole state comes from the operating system's entropy (``os.urandom``): all 19968 bits
 of a CPU generator's mt19937 state (its ``manual_seed`` keeps only the low 32 bits of a seed, few enough to try
 them all), the 64-bit Philox key of a CUDA one. An insecure seed (tests and debugging only: whoever knows it can
@@ -42,6 +50,7 @@ import torch
 
 __all__ = ["GaussianNoise", "secret_generator", "reseed_from_entropy"]
 
+_SQRT_HALF = 0.5**0.5
 _POOL: Optional[ThreadPoolExecutor] = None
 
 
@@ -76,21 +85,29 @@ def secret_generator(device="cpu") -> torch.Generator:
     return reseed_from_entropy(torch.Generator(device=device))
 
 
+def _normal_(scratch: torch.Tensor, n: int, std: float, gen: torch.Generator) -> torch.Tensor:
+    """``scratch[:n]`` <- n values of N(0, std^2), each the sum of two independent draws of std / sqrt(2) (one
+    generator call of 2 n values into ``scratch``; why two: the module docstring)."""
+    pair = scratch[: 2 * n]  # (2n,)
+    pair.normal_(0.0, std * _SQRT_HALF, generator=gen)
+    return pair[:n].add_(pair[n:])
+
+
 class GaussianNoise:
     """Adds N(0, std^2) noise in place to lists of fp32 tensors; ``seed=None`` seeds from OS entropy.
 
     ``secure=True``: fresh OS entropy for every draw, no saved state (``seed`` must then be None)."""
 
     STREAMS = 4  # per CPU device; a CUDA device uses one stream (the kernel is parallel already)
-    # Values drawn per generator call (64 KiB: still in the core's cache when added). Below torch's parallel grain
-    # (32768) on purpose: an op the helper threads run is then serial, and never starts an OpenMP team of its own
-    # (with more OpenMP threads alive than cores, libgomp stops spin-waiting and every later parallel op of the
-    # training thread pays a futex wake-up: AdamW took 1.6x as long for the rest of the process).
+    # Values per generator call (2 draws each: 128 KiB, still in the core's cache when added). Its ops stay below
+    # torch's parallel grain (32768) on purpose: an op the helper threads run is then serial, and never starts an
+    # OpenMP team of its own (with more OpenMP threads alive than cores, libgomp stops spin-waiting and every later
+    # parallel op of the training thread pays a futex wake-up: AdamW took 1.6x as long for the rest of the process).
     CHUNK = 1 << 14
     PREFETCH = hasattr(os, "SCHED_IDLE")  # CPU only; needs an idle-class thread or it would steal compute
     PREFETCH_MAX_NUMEL = 1 << 24  # 64 MiB: larger models draw synchronously rather than hold a second copy
     PREFETCH_START = 1 << 20  # values a first prefetch may draw (4 MiB); then twice what the last one drew
-    DEVICE_CHUNK = 1 << 24  # values per draw on an accelerator (64 MiB)
+    DEVICE_CHUNK = 1 << 24  # draws per call on an accelerator (64 MiB; half as many values)
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0, *, secure: bool = False):
         if secure and seed is not None:
@@ -124,7 +141,7 @@ class GaussianNoise:
     def sample(self, n: int, std: float) -> torch.Tensor:
         """n values of N(0, std^2) in float64 on the CPU from a stream of their own (released statistics)."""
         (gen,) = self._fresh(self._generators_named("release"))
-        return std * torch.randn(n, generator=gen, dtype=torch.float64)
+        return _normal_(torch.empty(2 * n, dtype=torch.float64), n, std, gen)
 
     def _generators_named(self, key: str) -> List[torch.Generator]:
         if key not in self._streams:
@@ -169,25 +186,21 @@ class GaussianNoise:
 
     def _draw_and_add_on_device(self, gen, flat: "_FlatView", std: float, scale: float, key: str,
                                 device: torch.device) -> None:
-        """An accelerator's path: one generator, ``DEVICE_CHUNK`` values per draw (a full-width kernel already),
+        """An accelerator's path: one generator, ``DEVICE_CHUNK`` draws per call (a full-width kernel already),
         so the scratch stays that size instead of a second fp32 copy of the model's sums."""
-        scratch = self._scratch(key, min(flat.numel, self.DEVICE_CHUNK), device)
-        for lo, hi in _chunks(0, flat.numel, self.DEVICE_CHUNK):
-            chunk = scratch[: hi - lo]
-            chunk.normal_(0.0, std, generator=gen)
-            flat.add_(lo, chunk, scale)
+        scratch = self._scratch(key, min(2 * flat.numel, self.DEVICE_CHUNK), device)
+        for lo, hi in _chunks(0, flat.numel, self.DEVICE_CHUNK // 2):
+            flat.add_(lo, _normal_(scratch, hi - lo, std, gen), scale)
 
     def _draw_and_add(self, gens, flat: "_FlatView", std: float, scale: float, key: str, cuts: List[int],
                       starts: List[int]) -> None:
         """The synchronous path: stream k draws its slice from ``starts[k]`` on, CHUNK values at a time, each
         added while in cache."""
-        scratch = self._scratch(key, len(gens) * self.CHUNK, torch.device("cpu")).view(len(gens), self.CHUNK)
+        scratch = self._scratch(key, 2 * len(gens) * self.CHUNK, torch.device("cpu")).view(len(gens), 2 * self.CHUNK)
 
         def job(k: int) -> None:
             for lo, hi in _chunks(starts[k], cuts[k + 1], self.CHUNK):
-                chunk = scratch[k, : hi - lo]
-                chunk.normal_(0.0, std, generator=gens[k])
-                flat.add_(lo, chunk, scale)
+                flat.add_(lo, _normal_(scratch[k], hi - lo, std, gens[k]), scale)
 
         _run_streams(job, [k for k in range(len(gens)) if cuts[k + 1] > starts[k]])
 
@@ -337,17 +350,17 @@ class _Prefetch:
 
     def run(self) -> None:
         """The idle thread's part: stream after stream, chunk after chunk, until stopped or the buffer is full."""
-        scratch = torch.empty(self.chunk, dtype=torch.float32)
+        scratch = torch.empty(2 * self.chunk, dtype=torch.float32)
         while (k := self._take()) is not None:
             gen = self.gens[k]
             for lo, hi in _chunks(self.cuts[k], self.cuts[k + 1], self.chunk):
                 if self._stopped or _EXITING.is_set() or hi > len(self.buffer):  # consumed, cancelled, full, exiting
                     return
-                scratch[: hi - lo].normal_(0.0, self.std, generator=gen)
+                values = _normal_(scratch, hi - lo, self.std, gen)
                 with self._lock:
                     if self._stopped:
                         return
-                    self.buffer[lo:hi].copy_(scratch[: hi - lo])
+                    self.buffer[lo:hi].copy_(values)
                     self._done[k], self._resume[k] = hi, gen.get_state()
 
     def stop(self) -> List[int]:
