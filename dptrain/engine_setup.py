@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from dptrain import distributed
 from dptrain.accountants import calibrate_noise
 from dptrain.sampling import steps_per_epoch
+from dptrain.sampling_rate import realizable_rate
 from dptrain.validation import check_nonnegative, check_optional_int, check_positive, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def plan_batching(data_loader: DataLoader, world: int, poisson_sampling: bool) -
             "far more noise than Poisson sampling for the same epsilon"
         )
     per_epoch = steps_per_epoch(dataset_size, batch_size) if poisson_sampling else len(data_loader)
-    return Batching(dataset_size, batch_size, batch_size / dataset_size, per_epoch)
+    return Batching(dataset_size, batch_size, realizable_rate(batch_size / dataset_size), per_epoch)
 
 
 def total_steps(epochs, steps, per_epoch: int) -> Optional[int]:

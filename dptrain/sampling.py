@@ -17,9 +17,10 @@ from torch.utils.data.dataloader import default_collate
 
 from dptrain import distributed
 from dptrain.noise import reseed_from_entropy, secret_generator
+from dptrain.sampling_rate import realizable_rate
 from dptrain.validation import check_fraction, check_positive_int
 
-__all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length", "steps_per_epoch"]
+__all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length", "steps_per_epoch", "realizable_rate"]
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
@@ -43,7 +44,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         check_fraction("sample_rate", sample_rate, closed_right=True)
         if secure and generator is not None:
             raise ValueError("a secure sampler draws fresh OS entropy for every batch: do not pass a generator")
-        self.num_samples, self.sample_rate, self.secure = num_samples, sample_rate, bool(secure)
+        self.num_samples, self.sample_rate, self.secure = num_samples, realizable_rate(sample_rate), bool(secure)
         self.steps = steps if steps is not None else math.ceil(1 / sample_rate - 1e-9)  # ceil(N / B) for q = B / N
         self.generator = generator if generator is not None else secret_generator()
         self.drawn = 0  # batches drawn in the current epoch
@@ -61,7 +62,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         while self.drawn < self.steps:
             if self.secure:
                 reseed_from_entropy(self.generator)
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate  # (N,)
+            mask = torch.rand(self.num_samples, generator=self.generator, dtype=torch.float64) < self.sample_rate  # (N,)
             self.drawn += 1
             yield self.indices[mask].tolist()
 

@@ -11,6 +11,7 @@ import math
 
 from dptrain.cli import CLIError, emit
 from dptrain.cli._types import finite_float, nonneg_int, one_line_errors, positive_int
+from dptrain.sampling_rate import realizable_rate
 
 __all__ = ["add_parser", "run"]
 
@@ -66,12 +67,13 @@ def _sampling(args) -> tuple[float, int | None, float]:
             raise CLIError("give either --sample-rate or --dataset-size with --batch-size, not both")
         if not 0 < args.sample_rate <= 1:
             raise CLIError(f"--sample-rate must be in (0, 1], found {args.sample_rate!r}")
-        return args.sample_rate, None, math.ceil(1 / args.sample_rate - 1e-9)
+        return realizable_rate(args.sample_rate), None, math.ceil(1 / args.sample_rate - 1e-9)
     if args.dataset_size is None or args.batch_size is None:
         raise CLIError("give --sample-rate, or both --dataset-size and --batch-size")
     if args.batch_size > args.dataset_size:
         raise CLIError(f"--batch-size must be <= --dataset-size ({args.dataset_size}), found {args.batch_size}")
-    return args.batch_size / args.dataset_size, args.dataset_size, math.ceil(args.dataset_size / args.batch_size)
+    return (realizable_rate(args.batch_size / args.dataset_size), args.dataset_size,
+            math.ceil(args.dataset_size / args.batch_size))
 
 
 def _delta(args, dataset_size: int | None) -> tuple[float, str]:

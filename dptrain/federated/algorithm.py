@@ -30,6 +30,7 @@ from dptrain.accountants import calibrate_noise, make_accountant
 from dptrain.federated.lora import METHODS, get_factors, pairs, set_factors, set_trainable, trained_factors
 from dptrain.federated.svd import svd_refactorize
 from dptrain.finetune.config import default_delta
+from dptrain.sampling_rate import realizable_rate
 from dptrain.validation import check_choice, check_int, check_optional_int, check_positive, check_positive_int, check_probability
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class FederatedClient:
         self.client_id, self.dataset, self.collate, self.config = client_id, dataset, collate, config
         self.insecure_seed, self.loss_fn = insecure_seed, loss_fn
         self.num_examples = n
-        self.sample_rate = config.batch_size / n
+        self.sample_rate = realizable_rate(config.batch_size / n)  # the rate its sampler realises
         self.delta = config.delta if config.delta is not None else default_delta(n)
         self.total_steps = config.rounds * config.local_steps
         self.noise_multiplier = calibrate_noise(target_epsilon=config.target_epsilon, sample_rate=self.sample_rate,

@@ -78,7 +78,7 @@ class PrivateLMTrainer:
         private = make_private_lm(self.model, self.train_set, self.collate, cfg, self.delta, self.controller,
                                   self.device)
         self.engine, self.net, self.optimizer, self.loader, self.total_steps = private
-        self.sample_rate = cfg.batch_size / len(self.train_set)
+        self.sample_rate = self.engine.sample_rate  # the ledger's (realizable_rate of B / N)
         self.loss_release: Optional[LossRelease] = None  # the DP-noised training loss, accounted with each step
         if cfg.dp_train_loss and _plain_mechanism(self.controller, cfg) and self.optimizer.noise_multiplier > 0:
             self.loss_release = LossRelease(self.optimizer)
