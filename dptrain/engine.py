@@ -6,7 +6,8 @@ their MEAN over a fixed batch with ``"mean"``), ``loss.backward()`` then ``optim
 ``B_expected = sample_rate * len(dataset)`` (Poisson) or the loader's batch size.
 
 Secrets: the noise and the Poisson sampler draw from OS entropy; their generator states (in ``state_dict()``)
-are secret. ``secure_mode=True`` reseeds both from fresh OS entropy at every draw and saves no state of them.
+are secret. ``secure_mode=True`` draws both from an AES-256-CTR keystream under a fresh OS-entropy key at every
+draw instead (``dptrain.secure_random``) and saves no state of them.
 ``insecure_noise_seed``/``insecure_sampler_seed`` fix them for tests and debugging: such a run is NOT private.
 Ledger: every logical step composes the event of the mechanism its noise was drawn from (``dptrain.mechanism``);
 fixed batches (``poisson_sampling=False``) get no amplification: one full Gaussian step per epoch, replace-one.
@@ -197,7 +198,7 @@ class PrivacyEngine:
             "secure_mode": self.secure_mode,
             "noise_seed_given": "insecure_noise_seed" in self.insecure_seeds,
             "sampler_seed_given": "insecure_sampler_seed" in self.insecure_seeds,
-            "entropy": "fresh OS entropy per draw, no state saved" if self.secure_mode else
+            "entropy": "AES-256-CTR under a fresh OS-entropy key per draw, no state saved" if self.secure_mode else
                        ("fixed insecure seed" if self.insecure_seeds else "OS entropy; generator states are secret"),
             "sampling": "poisson" if self.poisson_sampling else "fixed batches (no amplification)",
             "adjacency": "replace one record" if sampling == "fixed" else "add or remove one record",

@@ -29,8 +29,9 @@ Entropy: every stream's whole state comes from the operating system's entropy (`
 of a CPU generator's mt19937 state (its ``manual_seed`` keeps only the low 32 bits of a seed, few enough to try
 them all), the 64-bit Philox key of a CUDA one. An insecure seed (tests and debugging only: whoever knows it can
 subtract the noise) seeds them with ``manual_seed`` instead. The generator states are SECRET:
-they let anyone regenerate every later draw. With ``secure=True`` each draw (one per logical step) reseeds its
-streams from fresh OS entropy and no state is ever saved, so no file can reproduce the noise.
+they let anyone regenerate every later draw. With ``secure=True`` no generator is used: each draw (one per logical
+step) reads an AES-256-CTR keystream under a fresh key (``secure_random``), whose outputs predict nothing of each
+other (a Twister's do), and no state is ever saved, so no file can reproduce the noise.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from dptrain import secure_random
 
 __all__ = ["GaussianNoise", "secret_generator", "reseed_from_entropy"]
 
@@ -96,7 +99,8 @@ def _normal_(scratch: torch.Tensor, n: int, std: float, gen: torch.Generator) ->
 class GaussianNoise:
     """Adds N(0, std^2) noise in place to lists of fp32 tensors; ``seed=None`` seeds from OS entropy.
 
-    ``secure=True``: fresh OS entropy for every draw, no saved state (``seed`` must then be None)."""
+    ``secure=True``: a keystream under a fresh OS-entropy key for every draw, no generator, no saved state (``seed``
+    must then be None)."""
 
     STREAMS = 4  # per CPU device; a CUDA device uses one stream (the kernel is parallel already)
     # Values per generator call (2 draws each: 128 KiB, still in the core's cache when added). Its ops stay below
@@ -108,6 +112,7 @@ class GaussianNoise:
     PREFETCH_MAX_NUMEL = 1 << 24  # 64 MiB: larger models draw synchronously rather than hold a second copy
     PREFETCH_START = 1 << 20  # values a first prefetch may draw (4 MiB); then twice what the last one drew
     DEVICE_CHUNK = 1 << 24  # draws per call on an accelerator (64 MiB; half as many values)
+    SECURE_CHUNK = 1 << 18  # values per call of a secure draw (its temporaries: ~10 MiB)
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0, *, secure: bool = False):
         if secure and seed is not None:
@@ -131,16 +136,11 @@ class GaussianNoise:
             self._streams[key] = gens
         return self._streams[key]
 
-    def _fresh(self, gens: List[torch.Generator]) -> List[torch.Generator]:
-        """Secure mode: every stream reseeded from OS entropy before a draw (no state to save or recover)."""
-        if self.secure:
-            for gen in gens:
-                reseed_from_entropy(gen)
-        return gens
-
     def sample(self, n: int, std: float) -> torch.Tensor:
         """n values of N(0, std^2) in float64 on the CPU from a stream of their own (released statistics)."""
-        (gen,) = self._fresh(self._generators_named("release"))
+        if self.secure:
+            return secure_random.normal(secure_random.Keystream(), n, std, torch.float64)
+        (gen,) = self._generators_named("release")
         return _normal_(torch.empty(2 * n, dtype=torch.float64), n, std, gen)
 
     def _generators_named(self, key: str) -> List[torch.Generator]:
@@ -159,9 +159,12 @@ class GaussianNoise:
             by_device.setdefault(str(t.device), []).append(t)
         for key, group in by_device.items():
             device, flat = group[0].device, _FlatView(group)
+            if self.secure:
+                self._draw_and_add_secure(flat, std, scale, device)
+                continue
             gens = self._generators(device)
             if device.type != "cpu":
-                self._draw_and_add_on_device(self._fresh(gens)[0], flat, std, scale, key, device)
+                self._draw_and_add_on_device(gens[0], flat, std, scale, key, device)
                 continue
             cuts = self._cuts(flat.numel, len(gens))
             prefetch = self._take_prefetch(key, flat.numel, std)
@@ -173,16 +176,22 @@ class GaussianNoise:
                 self._prefetch_limit[key] = max(self.PREFETCH_START, 2 * drawn)
             else:
                 starts = cuts[:-1]
-                self._fresh(gens)
             self._draw_and_add(gens, flat, std, scale, key, cuts, starts)
             if self.PREFETCH and 0 < flat.numel <= self.PREFETCH_MAX_NUMEL:
                 limit = min(flat.numel, self._prefetch_limit.get(key, self.PREFETCH_START))
                 buffer = self._scratch("prefetch:" + key, limit, device, shrink=True)  # follows the limit
-                prefetch = _Prefetch(self._fresh(gens), cuts, std, buffer, self.CHUNK)
+                prefetch = _Prefetch(gens, cuts, std, buffer, self.CHUNK)
                 if self._worker is None:
                     self._worker = _IdleWorker(self)
                 self._worker.submit(prefetch.run)
                 self._prefetch[key] = prefetch
+
+    def _draw_and_add_secure(self, flat: "_FlatView", std: float, scale: float, device: torch.device) -> None:
+        """Secure mode: one keystream under a fresh key for the whole draw, ``SECURE_CHUNK`` values at a time
+        (torch's parallel ops on the training thread; no prefetch, no generator)."""
+        stream = secure_random.Keystream()
+        for lo, hi in _chunks(0, flat.numel, self.SECURE_CHUNK):
+            flat.add_(lo, secure_random.normal(stream, hi - lo, std, torch.float32, device), scale)
 
     def _draw_and_add_on_device(self, gen, flat: "_FlatView", std: float, scale: float, key: str,
                                 device: torch.device) -> None:

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from dptrain import distributed
-from dptrain.noise import reseed_from_entropy, secret_generator
+from dptrain import secure_random
+from dptrain.noise import secret_generator
 from dptrain.sampling_rate import realizable_rate
 from dptrain.validation import check_fraction, check_positive_int
 
@@ -35,8 +36,8 @@ class PoissonBatchSampler(Sampler[List[int]]):
     def __init__(self, num_samples: int, sample_rate: float, *, steps: Optional[int] = None, generator=None,
                  indices: Optional[List[int]] = None, secure: bool = False):
         """``indices``: sample only from these dataset indices (this rank's shard); default all. ``generator``:
-        the SECRET source of the batches (default: seeded from OS entropy); ``secure=True`` reseeds it from
-        fresh OS entropy before every batch and saves no state of it."""
+        the SECRET source of the batches (default: seeded from OS entropy); ``secure=True`` draws every batch from
+        a keystream under a fresh OS-entropy key instead (``secure_random``) and saves no state."""
         self.indices = torch.as_tensor(indices if indices is not None else range(num_samples), dtype=torch.long)
         num_samples = len(self.indices)
         if num_samples <= 0:
@@ -46,7 +47,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
             raise ValueError("a secure sampler draws fresh OS entropy for every batch: do not pass a generator")
         self.num_samples, self.sample_rate, self.secure = num_samples, realizable_rate(sample_rate), bool(secure)
         self.steps = steps if steps is not None else math.ceil(1 / sample_rate - 1e-9)  # ceil(N / B) for q = B / N
-        self.generator = generator if generator is not None else secret_generator()
+        self.generator = None if secure else generator if generator is not None else secret_generator()
         self.drawn = 0  # batches drawn in the current epoch
         self._resuming = False  # load_state_dict: the next iteration continues the saved epoch
 
@@ -61,10 +62,11 @@ class PoissonBatchSampler(Sampler[List[int]]):
         self._resuming = False
         while self.drawn < self.steps:
             if self.secure:
-                reseed_from_entropy(self.generator)
-            mask = torch.rand(self.num_samples, generator=self.generator, dtype=torch.float64) < self.sample_rate  # (N,)
+                mask = secure_random.bernoulli_mask(secure_random.Keystream(), self.num_samples, self.sample_rate)
+            else:
+                mask = torch.rand(self.num_samples, generator=self.generator, dtype=torch.float64) < self.sample_rate
             self.drawn += 1
-            yield self.indices[mask].tolist()
+            yield self.indices[mask].tolist()  # mask: (N,) bool
 
     def state_dict(self) -> dict:
         """The generator state is SECRET (it determines every batch); none is saved in secure mode."""

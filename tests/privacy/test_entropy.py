@@ -1,7 +1,8 @@
 """The secret generators cannot be searched: torch's CPU ``manual_seed`` keeps only the low 32 bits of a seed, so
 a generator seeded that way (even from OS entropy) is one of 2^32 states, and a brute force over them recovered
 every noise stream of a released one-step update. Every secret generator (noise streams, the released-statistics
-stream, the Poisson sampler; default and secure mode) must hold a full-entropy mt19937 state instead.
+stream, the Poisson sampler) must hold a full-entropy mt19937 state instead; secure mode holds none
+(tests/privacy/test_secure_random.py).
 
 Oracle: mt19937's seeding recurrence. A state set by ``manual_seed(s)`` has word[0] = s mod 2^32 and
 word[i] = 1812433253 * (word[i-1] ^ (word[i-1] >> 30)) + i mod 2^32; a state drawn from 19968 random bits
@@ -41,13 +42,10 @@ def test_the_oracle_recognises_a_manual_seed_state_even_from_a_63_bit_seed():
 
 def _secret_cpu_generators():
     noise = GaussianNoise()
-    secure = GaussianNoise(secure=True)
     return {
         "noise streams": noise._generators(torch.device("cpu")),
         "release stream": noise._generators_named("release"),
-        "secure noise, reseeded for a step": secure._fresh(secure._generators(torch.device("cpu"))),
         "sampler": [PoissonBatchSampler(100, 0.1).generator],
-        "secure sampler": [PoissonBatchSampler(100, 0.1, secure=True).generator],
         "secret_generator": [secret_generator()],
     }
 
@@ -61,15 +59,6 @@ def test_every_secret_generator_holds_a_full_entropy_state(name):
         assert len(set(words)) > 600  # 624 independent words (a collision among them has probability ~5e-5)
         assert gen.initial_seed() == 0  # the state's seed field tells nothing
     assert len({tuple(mt_words(g)) for g in gens}) == len(gens)  # streams never share a state
-
-
-def test_secure_sampling_reseeds_every_batch_from_fresh_entropy():
-    sampler = PoissonBatchSampler(1000, 0.5, steps=3, secure=True)
-    states = []
-    for _ in sampler:
-        states.append(tuple(mt_words(sampler.generator)))
-        assert seeded_words_follow(list(states[-1])) == 0
-    assert len(set(states)) == 3
 
 
 def test_full_entropy_draws_are_standard_normal_and_uniform():

@@ -8,6 +8,7 @@ integers, a neighbouring one (the sum moved by a clipped sample spread over the 
 value loses to this; dptrain's noise (two draws per value) must look like the wrong hypothesis under the true one.
 """
 
+import pytest
 import torch
 
 from dptrain.noise import GaussianNoise
@@ -17,11 +18,11 @@ UNIFORM_RESIDUAL = 0.25  # mean distance to the nearest integer of a uniform rea
 UNIFORM_SE_PER_PAIR = (1 / 48) ** 0.5  # its standard deviation
 
 
-def lattice_residual(values: torch.Tensor, mantissa_bits: int) -> tuple:
+def lattice_residual(values: torch.Tensor, mantissa_bits: int, block: int = 16) -> tuple:
     """(mean distance of 2^bits exp(-r^2 / 2) to an integer over the tail pairs, their count) for values of unit
-    std laid out as torch's CPU Box-Muller blocks of 16."""
-    blocks = values.to(torch.float64).view(-1, 16)  # (N / 16, 16)
-    r_sq = blocks[:, :8] ** 2 + blocks[:, 8:] ** 2  # (N / 16, 8): the pairs (j, j + 8)
+    std whose Box-Muller partners are j and j + block / 2 of each block (torch's CPU samplers: 16)."""
+    blocks = values.to(torch.float64).view(-1, 2, block // 2)  # (N / block, partner, block / 2)
+    r_sq = blocks[:, 0] ** 2 + blocks[:, 1] ** 2  # (N / block, block / 2)
     tail = r_sq[r_sq >= 16.0]
     scaled = torch.exp(-tail / 2) * 2.0**mantissa_bits
     return float((scaled - scaled.round()).abs().mean()), tail.numel()
@@ -45,10 +46,13 @@ def test_the_attack_tells_the_true_sum_from_its_neighbour_on_one_torch_draw():
     assert abs(wrong_residual - UNIFORM_RESIDUAL) < 5 * se, "and invisible under a neighbouring one"
 
 
-def test_dptrain_noise_hides_the_lattice_under_the_true_sum():
+@pytest.mark.parametrize("secure", [False, True])
+def test_dptrain_noise_hides_the_lattice_under_the_true_sum(secure):
     released = torch.zeros(N)
-    GaussianNoise(seed=0).add_([released], 1.0)  # the true sum 0 plus the noise a step adds
-    residual, pairs = lattice_residual(released, 24)
+    source = GaussianNoise(secure=True) if secure else GaussianNoise(seed=0)
+    source.add_([released], 1.0)  # the true sum 0 plus the noise a step adds
+    # secure mode's partners: j and j + SECURE_CHUNK / 2 of each chunk
+    residual, pairs = lattice_residual(released, 24, GaussianNoise.SECURE_CHUNK if secure else 16)
     se = UNIFORM_SE_PER_PAIR / pairs**0.5
     assert pairs > 200
     assert abs(residual - UNIFORM_RESIDUAL) < 5 * se, f"mean residual {residual:.4f} over {pairs} pairs"
@@ -60,4 +64,6 @@ def test_released_statistics_hide_the_fp64_lattice():
     residual, pairs = lattice_residual(one_draw, 53)
     assert pairs > 200 and residual < 0.05, "one fp64 draw shows its lattice"
     residual, pairs = lattice_residual(GaussianNoise(seed=0).sample(N, 1.0), 53)
+    assert abs(residual - UNIFORM_RESIDUAL) < 5 * UNIFORM_SE_PER_PAIR / pairs**0.5
+    residual, pairs = lattice_residual(GaussianNoise(secure=True).sample(N, 1.0), 53, N)  # one chunk: j, j + N / 2
     assert abs(residual - UNIFORM_RESIDUAL) < 5 * UNIFORM_SE_PER_PAIR / pairs**0.5

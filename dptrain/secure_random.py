@@ -1,0 +1,65 @@
+"""Secure mode's random bits: AES-256 in counter mode under a key of fresh OS entropy, turned into exact Bernoulli
+masks and Gaussian noise.
+
+A Mersenne Twister is not secret once its outputs are known: 624 of them give its whole state. The attacker of DP
+knows every record but one, hence the clipped sum under either hypothesis, hence the noise of a release under each;
+whichever hypothesis yields a noise that continues as one Twister stream is the true one. AES-CTR's keystream
+predicts nothing of itself, and a fresh key per draw keeps one draw from telling anything about another.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+__all__ = ["Keystream", "bernoulli_mask", "normal"]
+
+_SQRT_HALF = 0.5**0.5
+_MANTISSA = {torch.float32: 24, torch.float64: 53}  # the bits of a uniform (as torch's own samplers use)
+
+
+class Keystream:
+    """Uniform random words from AES-256-CTR under a key read from ``os.urandom`` (one key per object)."""
+
+    def __init__(self):
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        self._encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
+        self._zeros = b""  # the plaintext: the keystream is its encryption
+
+    def words(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """(n,) uniform int32 or int64 words, the next ``n`` of the keystream."""
+        size = n * torch.empty((), dtype=dtype).element_size()
+        if len(self._zeros) < size:
+            self._zeros = bytes(size)
+        out = bytearray(size + 15)  # update_into wants a block's slack
+        self._encryptor.update_into(memoryview(self._zeros)[:size], out)
+        return torch.frombuffer(out, dtype=dtype, count=n) if n else torch.empty(0, dtype=dtype)
+
+    def uniforms(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """(n,) values (k + 1) 2^-b in (0, 1], k uniform below 2^b (b = 24 for fp32, 53 for fp64: all exact)."""
+        bits = _MANTISSA[dtype]
+        words = self.words(n, torch.int32 if dtype == torch.float32 else torch.int64)
+        return (words & ((1 << bits) - 1)).to(dtype).add_(1.0).mul_(2.0**-bits)
+
+
+def bernoulli_mask(stream: Keystream, n: int, rate: float) -> torch.Tensor:
+    """(n,) bool, each True with probability exactly ``rate`` (a multiple of 2^-53: ``realizable_rate``)."""
+    threshold = rate * 2.0**53
+    if not threshold.is_integer():
+        raise ValueError(f"rate {rate!r} is not a multiple of 2^-53; round it with realizable_rate first")
+    return (stream.words(n, torch.int64) & ((1 << 53) - 1)) < int(threshold)
+
+
+def normal(stream: Keystream, n: int, std: float, dtype: torch.dtype = torch.float32,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n,) values of N(0, std^2) on ``device``: each the sum of two Box-Muller draws of std / sqrt(2), as the
+    noise module draws from torch's generators (why two: its docstring), from the keystream's uniforms."""
+    pairs = (n + 1) // 2  # Box-Muller pairs per draw
+    u = stream.uniforms(4 * pairs, dtype).to(device).view(2, 2, pairs)  # (draw, u1 | u2, pair), in (0, 1]
+    radius = u[:, 0].log().mul_(-2.0).sqrt_()  # (2, pairs)
+    theta = u[:, 1].mul_(2.0 * math.pi)  # (2, pairs)
+    z = torch.cat([radius * theta.cos(), radius.mul_(theta.sin_())], dim=1)  # (2, 2 pairs)
+    return (z[0, :n] + z[1, :n]).mul_(std * _SQRT_HALF)
