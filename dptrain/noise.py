@@ -89,11 +89,13 @@ def secret_generator(device="cpu") -> torch.Generator:
 
 
 def _normal_(scratch: torch.Tensor, n: int, std: float, gen: torch.Generator) -> torch.Tensor:
-    """``scratch[:n]`` <- n values of N(0, std^2), each the sum of two independent draws of std / sqrt(2) (one
-    generator call of 2 n values into ``scratch``; why two: the module docstring)."""
-    pair = scratch[: 2 * n]  # (2n,)
-    pair.normal_(0.0, std * _SQRT_HALF, generator=gen)
-    return pair[:n].add_(pair[n:])
+    """``scratch[:n]`` <- n values of N(0, std^2), each the sum of two independent draws of std / sqrt(2) (why two:
+    the module docstring), made by two generator calls so that no value adds up one Box-Muller pair (one call of 16
+    would pair every value with its partner); ``scratch`` holds 2 n values."""
+    first, second = scratch[:n], scratch[n: 2 * n]
+    first.normal_(0.0, std * _SQRT_HALF, generator=gen)
+    second.normal_(0.0, std * _SQRT_HALF, generator=gen)
+    return first.add_(second)
 
 
 class GaussianNoise:

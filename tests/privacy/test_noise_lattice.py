@@ -11,6 +11,7 @@ value loses to this; dptrain's noise (two draws per value) must look like the wr
 import pytest
 import torch
 
+from dptrain import noise as noise_module
 from dptrain.noise import GaussianNoise
 
 N = 1 << 21  # noise values: ~180 tail pairs (r >= 4) per million values
@@ -67,3 +68,12 @@ def test_released_statistics_hide_the_fp64_lattice():
     assert abs(residual - UNIFORM_RESIDUAL) < 5 * UNIFORM_SE_PER_PAIR / pairs**0.5
     residual, pairs = lattice_residual(GaussianNoise(secure=True).sample(N, 1.0), 53, N)  # one chunk: j, j + N / 2
     assert abs(residual - UNIFORM_RESIDUAL) < 5 * UNIFORM_SE_PER_PAIR / pairs**0.5
+
+
+def test_no_value_adds_up_one_box_muller_pair():
+    """Eight values in one call of 16 would be one block: each value plus its own partner, r (cos + sin), whose
+    tail still stops at 5.77 std. Oracle: the block torch draws from the same generator state."""
+    block = torch.empty(16).normal_(0.0, 0.5**0.5, generator=torch.Generator().manual_seed(3))
+    partner_sums = block[:8] + block[8:]
+    values = noise_module._normal_(torch.empty(16), 8, 1.0, torch.Generator().manual_seed(3))
+    assert not torch.isclose(values, partner_sums).any()
