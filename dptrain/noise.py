@@ -88,14 +88,21 @@ def secret_generator(device="cpu") -> torch.Generator:
     return reseed_from_entropy(torch.Generator(device=device))
 
 
+def _draws(n: int) -> int:
+    """Values ``_normal_`` draws for n: two calls of at least 16."""
+    return 2 * max(n, 16)
+
+
 def _normal_(scratch: torch.Tensor, n: int, std: float, gen: torch.Generator) -> torch.Tensor:
     """``scratch[:n]`` <- n values of N(0, std^2), each the sum of two independent draws of std / sqrt(2) (why two:
-    the module docstring), made by two generator calls so that no value adds up one Box-Muller pair (one call of 16
-    would pair every value with its partner); ``scratch`` holds 2 n values."""
-    first, second = scratch[:n], scratch[n: 2 * n]
+    the module docstring). The draws are two generator calls of at least 16 values, so no value adds up one
+    Box-Muller pair: torch pairs j and j + 8 within a call of 16 or more (one call of 16 for 8 values would sum each
+    with its partner) and, below 16, caches a partner for the next call. ``scratch`` holds ``_draws(n)`` values."""
+    m = _draws(n) // 2
+    first, second = scratch[:m], scratch[m: 2 * m]
     first.normal_(0.0, std * _SQRT_HALF, generator=gen)
     second.normal_(0.0, std * _SQRT_HALF, generator=gen)
-    return first.add_(second)
+    return first[:n].add_(second[:n])
 
 
 class GaussianNoise:
@@ -113,7 +120,7 @@ class GaussianNoise:
     PREFETCH = hasattr(os, "SCHED_IDLE")  # CPU only; needs an idle-class thread or it would steal compute
     PREFETCH_MAX_NUMEL = 1 << 24  # 64 MiB: larger models draw synchronously rather than hold a second copy
     PREFETCH_START = 1 << 20  # values a first prefetch may draw (4 MiB); then twice what the last one drew
-    DEVICE_CHUNK = 1 << 24  # draws per call on an accelerator (64 MiB; half as many values)
+    DEVICE_CHUNK = 1 << 24  # draws per chunk on an accelerator (64 MiB: two calls of half as many values)
     SECURE_CHUNK = 1 << 18  # values per call of a secure draw (its temporaries: ~10 MiB)
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0, *, secure: bool = False):
@@ -143,7 +150,7 @@ class GaussianNoise:
         if self.secure:
             return secure_random.normal(secure_random.Keystream(), n, std, torch.float64)
         (gen,) = self._generators_named("release")
-        return _normal_(torch.empty(2 * n, dtype=torch.float64), n, std, gen)
+        return _normal_(torch.empty(_draws(n), dtype=torch.float64), n, std, gen)
 
     def _generators_named(self, key: str) -> List[torch.Generator]:
         if key not in self._streams:
@@ -197,9 +204,9 @@ class GaussianNoise:
 
     def _draw_and_add_on_device(self, gen, flat: "_FlatView", std: float, scale: float, key: str,
                                 device: torch.device) -> None:
-        """An accelerator's path: one generator, ``DEVICE_CHUNK`` draws per call (a full-width kernel already),
+        """An accelerator's path: one generator, ``DEVICE_CHUNK`` draws per chunk (full-width kernels already),
         so the scratch stays that size instead of a second fp32 copy of the model's sums."""
-        scratch = self._scratch(key, min(2 * flat.numel, self.DEVICE_CHUNK), device)
+        scratch = self._scratch(key, _draws(min(flat.numel, self.DEVICE_CHUNK // 2)), device)
         for lo, hi in _chunks(0, flat.numel, self.DEVICE_CHUNK // 2):
             flat.add_(lo, _normal_(scratch, hi - lo, std, gen), scale)
 
@@ -207,7 +214,8 @@ class GaussianNoise:
                       starts: List[int]) -> None:
         """The synchronous path: stream k draws its slice from ``starts[k]`` on, CHUNK values at a time, each
         added while in cache."""
-        scratch = self._scratch(key, 2 * len(gens) * self.CHUNK, torch.device("cpu")).view(len(gens), 2 * self.CHUNK)
+        draws = _draws(self.CHUNK)
+        scratch = self._scratch(key, len(gens) * draws, torch.device("cpu")).view(len(gens), draws)
 
         def job(k: int) -> None:
             for lo, hi in _chunks(starts[k], cuts[k + 1], self.CHUNK):
@@ -361,7 +369,7 @@ class _Prefetch:
 
     def run(self) -> None:
         """The idle thread's part: stream after stream, chunk after chunk, until stopped or the buffer is full."""
-        scratch = torch.empty(2 * self.chunk, dtype=torch.float32)
+        scratch = torch.empty(_draws(self.chunk), dtype=torch.float32)
         while (k := self._take()) is not None:
             gen = self.gens[k]
             for lo, hi in _chunks(self.cuts[k], self.cuts[k + 1], self.chunk):

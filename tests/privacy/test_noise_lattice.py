@@ -70,10 +70,12 @@ def test_released_statistics_hide_the_fp64_lattice():
     assert abs(residual - UNIFORM_RESIDUAL) < 5 * UNIFORM_SE_PER_PAIR / pairs**0.5
 
 
-def test_no_value_adds_up_one_box_muller_pair():
-    """Eight values in one call of 16 would be one block: each value plus its own partner, r (cos + sin), whose
-    tail still stops at 5.77 std. Oracle: the block torch draws from the same generator state."""
-    block = torch.empty(16).normal_(0.0, 0.5**0.5, generator=torch.Generator().manual_seed(3))
-    partner_sums = block[:8] + block[8:]
-    values = noise_module._normal_(torch.empty(16), 8, 1.0, torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("n", [1, 8])
+def test_no_value_adds_up_one_box_muller_pair(n):
+    """Two draws in one call of 2 n would pair each value with its own partner, r (cos + sin), whose tail still
+    stops at one draw's edge: at n = 8 the call is one block of 16 (partners j, j + 8), at n = 1 torch's small-size
+    path returns a pair's second value from its cache. Oracle: the call of 2 n torch makes from the same state."""
+    one_call = torch.empty(2 * n).normal_(0.0, 0.5**0.5, generator=torch.Generator().manual_seed(3))
+    partner_sums = one_call[:n] + one_call[n:]
+    values = noise_module._normal_(torch.empty(noise_module._draws(n)), n, 1.0, torch.Generator().manual_seed(3))
     assert not torch.isclose(values, partner_sums).any()
