@@ -71,11 +71,17 @@ _MT_STATE_OFFSET = 24  # CPU generator state bytes: seed u64, left i32, seeded i
 def reseed_from_entropy(gen: torch.Generator) -> torch.Generator:
     """Sets the whole state of ``gen`` from OS entropy: the 624 words of a CPU mt19937 (``initial_seed()`` then
     reads 0 and tells nothing), the 64-bit seed of a CUDA Philox generator (offset 0). Returns ``gen``."""
+    return _set_whole_state(gen, os.urandom)
+
+
+def _set_whole_state(gen: torch.Generator, random_bytes) -> torch.Generator:
+    """``gen``'s whole state from ``random_bytes(n)`` (OS entropy, or an insecure seed's hash: ``manual_seed``
+    would keep 32 bits of it, so two derived CPU seeds could collide)."""
     if gen.device.type != "cpu":
-        gen.manual_seed(int.from_bytes(os.urandom(8), "little"))  # Philox: the seed is the whole key
+        gen.manual_seed(int.from_bytes(random_bytes(8), "little"))  # Philox: the seed is the whole key
         return gen
     state = torch.zeros_like(gen.get_state())  # (5056,) uint8; the cached normal samples after the words: invalid
-    words = torch.frombuffer(bytearray(os.urandom(4 * _MT_WORDS)), dtype=torch.int32).to(torch.int64)
+    words = torch.frombuffer(bytearray(random_bytes(4 * _MT_WORDS)), dtype=torch.int32).to(torch.int64)
     words = words & 0xFFFFFFFF  # (624,) uint32 values, each stored in a u64 slot
     state[_MT_STATE_OFFSET: _MT_STATE_OFFSET + 8 * _MT_WORDS] = words.view(torch.uint8)
     state[8:16] = torch.tensor([1, 1], dtype=torch.int32).view(torch.uint8)  # left = 1 (twist first), seeded
@@ -140,8 +146,8 @@ class GaussianNoise:
             for k in range(self.STREAMS if device.type == "cpu" else 1):
                 if self.seed is None:
                     gens.append(secret_generator(device))
-                else:  # a distinct seed per (seed, rank, device, stream): ranks and streams never share noise
-                    gens.append(torch.Generator(device=device).manual_seed(_derived_seed(self.seed, self.rank, key, k)))
+                else:  # a whole state per (seed, rank, device, stream): ranks and streams never share noise
+                    gens.append(_derived_generator(self.seed, self.rank, key, k, device))
             self._streams[key] = gens
         return self._streams[key]
 
@@ -155,7 +161,7 @@ class GaussianNoise:
     def _generators_named(self, key: str) -> List[torch.Generator]:
         if key not in self._streams:
             self._streams[key] = [secret_generator() if self.seed is None else
-                                  torch.Generator().manual_seed(_derived_seed(self.seed, self.rank, key, 0))]
+                                  _derived_generator(self.seed, self.rank, key, 0, "cpu")]
         return self._streams[key]
 
     def add_(self, tensors: Sequence[torch.Tensor], std: float, *, scale: float = 1.0) -> None:
@@ -269,9 +275,10 @@ class GaussianNoise:
                 gen.set_state(s)
 
 
-def _derived_seed(seed: int, rank: int, key: str, stream: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{rank}/{key}/{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def _derived_generator(seed: int, rank: int, key: str, stream: int, device) -> torch.Generator:
+    """An insecure seed's generator for (rank, device, stream): its whole state from SHAKE-256 of them."""
+    name = f"{seed}/{rank}/{key}/{stream}".encode()
+    return _set_whole_state(torch.Generator(device=device), lambda n: hashlib.shake_256(name).digest(n))
 
 
 def _run_streams(job, streams: List[int]) -> None:

@@ -28,20 +28,23 @@ class Keystream:
 
         self._encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
         self._zeros = b""  # the plaintext: the keystream is its encryption
+        self._out = bytearray()  # reused: fresh pages cost more than the cipher (1.1 against 5.8 GB/s)
 
-    def words(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """(n,) uniform int32 or int64 words, the next ``n`` of the keystream."""
+    def _words(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """(n,) uniform int32 or int64 words, the next ``n`` of the keystream: a VIEW of a buffer that the next call
+        overwrites (the callers below turn it into a new tensor at once)."""
         size = n * torch.empty((), dtype=dtype).element_size()
         if len(self._zeros) < size:
-            self._zeros = bytes(size)
-        out = bytearray(size + 15)  # update_into wants a block's slack
-        self._encryptor.update_into(memoryview(self._zeros)[:size], out)
-        return torch.frombuffer(out, dtype=dtype, count=n) if n else torch.empty(0, dtype=dtype)
+            self._zeros, self._out = bytes(size), bytearray(size + 15)  # update_into wants a block's slack
+        if not n:
+            return torch.empty(0, dtype=dtype)
+        self._encryptor.update_into(memoryview(self._zeros)[:size], self._out)
+        return torch.frombuffer(self._out, dtype=dtype, count=n)
 
     def uniforms(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         """(n,) values (k + 1) 2^-b in (0, 1], k uniform below 2^b (b = 24 for fp32, 53 for fp64: all exact)."""
         bits = _MANTISSA[dtype]
-        words = self.words(n, torch.int32 if dtype == torch.float32 else torch.int64)
+        words = self._words(n, torch.int32 if dtype == torch.float32 else torch.int64)
         return (words & ((1 << bits) - 1)).to(dtype).add_(1.0).mul_(2.0**-bits)
 
 
@@ -50,7 +53,7 @@ def bernoulli_mask(stream: Keystream, n: int, rate: float) -> torch.Tensor:
     threshold = rate * 2.0**53
     if not threshold.is_integer():
         raise ValueError(f"rate {rate!r} is not a multiple of 2^-53; round it with realizable_rate first")
-    return (stream.words(n, torch.int64) & ((1 << 53) - 1)) < int(threshold)
+    return (stream._words(n, torch.int64) & ((1 << 53) - 1)) < int(threshold)
 
 
 def normal(stream: Keystream, n: int, std: float, dtype: torch.dtype = torch.float32,

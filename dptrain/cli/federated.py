@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dptrain.cli import CLIError, emit
 from dptrain.cli._types import finite_float, nonneg_int, one_line_errors, positive_int
+from dptrain.sampling_rate import realizable_rate
 
 __all__ = ["add_parser", "run"]
 
@@ -151,7 +152,7 @@ def _train(args, run_config: dict, work: Path) -> dict:
     fed = settings.fed
     clients = []
     for k, (texts, eps, delta) in enumerate(zip(parts, result.epsilons, result.deltas)):
-        q = fed.batch_size / len(texts)
+        q = realizable_rate(fed.batch_size / len(texts))  # the rate its ledger charged
         clients.append({"client": k, "records": len(texts), "sample_rate": q, "steps": fed.rounds * fed.local_steps,
                         "epsilon": eps, "delta": delta})
     return {

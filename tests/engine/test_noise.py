@@ -234,3 +234,14 @@ def test_accelerator_path_draws_in_bounded_chunks_covering_every_position(monkey
     corr = torch.corrcoef(draw[:2000].view(2, 1000))[0, 1]
     assert abs(float(corr)) < 5 / 1000**0.5, "two chunks drew the same values"
     assert source._buffers["dev"].numel() == 1000
+
+
+def test_insecure_seeds_set_whole_generator_states():
+    """manual_seed keeps 32 bits of a derived seed, so two (rank, stream) pairs could share a state (rank 833 stream
+    0 and rank 949 stream 1 of seed 24 did): every derived CPU stream now holds a whole 624-word state."""
+    states = {}
+    for rank in (833, 949):
+        for k, gen in enumerate(GaussianNoise(seed=24, rank=rank)._generators(torch.device("cpu"))):
+            states[(rank, k)] = bytes(gen.get_state()[24: 24 + 8 * 624].numpy())  # the 624 words, not the seed field
+    assert len(set(states.values())) == len(states)
+    assert torch.equal(_draw(GaussianNoise(seed=24, rank=1), [(100,)]), _draw(GaussianNoise(seed=24, rank=1), [(100,)]))
