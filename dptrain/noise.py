@@ -28,7 +28,7 @@ Opacus's secure mode does with four: the pairs then fill the grid and the suppor
 Entropy: every stream's whole state comes from the operating system's entropy (``os.urandom``): all 19968 bits
 of a CPU generator's mt19937 state (its ``manual_seed`` keeps only the low 32 bits of a seed, few enough to try
 them all), the 64-bit Philox key of a CUDA one. An insecure seed (tests and debugging only: whoever knows it can
-subtract the noise) seeds them with ``manual_seed`` instead. The generator states are SECRET:
+subtract the noise) fills them from its hash instead. The generator states are SECRET:
 they let anyone regenerate every later draw. With ``secure=True`` no generator is used: each draw (one per logical
 step) reads an AES-256-CTR keystream under a fresh key (``secure_random``), whose outputs predict nothing of each
 other (a Twister's do), and no state is ever saved, so no file can reproduce the noise.

@@ -15,13 +15,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
-from dptrain import distributed
-from dptrain import secure_random
+from dptrain import distributed, secure_random
 from dptrain.noise import secret_generator
 from dptrain.sampling_rate import realizable_rate
 from dptrain.validation import check_fraction, check_positive_int
 
-__all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length", "steps_per_epoch", "realizable_rate"]
+__all__ = ["PoissonBatchSampler", "DPDataLoader", "split_batch", "batch_length", "steps_per_epoch"]
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int) -> int:

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dptrain
+from dptrain import noise as noise_module
 from dptrain.noise import GaussianNoise
 from tests.distributed.test_ddp import WORLD, D, _data, _loss, _model, _train
 
@@ -355,7 +356,7 @@ def test_noise_statistics_over_many_draws(ranks):
     for d in draws:
         per_coordinate = d.var(dim=0) / expected**2  # (n,), chi2 with S - 1 dof / (S - 1)
         assert abs(float(per_coordinate.mean()) - 1) < 0.06  # sd sqrt(2 / (11 * 1601)) = 0.011
-        assert float(per_coordinate.min()) > 0.05  # P(chi2_11 / 11 < 0.05) ~ 1e-9 per coordinate
+        assert float(per_coordinate.min()) > 0.01  # P(chi2_11 / 11 < 0.01) = 3.9e-10 per coordinate, 1.3e-6 of all
         assert abs(float(d.mean()) / expected) < 0.05
     corr = torch.corrcoef(torch.stack([draws[0].flatten(), draws[1].flatten()]))[0, 1]
     assert abs(float(corr)) < 0.05  # sd 1 / sqrt(19212) = 0.007
@@ -370,7 +371,7 @@ def test_saved_noise_state_regenerates_the_sharded_noise(ranks):
 def test_each_rank_holds_half_of_the_gradient(ranks):
     """The privatised gradient (p.grad's local storages): 1/W of the full size; the noise prefetch buffer at most
     that, beside the fixed chunk scratch of the noise streams."""
-    scratch = GaussianNoise.STREAMS * GaussianNoise.CHUNK * 4
+    scratch = GaussianNoise.STREAMS * noise_module._draws(GaussianNoise.CHUNK) * 4  # two draws per value
     for result in _ok(ranks["memory"]):
         assert result["grad_bytes"] == result["full_bytes"] // WORLD
         assert 0 < result["prefetch_bytes"] <= result["full_bytes"] // WORLD
