@@ -66,12 +66,12 @@ class WorkerProcess:
 
 # ----------------------------------------------------------------------------------------------- one training step
 def make_method(method: str, model, optimizer, loader):
-    """``(model, optimizer, criterion)`` for ``method``: "nondp", "dptrain-<clipping>" or "opacus-<mode>"
+    """``(model, optimizer, criterion)`` for ``method``: "nondp", "dptrain-<clipping>[-secure]" or "opacus-<mode>"
     (sigma = 1, C = 1, the loader's fixed batches); ``criterion`` is Opacus ghost clipping's loss wrapper, else None."""
     if method.startswith("dptrain"):
         import dptrain
 
-        model, optimizer, _ = dptrain.PrivacyEngine().make_private(
+        model, optimizer, _ = dptrain.PrivacyEngine(secure_mode=method.endswith("-secure")).make_private(
             module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=1.0, noise_multiplier=1.0,
             poisson_sampling=False, loss_reduction="mean", clipping=method.split("-")[1])
         return model, optimizer, None

@@ -141,9 +141,10 @@ def _combine(runs: list, base_runs: list) -> dict:
             "ratio": statistics.median(ratios), "peak_mb": max(r["peak_mb"] for r in runs)}
 
 
-def _model_rows(model_name: str, steps: int, rounds: int, batch: int, length: int) -> list:
-    """The table rows of one model: every method of ``PLAN[model_name]`` against the same sets' non-DP runs."""
-    methods = PLAN[model_name]
+def _model_rows(model_name: str, steps: int, rounds: int, batch: int, length: int, methods=None) -> list:
+    """The table rows of one model: every method of ``PLAN[model_name]`` (or ``methods``) against the same sets'
+    non-DP runs."""
+    methods = ["nondp", *methods] if methods else PLAN[model_name]
     sets = [_run_interleaved(model_name, methods, steps, batch, length) for _ in range(rounds)]
     base_runs = [s["nondp"] for s in sets]
     if any("error" in b for b in base_runs):
@@ -188,17 +189,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(PLAN), default=DEFAULT_MODELS)
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--length", type=int, default=LENGTH, help="tokens per sequence")
+    parser.add_argument("--methods", nargs="+", help="instead of the plan's, beside non-DP (e.g. dptrain-flat-secure)")
     parser.add_argument("--no-write", action="store_true", help="print the rows, leave RESULTS.md alone")
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker, batch=args.batch, length=args.length)
         return
     steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
-    rows = [row for m in args.models for row in _model_rows(m, steps, rounds, args.batch, args.length)]
+    rows = [row for m in args.models for row in _model_rows(m, steps, rounds, args.batch, args.length, args.methods)]
     if args.no_write:
         return
-    default = args.models == DEFAULT_MODELS and (args.batch, args.length) == (BATCH, LENGTH)
+    default = args.models == DEFAULT_MODELS and (args.batch, args.length) == (BATCH, LENGTH) and not args.methods
     name = "engine_speed" if default else f"engine_speed_{'_'.join(args.models)}_B{args.batch}_T{args.length}"
+    name += "_" + "_".join(args.methods) if args.methods else ""
     write_section(name, _body(rows, steps, rounds, args.batch, args.length))
 
 

@@ -154,7 +154,7 @@ class GaussianNoise:
     def sample(self, n: int, std: float) -> torch.Tensor:
         """n values of N(0, std^2) in float64 on the CPU from a stream of their own (released statistics)."""
         if self.secure:
-            return secure_random.normal(secure_random.Keystream(), n, std, torch.float64)
+            return secure_random.normal_(torch.empty(n, dtype=torch.float64), secure_random.Keystream(), std)
         (gen,) = self._generators_named("release")
         return _normal_(torch.empty(_draws(n), dtype=torch.float64), n, std, gen)
 
@@ -205,8 +205,9 @@ class GaussianNoise:
         """Secure mode: one keystream under a fresh key for the whole draw, ``SECURE_CHUNK`` values at a time
         (torch's parallel ops on the training thread; no prefetch, no generator)."""
         stream = secure_random.Keystream()
+        scratch = self._scratch("secure:" + str(device), min(flat.numel, self.SECURE_CHUNK), device)
         for lo, hi in _chunks(0, flat.numel, self.SECURE_CHUNK):
-            flat.add_(lo, secure_random.normal(stream, hi - lo, std, torch.float32, device), scale)
+            flat.add_(lo, secure_random.normal_(scratch[: hi - lo], stream, std), scale)
 
     def _draw_and_add_on_device(self, gen, flat: "_FlatView", std: float, scale: float, key: str,
                                 device: torch.device) -> None:

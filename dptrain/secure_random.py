@@ -14,21 +14,22 @@ import os
 
 import torch
 
-__all__ = ["Keystream", "bernoulli_mask", "normal"]
+__all__ = ["Keystream", "bernoulli_mask", "normal_"]
 
 _SQRT_HALF = 0.5**0.5
 _MANTISSA = {torch.float32: 24, torch.float64: 53}  # the bits of a uniform (as torch's own samplers use)
 
 
 class Keystream:
-    """Uniform random words from AES-256-CTR under a key read from ``os.urandom`` (one key per object)."""
+    """Uniform random words from AES-256-CTR under a key read from ``os.urandom`` (one key per object). Its buffers
+    are reused from call to call: fresh pages cost more than the cipher (1.1 against 5.8 GB/s)."""
 
     def __init__(self):
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
         self._encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
-        self._zeros = b""  # the plaintext: the keystream is its encryption
-        self._out = bytearray()  # reused: fresh pages cost more than the cipher (1.1 against 5.8 GB/s)
+        self._zeros, self._out = b"", bytearray()  # the plaintext (the keystream is its encryption), the output
+        self._work: dict = {}  # reused tensors by (name, dtype, device)
 
     def _words(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         """(n,) uniform int32 or int64 words, the next ``n`` of the keystream: a VIEW of a buffer that the next call
@@ -41,11 +42,18 @@ class Keystream:
         self._encryptor.update_into(memoryview(self._zeros)[:size], self._out)
         return torch.frombuffer(self._out, dtype=dtype, count=n)
 
-    def uniforms(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """(n,) values (k + 1) 2^-b in (0, 1], k uniform below 2^b (b = 24 for fp32, 53 for fp64: all exact)."""
-        bits = _MANTISSA[dtype]
-        words = self._words(n, torch.int32 if dtype == torch.float32 else torch.int64)
-        return (words & ((1 << bits) - 1)).to(dtype).add_(1.0).mul_(2.0**-bits)
+    def _buffer(self, name: str, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+        key = (name, dtype, str(device))
+        if key not in self._work or self._work[key].numel() < n:
+            self._work[key] = torch.empty(n, dtype=dtype, device=device)
+        return self._work[key][:n]
+
+    def uniforms(self, n: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+        """(n,) values (k + 1) 2^-b in (0, 1], k uniform below 2^b (b = 24 for fp32, 53 for fp64: all exact), on
+        ``device``: a VIEW of a buffer that the next call overwrites."""
+        bits, ints = _MANTISSA[dtype], torch.int32 if dtype == torch.float32 else torch.int64
+        k = torch.bitwise_and(self._words(n, ints), (1 << bits) - 1, out=self._buffer("k", n, ints, "cpu"))
+        return self._buffer("uniforms", n, dtype, device).copy_(k).add_(1.0).mul_(2.0**-bits)
 
 
 def bernoulli_mask(stream: Keystream, n: int, rate: float) -> torch.Tensor:
@@ -56,13 +64,19 @@ def bernoulli_mask(stream: Keystream, n: int, rate: float) -> torch.Tensor:
     return (stream._words(n, torch.int64) & ((1 << 53) - 1)) < int(threshold)
 
 
-def normal(stream: Keystream, n: int, std: float, dtype: torch.dtype = torch.float32,
-           device: torch.device | str = "cpu") -> torch.Tensor:
-    """(n,) values of N(0, std^2) on ``device``: each the sum of two Box-Muller draws of std / sqrt(2), as the
-    noise module draws from torch's generators (why two: its docstring), from the keystream's uniforms."""
+def normal_(out: torch.Tensor, stream: Keystream, std: float) -> torch.Tensor:
+    """``out`` (n,) <- N(0, std^2) values, each the sum of two Box-Muller draws of std / sqrt(2) from the keystream's
+    uniforms, as the noise module draws from torch's generators (why two: its docstring). Value i and i + (n + 1)
+    // 2 share their pairs (the cosine and sine halves). Returns ``out``."""
+    n = out.numel()
     pairs = (n + 1) // 2  # Box-Muller pairs per draw
-    u = stream.uniforms(4 * pairs, dtype).to(device).view(2, 2, pairs)  # (draw, u1 | u2, pair), in (0, 1]
-    radius = u[:, 0].log().mul_(-2.0).sqrt_()  # (2, pairs)
+    u = stream.uniforms(4 * pairs, out.dtype, out.device).view(2, 2, pairs)  # (draw, u1 | u2, pair), in (0, 1]
+    radius = u[:, 0].log_().mul_(-2.0).sqrt_()  # (2, pairs)
     theta = u[:, 1].mul_(2.0 * math.pi)  # (2, pairs)
-    z = torch.cat([radius * theta.cos(), radius.mul_(theta.sin_())], dim=1)  # (2, 2 pairs)
-    return (z[0, :n] + z[1, :n]).mul_(std * _SQRT_HALF)
+    cos = torch.cos(theta, out=stream._buffer("cos", 2 * pairs, out.dtype, out.device).view(2, pairs))
+    sin = theta.sin_()
+    halves = (out[:pairs], cos), (out[pairs:], sin)
+    for part, trig in halves:  # r_0 trig_0 + r_1 trig_1 over the part's pairs
+        m = part.numel()
+        torch.mul(radius[0, :m], trig[0, :m], out=part).addcmul_(radius[1, :m], trig[1, :m])
+    return out.mul_(std * _SQRT_HALF)
