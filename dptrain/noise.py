@@ -128,6 +128,7 @@ class GaussianNoise:
     PREFETCH_START = 1 << 20  # values a first prefetch may draw (4 MiB); then twice what the last one drew
     DEVICE_CHUNK = 1 << 24  # draws per chunk on an accelerator (64 MiB: two calls of half as many values)
     SECURE_CHUNK = 1 << 18  # values per call of a secure draw (its temporaries: ~10 MiB)
+    SECURE_READ_AHEAD = 16  # chunks whose keystream is encrypted in one call (32 MiB)
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0, *, secure: bool = False):
         if secure and seed is not None:
@@ -138,6 +139,7 @@ class GaussianNoise:
         self._prefetch: Dict[str, _Prefetch] = {}
         self._prefetch_limit: Dict[str, int] = {}  # how far the next prefetch may draw
         self._worker: Optional[_IdleWorker] = None
+        self._secure_work: dict = {}  # secure keystreams' buffers, kept from draw to draw
 
     def _generators(self, device: torch.device) -> List[torch.Generator]:
         key = str(device)
@@ -154,7 +156,8 @@ class GaussianNoise:
     def sample(self, n: int, std: float) -> torch.Tensor:
         """n values of N(0, std^2) in float64 on the CPU from a stream of their own (released statistics)."""
         if self.secure:
-            return secure_random.normal_(torch.empty(n, dtype=torch.float64), secure_random.Keystream(), std)
+            stream = secure_random.Keystream(self._secure_work)
+            return secure_random.normal_(torch.empty(n, dtype=torch.float64), stream, std)
         (gen,) = self._generators_named("release")
         return _normal_(torch.empty(_draws(n), dtype=torch.float64), n, std, gen)
 
@@ -204,10 +207,14 @@ class GaussianNoise:
     def _draw_and_add_secure(self, flat: "_FlatView", std: float, scale: float, device: torch.device) -> None:
         """Secure mode: one keystream under a fresh key for the whole draw, ``SECURE_CHUNK`` values at a time
         (torch's parallel ops on the training thread; no prefetch, no generator)."""
-        stream = secure_random.Keystream()
+        stream = secure_random.Keystream(self._secure_work)
         scratch = self._scratch("secure:" + str(device), min(flat.numel, self.SECURE_CHUNK), device)
-        for lo, hi in _chunks(0, flat.numel, self.SECURE_CHUNK):
-            flat.add_(lo, secure_random.normal_(scratch[: hi - lo], stream, std), scale)
+        chunks = list(_chunks(0, flat.numel, self.SECURE_CHUNK))
+        for w in range(0, len(chunks), self.SECURE_READ_AHEAD):  # the keystream of several chunks in one call
+            window = chunks[w: w + self.SECURE_READ_AHEAD]
+            stream.read_ahead(sum(secure_random.normal_bytes(hi - lo, torch.float32) for lo, hi in window))
+            for lo, hi in window:
+                flat.add_(lo, secure_random.normal_(scratch[: hi - lo], stream, std), scale)
 
     def _draw_and_add_on_device(self, gen, flat: "_FlatView", std: float, scale: float, key: str,
                                 device: torch.device) -> None:

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-__all__ = ["Keystream", "bernoulli_mask", "normal_"]
+__all__ = ["Keystream", "bernoulli_mask", "normal_", "normal_bytes"]
 
 _SQRT_HALF = 0.5**0.5
 _MANTISSA = {torch.float32: 24, torch.float64: 53}  # the bits of a uniform (as torch's own samplers use)
@@ -22,25 +22,46 @@ _MANTISSA = {torch.float32: 24, torch.float64: 53}  # the bits of a uniform (as 
 
 class Keystream:
     """Uniform random words from AES-256-CTR under a key read from ``os.urandom`` (one key per object). Its buffers
-    are reused from call to call: fresh pages cost more than the cipher (1.1 against 5.8 GB/s)."""
+    are reused from call to call (``workspace``: a dict shared by a source's keystreams, across draws too): fresh
+    pages cost more than the cipher (1.1 against 5.8 GB/s)."""
 
-    def __init__(self):
+    def __init__(self, workspace: dict | None = None):
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
         self._encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
-        self._zeros, self._out = b"", bytearray()  # the plaintext (the keystream is its encryption), the output
-        self._work: dict = {}  # reused tensors by (name, dtype, device)
+        self._work = {} if workspace is None else workspace  # reused tensors and byte buffers
+        self._ahead = memoryview(b"")  # keystream encrypted ahead, not read yet
+
+    def read_ahead(self, nbytes: int) -> None:
+        """Encrypts the next ``nbytes`` of the keystream now, in one call, for the reads that follow: a call between
+        two parallel torch ops ran 5x slower (libgomp's worker spinning on the other core)."""
+        if len(self._ahead):
+            raise RuntimeError(f"{len(self._ahead)} bytes read ahead are still unread")
+        self._ahead = self._encrypt(nbytes, "ahead")
+
+    def _encrypt(self, size: int, name: str) -> memoryview:
+        """The next ``size`` bytes of the keystream, in the reused byte buffer ``name``."""
+        zeros, out = self._work.get("zeros", b""), self._work.get(name)
+        if len(zeros) < size:
+            zeros = self._work["zeros"] = bytes(size)  # the plaintext: the keystream is its encryption
+        if out is None or len(out) < size + 15:  # update_into wants a block's slack
+            out = self._work[name] = bytearray(size + 15)
+        self._encryptor.update_into(memoryview(zeros)[:size], out)
+        return memoryview(out)[:size]
 
     def _words(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """(n,) uniform int32 or int64 words, the next ``n`` of the keystream: a VIEW of a buffer that the next call
+        """(n,) uniform int32 or int64 words, the next ``n`` of the keystream: a VIEW of a buffer that a later call
         overwrites (the callers below turn it into a new tensor at once)."""
         size = n * torch.empty((), dtype=dtype).element_size()
-        if len(self._zeros) < size:
-            self._zeros, self._out = bytes(size), bytearray(size + 15)  # update_into wants a block's slack
         if not n:
             return torch.empty(0, dtype=dtype)
-        self._encryptor.update_into(memoryview(self._zeros)[:size], self._out)
-        return torch.frombuffer(self._out, dtype=dtype, count=n)
+        if len(self._ahead) >= size:
+            data, self._ahead = self._ahead[:size], self._ahead[size:]
+        elif len(self._ahead):
+            raise RuntimeError(f"a read of {size} bytes across the end of the {len(self._ahead)} read ahead")
+        else:
+            data = self._encrypt(size, "words")
+        return torch.frombuffer(data, dtype=dtype)
 
     def _buffer(self, name: str, n: int, dtype: torch.dtype, device) -> torch.Tensor:
         key = (name, dtype, str(device))
@@ -54,6 +75,11 @@ class Keystream:
         bits, ints = _MANTISSA[dtype], torch.int32 if dtype == torch.float32 else torch.int64
         k = torch.bitwise_and(self._words(n, ints), (1 << bits) - 1, out=self._buffer("k", n, ints, "cpu"))
         return self._buffer("uniforms", n, dtype, device).copy_(k).add_(1.0).mul_(2.0**-bits)
+
+
+def normal_bytes(n: int, dtype: torch.dtype) -> int:
+    """Keystream bytes ``normal_`` reads for n values of ``dtype``: 4 uniforms per Box-Muller pair."""
+    return 4 * ((n + 1) // 2) * (4 if dtype == torch.float32 else 8)
 
 
 def bernoulli_mask(stream: Keystream, n: int, rate: float) -> torch.Tensor:

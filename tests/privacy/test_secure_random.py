@@ -54,3 +54,16 @@ def test_secure_mode_never_draws_from_a_twister(monkeypatch):
     assert source.sample(5, 1.0).dtype == torch.float64
     batches = list(PoissonBatchSampler(1000, 0.5, steps=3, secure=True))
     assert len(batches) == 3 and all(300 < len(b) < 700 for b in batches)
+
+
+def test_reading_ahead_changes_no_word(monkeypatch):
+    """The keystream encrypted ahead in one call is the one read call by call; a read across its end is refused."""
+    monkeypatch.setattr(secure_random.os, "urandom", lambda n: bytes(range(n)))  # one key for both streams
+    ahead, plain = secure_random.Keystream(), secure_random.Keystream()
+    ahead.read_ahead(112)
+    for n in (4, 8):
+        assert torch.equal(ahead._words(n, torch.int64), plain._words(n, torch.int64))
+    with pytest.raises(RuntimeError, match="read ahead"):
+        ahead._words(4, torch.int64)  # 16 bytes left, 32 asked
+    ahead._words(2, torch.int64)
+    assert torch.equal(ahead._words(3, torch.int64), plain._words(5, torch.int64)[2:])  # past it: encrypted per read
