@@ -18,6 +18,7 @@ __all__ = ["Keystream", "bernoulli_mask", "normal_", "normal_bytes"]
 
 _SQRT_HALF = 0.5**0.5
 _MANTISSA = {torch.float32: 24, torch.float64: 53}  # the bits of a uniform (as torch's own samplers use)
+_WORDS = {torch.float32: torch.int32, torch.float64: torch.int64}  # the keystream words a uniform is cut from
 
 
 class Keystream:
@@ -52,7 +53,7 @@ class Keystream:
     def _words(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         """(n,) uniform int32 or int64 words, the next ``n`` of the keystream: a VIEW of a buffer that a later call
         overwrites (the callers below turn it into a new tensor at once)."""
-        size = n * torch.empty((), dtype=dtype).element_size()
+        size = n * dtype.itemsize
         if not n:
             return torch.empty(0, dtype=dtype)
         if len(self._ahead) >= size:
@@ -72,14 +73,14 @@ class Keystream:
     def uniforms(self, n: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
         """(n,) values (k + 1) 2^-b in (0, 1], k uniform below 2^b (b = 24 for fp32, 53 for fp64: all exact), on
         ``device``: a VIEW of a buffer that the next call overwrites."""
-        bits, ints = _MANTISSA[dtype], torch.int32 if dtype == torch.float32 else torch.int64
+        bits, ints = _MANTISSA[dtype], _WORDS[dtype]
         k = torch.bitwise_and(self._words(n, ints), (1 << bits) - 1, out=self._buffer("k", n, ints, "cpu"))
         return self._buffer("uniforms", n, dtype, device).copy_(k).add_(1.0).mul_(2.0**-bits)
 
 
 def normal_bytes(n: int, dtype: torch.dtype) -> int:
     """Keystream bytes ``normal_`` reads for n values of ``dtype``: 4 uniforms per Box-Muller pair."""
-    return 4 * ((n + 1) // 2) * (4 if dtype == torch.float32 else 8)
+    return 4 * ((n + 1) // 2) * _WORDS[dtype].itemsize
 
 
 def bernoulli_mask(stream: Keystream, n: int, rate: float) -> torch.Tensor:
