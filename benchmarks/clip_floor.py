@@ -82,7 +82,6 @@ def _other_costs(model):
     from dptrain.noise import GaussianNoise
 
     noise = GaussianNoise(seed=0)
-    noise.PREFETCH = False
     sums = [torch.zeros(p.shape) for p in model.parameters()]
     norm_layers = sum(isinstance(m, nn.LayerNorm) for m in model.modules())
     layer, rule = nn.LayerNorm(256), LayerNormRule()
@@ -152,8 +151,7 @@ def main() -> None:
         f"route per matrix, adds {extra:.0f} ms: a floor of {(step_ms + extra) / step_ms:.3f}x for per-layer clipping "
         "before norm layers, biases, the tied embedding, noise and bookkeeping. Two of those, timed in the same "
         "repetitions: " + "; ".join(f"{name} {value:.1f} ms" for name, value in others.items())
-        + f" (with them: {(step_ms + extra + sum(others.values())) / step_ms:.3f}x; dptrain draws the noise on idle "
-        "cycles ahead of time, which hides part of it)."
+        + f" (with them: {(step_ms + extra + sum(others.values())) / step_ms:.3f}x)."
     )
     print(body)
     write_section("clip_floor", body)

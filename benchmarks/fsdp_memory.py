@@ -95,7 +95,7 @@ def _worker(rank: int, port: int, layers: int, width: int, clipping: str, out: s
     result = {
         "full_bytes": 4 * sum(p.numel() for p in params),
         "grad_bytes": _storage_bytes([p.grad.to_local() for p in params]),
-        "noise_bytes": _storage_bytes(optimizer._noise._buffers.values()),
+        "noise_bytes": optimizer._noise.scratch_bytes(),
         "sums_bytes": seen["sums_bytes"],
         "privatise_peak": seen["privatise_hwm"] - seen["privatise_entry"],
         "step_peak": max(seen["flush_hwm"], seen["privatise_hwm"]) - after_backward,

@@ -7,9 +7,11 @@ Three ways to add N(0, 1) to an fp32 vector of engine_speed's GPT-2 size (5.4M v
 
 - one torch draw: ``normal_`` of the whole vector (what dptrain drew before every value became two draws; a
   Box-Muller of 24-bit uniforms whose tail stops at 5.77 std: docs/architecture.md);
-- default: ``GaussianNoise.add_``, two draws per value on 4 streams (prefetch off: a training loop leaves it few
-  idle cycles);
-- secure: ``GaussianNoise(secure=True).add_``, AES-256-CTR under a fresh key, Box-Muller in torch's parallel ops.
+- two torch draws: two ``normal_`` calls of std / sqrt(2) summed (dptrain's sound noise as torch would draw it);
+- default: ``GaussianNoise.add_``, AES-256-CTR keystream turned into two Box-Muller draws per value by the C
+  transform, 4 streams on the thread pool;
+- secure: the same under a fresh key per draw;
+- torch reference: the default with the C transform switched off (no compiler): Box-Muller in torch's ops.
 
 Each is timed alone and right after a (2048 x 2048) GEMM on both threads, as a step's noise follows its backward:
 libgomp's worker then spins on the second core for a while and the noise threads share it. Every repetition runs
@@ -30,15 +32,28 @@ VALUES = 5_400_000  # engine_speed's GPT-2: its trainable parameters
 
 
 def _methods(values: torch.Tensor) -> dict:
+    from dptrain import native
     from dptrain.noise import GaussianNoise
 
-    GaussianNoise.PREFETCH = False
-    default, secure = GaussianNoise(), GaussianNoise(secure=True)
-    generator = torch.Generator().manual_seed(0)
+    default, secure, reference = GaussianNoise(), GaussianNoise(secure=True), GaussianNoise()
+    generator, second = torch.Generator().manual_seed(0), torch.empty_like(values)
+
+    def two_torch_draws():
+        values.normal_(0.0, 0.5**0.5, generator=generator).add_(second.normal_(0.0, 0.5**0.5, generator=generator))
+
+    def torch_reference():
+        library, native.library = native.library, lambda: None
+        try:
+            reference.add_([values], 1.0)
+        finally:
+            native.library = library
+
     return {
         "one torch draw": lambda: values.normal_(0.0, 1.0, generator=generator),
-        "default (two draws)": lambda: default.add_([values], 1.0),
-        "secure (AES-CTR, two draws)": lambda: secure.add_([values], 1.0),
+        "two torch draws": two_torch_draws,
+        "default (keystream, C transform)": lambda: default.add_([values], 1.0),
+        "secure (fresh key, C transform)": lambda: secure.add_([values], 1.0),
+        "torch reference (no compiler)": torch_reference,
     }
 
 
@@ -64,8 +79,7 @@ def main(argv=None) -> None:
         q1, _, q3 = statistics.quantiles(ms, n=4)
         rows.append(f"| {condition} | {name} | {statistics.median(ms):.1f} | {q1:.1f}-{q3:.1f} |")
     body = (f"N(0, 1) added to {VALUES:,} fp32 values, 2 threads, {args.reps} repetitions in rotating order. "
-            "Default: two draws per value on 4 mt19937 streams; secure: AES-256-CTR keystream, Box-Muller in torch "
-            "ops.\n\n" + "\n".join(rows))
+            "Every dptrain row: two Box-Muller draws per value from an AES-256-CTR keystream (the module docstring).\n\n" + "\n".join(rows))
     print(body)
     write_section("noise_speed", body)
 

@@ -1,5 +1,5 @@
-"""Secure mode's random bits: AES-256 in counter mode under a key of fresh OS entropy, turned into exact Bernoulli
-masks and Gaussian noise.
+"""Random bits from AES-256 in counter mode, turned into exact Bernoulli masks and Gaussian noise: every CPU noise
+draw (under a secret key, resumable from its block position) and all of secure mode (a fresh key per draw).
 
 A Mersenne Twister is not secret once its outputs are known: 624 of them give its whole state. The attacker of DP
 knows every record but one, hence the clipped sum under either hypothesis, hence the noise of a release under each;
@@ -11,40 +11,45 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 
-__all__ = ["Keystream", "bernoulli_mask", "normal_", "normal_bytes"]
+from dptrain import native
+
+__all__ = ["Keystream", "bernoulli_mask", "normal_", "normal_bytes", "normals"]
 
 _SQRT_HALF = 0.5**0.5
 _MANTISSA = {torch.float32: 24, torch.float64: 53}  # the bits of a uniform (as torch's own samplers use)
 _WORDS = {torch.float32: torch.int32, torch.float64: torch.int64}  # the keystream words a uniform is cut from
 
 
-class Keystream:
-    """Uniform random words from AES-256-CTR under a key read from ``os.urandom`` (one key per object). Its buffers
-    are reused from call to call (``workspace``: a dict shared by a source's keystreams, across draws too): fresh
-    pages cost more than the cipher (1.1 against 5.8 GB/s)."""
+_ZEROS = b""
 
-    def __init__(self, workspace: dict | None = None):
+
+class Keystream:
+    """Uniform random words from AES-256-CTR under ``key`` (32 bytes; default: fresh from ``os.urandom``), from the
+    16-byte block ``block`` of the keystream on. Its buffers are reused from call to call (``workspace``: a dict
+    shared by keystreams on one thread, across draws too): fresh pages cost more than the cipher (1.1 against
+    5.8 GB/s)."""
+
+    def __init__(self, workspace: dict | None = None, *, key: Optional[bytes] = None, block: int = 0):
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-        self._encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
+        if key is not None and len(key) != 32:
+            raise ValueError(f"an AES-256 key has 32 bytes, found {len(key)}")
+        if not 0 <= block < 1 << 128:
+            raise ValueError(f"keystream block {block} is outside [0, 2^128)")
+        key = os.urandom(32) if key is None else key
+        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
         self._work = {} if workspace is None else workspace  # reused tensors and byte buffers
-        self._ahead = memoryview(b"")  # keystream encrypted ahead, not read yet
-
-    def read_ahead(self, nbytes: int) -> None:
-        """Encrypts the next ``nbytes`` of the keystream now, in one call, for the reads that follow: a call between
-        two parallel torch ops ran 5x slower (libgomp's worker spinning on the other core)."""
-        if len(self._ahead):
-            raise RuntimeError(f"{len(self._ahead)} bytes read ahead are still unread")
-        self._ahead = self._encrypt(nbytes, "ahead")
 
     def _encrypt(self, size: int, name: str) -> memoryview:
         """The next ``size`` bytes of the keystream, in the reused byte buffer ``name``."""
-        zeros, out = self._work.get("zeros", b""), self._work.get(name)
+        global _ZEROS
+        zeros, out = _ZEROS, self._work.get(name)
         if len(zeros) < size:
-            zeros = self._work["zeros"] = bytes(size)  # the plaintext: the keystream is its encryption
+            zeros = _ZEROS = bytes(size)  # the plaintext (the keystream is its encryption), shared: never written
         if out is None or len(out) < size + 15:  # update_into wants a block's slack
             out = self._work[name] = bytearray(size + 15)
         self._encryptor.update_into(memoryview(zeros)[:size], out)
@@ -56,13 +61,7 @@ class Keystream:
         size = n * dtype.itemsize
         if not n:
             return torch.empty(0, dtype=dtype)
-        if len(self._ahead) >= size:
-            data, self._ahead = self._ahead[:size], self._ahead[size:]
-        elif len(self._ahead):
-            raise RuntimeError(f"a read of {size} bytes across the end of the {len(self._ahead)} read ahead")
-        else:
-            data = self._encrypt(size, "words")
-        return torch.frombuffer(data, dtype=dtype)
+        return torch.frombuffer(self._encrypt(size, "words"), dtype=dtype)
 
     def _buffer(self, name: str, n: int, dtype: torch.dtype, device) -> torch.Tensor:
         key = (name, dtype, str(device))
@@ -91,10 +90,23 @@ def bernoulli_mask(stream: Keystream, n: int, rate: float) -> torch.Tensor:
     return (stream._words(n, torch.int64) & ((1 << 53) - 1)) < int(threshold)
 
 
+def normals(stream: Keystream, n: int, std: float) -> torch.Tensor:
+    """(n,) fp32 CPU values of N(0, std^2) as ``normal_`` draws them, by the C transform where it is built: a VIEW of
+    a buffer that the next call overwrites. Reads ``normal_bytes(n, torch.float32)`` of the keystream."""
+    lib = native.library()
+    if lib is None:
+        return normal_(stream._buffer("normals", n, torch.float32, "cpu"), stream, std)
+    pairs = (n + 1) // 2
+    words = stream._words(4 * pairs, torch.int32)  # (4 * pairs,) as planes: radius, angle of draw 1, then of 2
+    noise = stream._buffer("normals", 2 * pairs, torch.float32, "cpu")
+    lib.keystream_normals(words.data_ptr(), pairs, std * _SQRT_HALF, noise.data_ptr())
+    return noise[:n]
+
+
 def normal_(out: torch.Tensor, stream: Keystream, std: float) -> torch.Tensor:
     """``out`` (n,) <- N(0, std^2) values, each the sum of two Box-Muller draws of std / sqrt(2) from the keystream's
-    uniforms, as the noise module draws from torch's generators (why two: its docstring). Value i and i + (n + 1)
-    // 2 share their pairs (the cosine and sine halves). Returns ``out``."""
+    uniforms (why two: the noise module's docstring), in torch ops on any device and dtype (the reference of the C
+    transform). Value i and i + (n + 1) // 2 share their pairs (the cosine and sine halves). Returns ``out``."""
     n = out.numel()
     pairs = (n + 1) // 2  # Box-Muller pairs per draw
     u = stream.uniforms(4 * pairs, out.dtype, out.device).view(2, 2, pairs)  # (draw, u1 | u2, pair), in (0, 1]

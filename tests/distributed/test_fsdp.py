@@ -21,7 +21,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dptrain
-from dptrain import noise as noise_module
 from dptrain.noise import GaussianNoise
 from tests.distributed.test_ddp import WORLD, D, _data, _loss, _model, _train
 
@@ -117,7 +116,7 @@ def _train_fsdp(rank, scenario, make_model=_model):
         optimizer.load_noise_state_dict(state)
         return {"same": first == _noise_steps(model, optimizer, 1)}
     if scenario == "memory":
-        # 1.6M parameters: half of them (3.2 MB) more than the noise source's chunk scratch (256 KiB)
+        # 1.6M parameters: half of them (3.2 MB) a rank's share, the noise source's chunk buffers (~3.4 MiB) apart
         _, model, optimizer = _private(_shard(_even_model(MEMORY_WIDTH)), sigma=1.0)
         x, y = data.tensors[0][rank::WORLD][:PER_RANK], data.tensors[1][rank::WORLD][:PER_RANK].repeat(1, MEMORY_WIDTH)
         for _ in range(2):
@@ -126,9 +125,7 @@ def _train_fsdp(rank, scenario, make_model=_model):
         storages = {}
         for t in [p.grad.to_local() for p in model.parameters()]:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        buffers = {key: b.untyped_storage().nbytes() for key, b in optimizer._noise._buffers.items()}
-        return {"grad_bytes": sum(storages.values()), "prefetch_bytes": buffers.pop("prefetch:cpu"),
-                "scratch_bytes": sum(buffers.values()),
+        return {"grad_bytes": sum(storages.values()), "scratch_bytes": optimizer._noise.scratch_bytes(),
                 "full_bytes": 4 * sum(p.numel() for p in model.parameters())}
     if scenario == "error_feedback":
         _, model, optimizer = _private(_shard(_model()), sigma=1.0, error_feedback=True)
@@ -369,13 +366,12 @@ def test_saved_noise_state_regenerates_the_sharded_noise(ranks):
 
 
 def test_each_rank_holds_half_of_the_gradient(ranks):
-    """The privatised gradient (p.grad's local storages): 1/W of the full size; the noise prefetch buffer at most
-    that, beside the fixed chunk scratch of the noise streams."""
-    scratch = GaussianNoise.STREAMS * noise_module._draws(GaussianNoise.CHUNK) * 4  # two draws per value
+    """The privatised gradient (p.grad's local storages): 1/W of the full size, beside the noise streams' chunk
+    buffers (per stream: the keystream, 8 bytes a value, and the values, 4), whatever the model's size."""
+    scratch = GaussianNoise.STREAMS * GaussianNoise.CHUNK * (8 + 4)
     for result in _ok(ranks["memory"]):
         assert result["grad_bytes"] == result["full_bytes"] // WORLD
-        assert 0 < result["prefetch_bytes"] <= result["full_bytes"] // WORLD
-        assert result["scratch_bytes"] == scratch
+        assert 0 < result["scratch_bytes"] <= scratch + 64 * GaussianNoise.STREAMS
 
 
 def test_error_feedback_is_refused_with_fsdp2(ranks):

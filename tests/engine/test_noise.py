@@ -1,13 +1,18 @@
-"""The parallel in-place noise source: right distribution, independent streams, reproducible, resumable."""
+"""The parallel in-place noise source: right distribution, independent streams, reproducible, resumable, and\nregenerable from its key alone."""
 
+import collections
+import math
 import os
-import threading
-import time
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from scipy import stats
 
+from dptrain import native, secure_random
 from dptrain import noise as noise_module
 from dptrain.noise import GaussianNoise
 
@@ -76,7 +81,7 @@ def test_non_fp32_sums_are_refused():
 
 
 def test_noise_depends_on_the_total_size_only_not_on_how_it_is_split(monkeypatch):
-    monkeypatch.setattr(GaussianNoise, "CHUNK", 7)  # chunks that straddle tensor boundaries
+    monkeypatch.setattr(GaussianNoise, "CHUNK", 6)  # chunks that straddle tensor boundaries
     split = _draw(GaussianNoise(seed=4), [(5,), (3, 1), (0,), (11,), (2, 2)], std=1.5)
     whole = _draw(GaussianNoise(seed=4), [(23,)], std=1.5)
     assert torch.equal(split, whole)
@@ -88,82 +93,123 @@ def test_strided_sums_are_refused():
         GaussianNoise(seed=0).add_([torch.zeros(4, 3).T], 1.0)
 
 
-def _steps(prefetch, calls, monkeypatch, seed=3):
-    """One source, several add_ calls of (size, std, pause after); the drawn noise of each."""
-    monkeypatch.setattr(GaussianNoise, "PREFETCH", prefetch)
-    source, out = GaussianNoise(seed=seed), []
-    for size, std, pause in calls:
-        out.append(_draw(source, [(size,)], std))
-        time.sleep(pause)
-    return out
-
-
-# (size, std, pause): taken over mid-draw (no pause), finished in the background, a new std, a new size
-PREFETCH_CALLS = [(300_007, 1.0, 0.0), (300_007, 1.0, 0.2), (300_007, 1.0, 0.0), (300_007, 2.0, 0.01),
-                  (100_000, 2.0, 0.0), (100_000, 2.0, 0.0)]
-
-
-@pytest.mark.skipif(not GaussianNoise.PREFETCH, reason="prefetch needs Linux SCHED_IDLE")
-@pytest.mark.parametrize("start", [1 << 20, 3 << 12], ids=["whole", "partial"])
-def test_prefetched_noise_is_the_noise_drawn_on_demand(monkeypatch, start):
-    monkeypatch.setattr(GaussianNoise, "CHUNK", 1 << 12)  # many chunks: the takeover lands mid-stream
-    monkeypatch.setattr(GaussianNoise, "PREFETCH_START", start)  # partial: 3 chunks, then twice what was drawn
-    on_demand = _steps(False, PREFETCH_CALLS, monkeypatch)
-    prefetched = _steps(True, PREFETCH_CALLS, monkeypatch)
-    assert all(torch.equal(a, b) for a, b in zip(on_demand, prefetched))
-
-
-@pytest.mark.skipif(not GaussianNoise.PREFETCH, reason="prefetch needs Linux SCHED_IDLE")
-def test_a_stream_the_prefetch_left_half_done_is_continued_where_it_stopped(monkeypatch):
-    monkeypatch.setattr(GaussianNoise, "CHUNK", 1000)  # 4 streams of 2500: 3 chunks each
-    committed, release = threading.Event(), threading.Event()
-    chunks = noise_module._chunks
-
-    def pausing_chunks(lo, hi, size):  # the prefetch thread stops after committing stream 0's first chunk
-        for i, piece in enumerate(chunks(lo, hi, size)):
-            if i == 1 and threading.current_thread().name == "dptrain-noise-prefetch":
-                committed.set()
-                release.wait(10)
-            yield piece
-
-    monkeypatch.setattr(noise_module, "_chunks", pausing_chunks)
-    on_demand = _steps(False, [(10_000, 1.0, 0.0)] * 2, monkeypatch)
-    monkeypatch.setattr(GaussianNoise, "PREFETCH", True)
-    source = GaussianNoise(seed=3)
-    first = _draw(source, [(10_000,)])
-    assert committed.wait(10)
-    second = _draw(source, [(10_000,)])  # takes stream 0 over from its second chunk, on a fresh generator
-    release.set()
-    assert torch.equal(first, on_demand[0]) and torch.equal(second, on_demand[1])
-
-
-@pytest.mark.skipif(not GaussianNoise.PREFETCH, reason="prefetch needs Linux SCHED_IDLE")
-def test_prefetch_runs_in_the_idle_class_or_not_at_all(monkeypatch):
-    policies = []
-
-    def refuse(pid, policy, param):
-        policies.append(policy)
-        raise PermissionError("not here")
-
-    background_draws = []
-    monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    monkeypatch.setattr(noise_module._Prefetch, "run", lambda self: background_draws.append(self))
-    on_demand = _steps(False, PREFETCH_CALLS[:3], monkeypatch)
-    refused = _steps(True, PREFETCH_CALLS[:3], monkeypatch)  # the training thread draws it all itself
-    time.sleep(0.1)  # time for a worker that ignored the refusal to run its jobs
-    assert policies and set(policies) == {os.SCHED_IDLE}
-    assert background_draws == [], "a worker outside the idle class must not compete with training"
-    assert all(torch.equal(a, b) for a, b in zip(on_demand, refused))
-
-
-def test_checkpoint_taken_while_a_prefetch_is_pending_resumes_exactly():
+def test_checkpoint_taken_mid_run_resumes_exactly():
     source = GaussianNoise(seed=11)
-    _draw(source, [(400_000,)])  # starts prefetching the next draw
+    _draw(source, [(400_001,)])
+    source.sample(3, 1.0)
     state = source.state_dict()
-    expected = _draw(source, [(400_000,)])
+    expected = _draw(source, [(400_000,)]), source.sample(5, 2.0)
     resumed = GaussianNoise(seed=None)
     resumed.load_state_dict(state)
-    assert torch.equal(_draw(resumed, [(400_000,)]), expected)
+    assert torch.equal(_draw(resumed, [(400_000,)]), expected[0]) and torch.equal(resumed.sample(5, 2.0), expected[1])
+
+
+def test_a_checkpoint_of_mt19937_streams_is_refused_by_name():
+    old = {"cpu": [torch.Generator().get_state() for _ in range(4)]}
+    with pytest.raises(ValueError, match="mt19937 states of dptrain before its keystream noise"):
+        GaussianNoise().load_state_dict(old)
+
+
+def test_draws_never_reuse_a_keystream_block(monkeypatch):
+    """Independence between draws: every block of the keystream under a key is read at most once, over draws of
+    odd and even sizes, several tensors, statistic releases and a resume."""
+    reads = []  # (key, first block, blocks)
+    keystream = secure_random.Keystream
+
+    class Recording(keystream):
+        def __init__(self, workspace=None, *, key=None, block=0):
+            super().__init__(workspace, key=key, block=block)
+            self.key, self.block = key, block
+
+        def _encrypt(self, size, name):
+            assert size % 16 == 0, "a read that ends inside a block"
+            reads.append((self.key, self.block, size // 16))
+            self.block += size // 16
+            return super()._encrypt(size, name)
+
+    monkeypatch.setattr(secure_random, "Keystream", Recording)
+    monkeypatch.setattr(GaussianNoise, "CHUNK", 1 << 10)
+    source = GaussianNoise(seed=2)
+    for shapes in ([(5001,)], [(3,), (7, 9)], [(1,)], [(40_000,)]):
+        _draw(source, shapes)
+        source.sample(3, 1.0)
+    resumed = GaussianNoise()
+    resumed.load_state_dict(source.state_dict())
+    _draw(resumed, [(999,)])
+    used = collections.defaultdict(list)
+    for key, first, blocks in reads:
+        used[key].extend(range(first, first + blocks))
+    assert len(used) == 2, "one key for the sums and one for the releases"
+    assert all(len(blocks) == len(set(blocks)) for blocks in used.values()), "a keystream block was read twice"
+
+
+def test_the_noise_is_the_transform_of_the_keyed_keystream(monkeypatch):
+    """The attacker's question: what regenerates the noise? The key and position alone: the noise of a seeded
+    source is, value for value, two Box-Muller draws (computed here in fp64) of the AES-CTR keystream under its key
+    from block 0 (one chunk per stream: stream k's pairs start at block cuts[k] / 2)."""
+    monkeypatch.setattr(GaussianNoise, "CHUNK", 1 << 20)
+    source, n = GaussianNoise(seed=6), 10_001
+    key, block = source._keystream_at("cpu")
+    drawn = _draw(source, [(n,)], std=3.0)
+    pairs = (n + 1) // 2
+    cuts = [2 * (pairs * k // 4) for k in range(4)] + [n]
+    for k in range(4):
+        count = cuts[k + 1] - cuts[k]
+        words = secure_random.Keystream(key=key, block=block + cuts[k] // 2)._words(4 * ((count + 1) // 2),
+                                                                                   torch.int32)
+        expected = box_muller_fp64(words, count) * 3.0
+        torch.testing.assert_close(drawn[cuts[k]: cuts[k + 1]].double(), expected, rtol=0, atol=3e-6)
+    assert source._blocks["cpu"] == block + pairs
+
+
+def box_muller_fp64(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Oracle: n values, each (r_1 trig_1 + r_2 trig_2) / sqrt(2) of the planes (radius 1, angle 1, radius 2, angle 2)
+    of 32-bit words, u = (low 24 bits + 1) 2^-24, in fp64 with Python's math."""
+    low = (words.to(torch.int64) & 0xFFFFFF).add_(1).double().mul_(2.0**-24).view(4, -1)
+    radius, angle = (-2 * low[0::2].log()).sqrt(), 2 * math.pi * low[1::2]  # (2 draws, pairs)
+    halves = torch.cat([(radius * angle.cos()).sum(0), (radius * angle.sin()).sum(0)])
+    return halves[:n] * 0.5**0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_c_transform_agrees_with_the_fp64_oracle(seed):
+    """Every quadrant and radius: 2^20 keystream words through the C transform against the fp64 formula, within
+    about one fp32 rounding of the radii (up to 5.8; torch's reference, which rounds 2 pi u first, within 4)."""
+    if native.library() is None:
+        pytest.skip("no C compiler here: the torch reference is what runs")
+    key = bytes([seed]) * 32
+    words = secure_random.Keystream(key=key)._words(1 << 20, torch.int32).clone()
+    n = words.numel() // 2 - 1  # odd: the last pair's sine half is dropped
+    native_values = secure_random.normals(secure_random.Keystream(key=key), n, 1.0).double()
+    reference = secure_random.normal_(torch.empty(n), secure_random.Keystream(key=key), 1.0).double()
+    oracle = box_muller_fp64(words, n)
+    scale = oracle.abs().clamp_min(1.0)
+    assert float(((native_values - oracle).abs() / scale).max()) < 2.0**-20
+    assert float(((reference - oracle).abs() / scale).max()) < 2.0**-18
+
+
+def test_without_a_compiler_the_torch_reference_draws_the_same_law(monkeypatch):
+    drawn = _draw(GaussianNoise(seed=9), [(50_000,)])
+    monkeypatch.setattr(native, "library", lambda: None)
+    fallback = _draw(GaussianNoise(seed=9), [(50_000,)])
+    torch.testing.assert_close(fallback, drawn, rtol=0, atol=3e-6)  # the same keystream, torch's log, cos, sin
+
+
+def test_a_missing_compiler_is_warned_about_once(monkeypatch):
+    native.library.cache_clear()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setenv("CC", "/nonexistent/cc")
+            patch.setattr(native, "_cache_dir", lambda: Path(tempfile.mkdtemp()))
+            with pytest.warns(RuntimeWarning, match="C noise transform is unavailable.*nonexistent"):
+                assert native.library() is None
+            with warnings.catch_warnings(record=True) as again:
+                warnings.simplefilter("always")
+                assert native.library() is None
+            assert again == [], "warned a second time"
+    finally:
+        native.library.cache_clear()
+    assert native.library() is not None or shutil.which("cc") is None
 
 
 _THREAD_PROBE = """
@@ -173,7 +219,7 @@ torch.set_num_threads(2)
 torch.ones(1 << 20).add_(1)  # the training thread's own OpenMP team
 before = len(os.listdir("/proc/self/task")), threading.active_count()
 source = GaussianNoise(seed=1)
-for _ in range(3):  # on-demand draws on the pool, prefetches on the idle thread
+for _ in range(3):  # draws on the pool
     source.add_([torch.zeros(1_000_000)], 1.0)
     time.sleep(0.2)
 after = len(os.listdir("/proc/self/task")), threading.active_count()
@@ -186,7 +232,7 @@ print(after[0] - before[0], after[1] - before[1])
 def test_noise_threads_start_no_openmp_team_of_their_own():
     """An op a helper thread runs in parallel gives it an OpenMP team; with more OpenMP threads than cores, libgomp
     stops spin-waiting and every parallel op of training pays a wake-up. The OS threads the draws add must be
-    exactly the Python threads they start (pool and prefetch thread)."""
+    exactly the Python threads they start (the pool)."""
     import subprocess
     import sys
 
@@ -194,29 +240,6 @@ def test_noise_threads_start_no_openmp_team_of_their_own():
                          env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.split()
     os_threads, python_threads = int(out[0]), int(out[1])
     assert python_threads >= 1 and os_threads == python_threads
-
-
-@pytest.mark.skipif(not GaussianNoise.PREFETCH, reason="prefetch needs Linux SCHED_IDLE")
-def test_prefetch_buffer_follows_what_the_idle_thread_manages(monkeypatch):
-    """A loop without idle cycles keeps a small buffer (twice what was drawn ahead); pauses let it grow to the
-    whole draw, doubling each step."""
-    monkeypatch.setattr(GaussianNoise, "CHUNK", 1 << 10)
-    monkeypatch.setattr(GaussianNoise, "PREFETCH_START", 1 << 12)
-    size, source = 1 << 16, GaussianNoise(seed=2)
-    limits = []
-    for _ in range(6):  # the idle thread gets time: every prefetch fills its buffer
-        _draw(source, [(size,)])
-        prefetch = source._prefetch["cpu"]
-        limits.append(len(prefetch.buffer))
-        deadline = time.monotonic() + 10
-        while sum(d - c for d, c in zip(prefetch._done, prefetch.cuts)) < len(prefetch.buffer):
-            assert time.monotonic() < deadline, "the idle thread never filled the prefetch buffer"
-            time.sleep(0.01)
-    assert limits == [1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 16]
-    monkeypatch.setattr(noise_module._Prefetch, "run", lambda self: None)  # no idle cycles at all
-    _draw(source, [(size,)])  # the last prefetch (whole) was used; the next one cannot draw anything
-    _draw(source, [(size,)])
-    assert len(source._prefetch["cpu"].buffer) == 1 << 12
 
 
 def test_accelerator_path_draws_in_bounded_chunks_covering_every_position(monkeypatch):
@@ -236,12 +259,10 @@ def test_accelerator_path_draws_in_bounded_chunks_covering_every_position(monkey
     assert source._buffers["dev"].numel() == 1000
 
 
-def test_insecure_seeds_set_whole_generator_states():
-    """manual_seed keeps 32 bits of a derived seed, so two (rank, stream) pairs could share a state (rank 833 stream
-    0 and rank 949 stream 1 of seed 24 did): every derived CPU stream now holds a whole 624-word state."""
-    states = {}
-    for rank in (833, 949):
-        for k, gen in enumerate(GaussianNoise(seed=24, rank=rank)._generators(torch.device("cpu"))):
-            states[(rank, k)] = bytes(gen.get_state()[24: 24 + 8 * 624].numpy())  # the 624 words, not the seed field
-    assert len(set(states.values())) == len(states)
+def test_insecure_seeds_key_every_rank_and_keystream_apart():
+    """manual_seed kept 32 bits of a derived seed, so two ranks' mt19937 streams could collide (rank 833 stream 0 and
+    rank 949 stream 1 of seed 24 did): derived keys are 32 bytes of SHAKE-256 of (seed, rank, name)."""
+    keys = [GaussianNoise(seed=24, rank=rank)._keystream_at(name)[0] for rank in (833, 949) for name in
+            ("cpu", "release")]
+    assert len(set(keys)) == len(keys) and all(len(k) == 32 for k in keys)
     assert torch.equal(_draw(GaussianNoise(seed=24, rank=1), [(100,)]), _draw(GaussianNoise(seed=24, rank=1), [(100,)]))

@@ -98,9 +98,9 @@ def test_same_public_seed_gives_different_weights_insecure_seed_identical():
 
 
 def _generator_states(obj):
-    """Every tensor in ``obj`` shaped like a CPU generator's state (mt19937: 5056 bytes)."""
+    """Every tensor in ``obj`` shaped like a CPU generator's state (mt19937: 5056 bytes) or a noise key (32)."""
     if isinstance(obj, torch.Tensor):
-        return [obj] if obj.dtype == torch.uint8 and obj.numel() == 5056 else []
+        return [obj] if obj.dtype == torch.uint8 and obj.numel() in (5056, 32) else []
     if isinstance(obj, dict):
         return [t for v in obj.values() for t in _generator_states(v)]
     if isinstance(obj, (list, tuple)):
@@ -110,7 +110,7 @@ def _generator_states(obj):
 
 @pytest.mark.parametrize("secure", [False, True])
 def test_saved_noise_state_replays_the_next_draw_unless_secure(secure):
-    """Default: the saved generator states regenerate the next draw exactly (so they are secret). Secure: nothing
+    """Default: the saved keys and positions regenerate the next draw exactly (so they are secret). Secure: nothing
     saved, and a source restored from the state draws other numbers."""
     source = GaussianNoise(secure=secure)
     source.add_([torch.zeros(1000)], 1.0)

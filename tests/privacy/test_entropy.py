@@ -1,13 +1,15 @@
 """The secret generators cannot be searched: torch's CPU ``manual_seed`` keeps only the low 32 bits of a seed, so
 a generator seeded that way (even from OS entropy) is one of 2^32 states, and a brute force over them recovered
-every noise stream of a released one-step update. Every secret generator (noise streams, the released-statistics
-stream, the Poisson sampler) must hold a full-entropy mt19937 state instead; secure mode holds none
+every noise stream of a released one-step update. Every secret mt19937 generator (the Poisson sampler's) must hold a
+full-entropy state instead, and every CPU noise key 32 bytes of OS entropy; secure mode holds neither
 (tests/privacy/test_secure_random.py).
 
 Oracle: mt19937's seeding recurrence. A state set by ``manual_seed(s)`` has word[0] = s mod 2^32 and
 word[i] = 1812433253 * (word[i-1] ^ (word[i-1] >> 30)) + i mod 2^32; a state drawn from 19968 random bits
 satisfies it with probability 2^-32 per word.
 """
+
+import os
 
 import pytest
 import torch
@@ -41,10 +43,7 @@ def test_the_oracle_recognises_a_manual_seed_state_even_from_a_63_bit_seed():
 
 
 def _secret_cpu_generators():
-    noise = GaussianNoise()
     return {
-        "noise streams": noise._generators(torch.device("cpu")),
-        "release stream": noise._generators_named("release"),
         "sampler": [PoissonBatchSampler(100, 0.1).generator],
         "secret_generator": [secret_generator()],
     }
@@ -70,10 +69,21 @@ def test_full_entropy_draws_are_standard_normal_and_uniform():
     assert abs(float(u.mean()) - 0.5) < 1.5e-3 and abs(float(u.var()) - 1 / 12) < 4e-4
 
 
+def test_every_noise_key_is_fresh_os_entropy(monkeypatch):
+    """The sums' and the releases' keys are two separate reads of 32 bytes of os.urandom (no seed, no counter)."""
+    reads = []
+    real = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: reads.append(n) or real(n))
+    noise = GaussianNoise()
+    keys = [noise._keystream_at(name)[0] for name in ("cpu", "release")]
+    assert reads == [32, 32] and len(set(keys)) == 2
+    assert GaussianNoise()._keystream_at("cpu")[0] not in keys
+
+
 def test_a_saved_secret_state_still_resumes_exactly():
     noise = GaussianNoise()
     a, b = torch.zeros(300), torch.zeros(300)
-    state = noise.state_dict() or {"cpu": [g.get_state() for g in noise._generators(torch.device("cpu"))]}
+    state = noise.state_dict()
     noise.add_([a], 1.0)
     again = GaussianNoise()
     again.load_state_dict(state)

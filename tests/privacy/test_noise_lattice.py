@@ -52,8 +52,8 @@ def test_dptrain_noise_hides_the_lattice_under_the_true_sum(secure):
     released = torch.zeros(N)
     source = GaussianNoise(secure=True) if secure else GaussianNoise(seed=0)
     source.add_([released], 1.0)  # the true sum 0 plus the noise a step adds
-    # secure mode's partners: j and j + SECURE_CHUNK / 2 of each chunk
-    residual, pairs = lattice_residual(released, 24, GaussianNoise.SECURE_CHUNK if secure else 16)
+    # the partners: j and j + CHUNK / 2 of each chunk (stream boundaries fall on chunk boundaries at this N)
+    residual, pairs = lattice_residual(released, 24, GaussianNoise.CHUNK)
     se = UNIFORM_SE_PER_PAIR / pairs**0.5
     assert pairs > 200
     assert abs(residual - UNIFORM_RESIDUAL) < 5 * se, f"mean residual {residual:.4f} over {pairs} pairs"
@@ -64,15 +64,14 @@ def test_released_statistics_hide_the_fp64_lattice():
     one_draw = torch.randn(N, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     residual, pairs = lattice_residual(one_draw, 53)
     assert pairs > 200 and residual < 0.05, "one fp64 draw shows its lattice"
-    residual, pairs = lattice_residual(GaussianNoise(seed=0).sample(N, 1.0), 53)
-    assert abs(residual - UNIFORM_RESIDUAL) < 5 * UNIFORM_SE_PER_PAIR / pairs**0.5
-    residual, pairs = lattice_residual(GaussianNoise(secure=True).sample(N, 1.0), 53, N)  # one chunk: j, j + N / 2
-    assert abs(residual - UNIFORM_RESIDUAL) < 5 * UNIFORM_SE_PER_PAIR / pairs**0.5
+    for source in (GaussianNoise(seed=0), GaussianNoise(secure=True)):
+        residual, pairs = lattice_residual(source.sample(N, 1.0), 53, N)  # one call: partners j, j + N / 2
+        assert abs(residual - UNIFORM_RESIDUAL) < 5 * UNIFORM_SE_PER_PAIR / pairs**0.5
 
 
 @pytest.mark.parametrize("n", [1, 8])
 def test_no_value_adds_up_one_box_muller_pair(n):
-    """Two draws in one call of 2 n would pair each value with its own partner, r (cos + sin), whose tail still
+    """The accelerators' path (torch's generators): two draws in one call of 2 n would pair each value with its own partner, r (cos + sin), whose tail still
     stops at one draw's edge: at n = 8 the call is one block of 16 (partners j, j + 8), at n = 1 torch's small-size
     path returns a pair's second value from its cache. Oracle: the call of 2 n torch makes from the same state."""
     one_call = torch.empty(2 * n).normal_(0.0, 0.5**0.5, generator=torch.Generator().manual_seed(3))

@@ -24,15 +24,18 @@ TEXTS = [f"Visit {i}: patient reports mild pain, dose {i % 7} mg." for i in rang
 M, SEED = 16, 4
 SECRET_KEY = re.compile(r"generator|rng|random_state|(noise|sampler).*state|^(noise|sampler)$", re.IGNORECASE)
 MT19937_STATE_BYTES = 5056  # torch CPU generator state: a uint8 tensor of this size
+AES_KEY_BYTES = 32  # the CPU noise's keystream key: a uint8 tensor of this size
 
 
 def secrets_in(obj, path=""):
     """``(kind, path)`` of everything in a loaded file that looks like generator state: a CPU generator state
-    tensor, a key named like one, or a long list of integers (a state serialised to JSON or a tuple)."""
+    tensor, a noise key, a key named like one, or a long list of integers (a state serialised to JSON or a tuple)."""
     found = []
     if isinstance(obj, torch.Tensor):
         if obj.dtype == torch.uint8 and obj.numel() == MT19937_STATE_BYTES:
             found.append(("tensor", path))
+        if obj.dtype == torch.uint8 and obj.numel() == AES_KEY_BYTES:
+            found.append(("aes key", path))
     elif isinstance(obj, dict):
         for k, v in obj.items():
             if isinstance(k, str) and SECRET_KEY.search(k):
@@ -80,9 +83,9 @@ def test_released_files_hold_no_generator_state(run_dir):
     assert len(scanned) >= 5
     for file in scanned:
         assert secrets_in(load_any(file)) == [], file
-    # control: the scanner finds the generator states where they are, in the secret checkpoint
+    # control: the scanner finds the sampler's generator state and the noise keys where they are, in the checkpoint
     kinds = {kind for kind, _ in secrets_in(load_checkpoint(run_dir / CHECKPOINT_FILE))}
-    assert kinds == {"tensor", "key", "ints"}
+    assert kinds == {"tensor", "aes key", "key", "ints"}
 
 
 def test_secret_files_are_owner_only_and_named_in_the_report(run_dir):

@@ -56,14 +56,16 @@ def test_secure_mode_never_draws_from_a_twister(monkeypatch):
     assert len(batches) == 3 and all(300 < len(b) < 700 for b in batches)
 
 
-def test_reading_ahead_changes_no_word(monkeypatch):
-    """The keystream encrypted ahead in one call is the one read call by call; a read across its end is refused."""
-    monkeypatch.setattr(secure_random.os, "urandom", lambda n: bytes(range(n)))  # one key for both streams
-    ahead, plain = secure_random.Keystream(), secure_random.Keystream()
-    ahead.read_ahead(112)
-    for n in (4, 8):
-        assert torch.equal(ahead._words(n, torch.int64), plain._words(n, torch.int64))
-    with pytest.raises(RuntimeError, match="read ahead"):
-        ahead._words(4, torch.int64)  # 16 bytes left, 32 asked
-    ahead._words(2, torch.int64)
-    assert torch.equal(ahead._words(3, torch.int64), plain._words(5, torch.int64)[2:])  # past it: encrypted per read
+def test_a_keystream_opened_at_a_block_is_the_tail_of_the_one_from_block_zero():
+    """The noise seeks: stream k of a draw opens the keystream at its own block. Oracle: AES-256 of the counter
+    blocks themselves (ECB), big-endian as CTR counts."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = bytes(range(32))
+    whole = secure_random.Keystream(key=key)._words(64, torch.int32).clone()  # 16 blocks
+    assert torch.equal(secure_random.Keystream(key=key, block=5)._words(8, torch.int32), whole[20:28])
+    counters = b"".join(b.to_bytes(16, "big") for b in range(16))
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(counters)
+    assert torch.equal(torch.frombuffer(bytearray(ecb), dtype=torch.int32), whole)
+    with pytest.raises(ValueError, match="32 bytes, found 16"):
+        secure_random.Keystream(key=bytes(16))
