@@ -102,6 +102,7 @@ class GaussianNoise:
 
     STREAMS = 4  # slices of a CPU draw, each on its own thread when more than one thread may run
     CHUNK = 1 << 16  # values per transform call (even: a pair never straddles two); keystream and noise in cache
+    REFERENCE_CHUNK = 1 << 20  # ... by torch's ops (no C compiler): per-op overheads want long calls (34 ms vs 82)
     DEVICE_CHUNK = 1 << 24  # draws per chunk on an accelerator (64 MiB: two calls of half as many values)
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0, *, secure: bool = False):
@@ -158,14 +159,15 @@ class GaussianNoise:
 
     def _draw_and_add(self, flat: "_FlatView", std: float, scale: float) -> None:
         """The CPU path: stream k adds values [cuts[k], cuts[k + 1]) from the keystream block P + cuts[k] / 2 on,
-        CHUNK values at a time."""
+        a chunk at a time (its values i and i + chunk / 2 share a Box-Muller pair)."""
         key, start = self._keystream_at("cpu")
+        chunk = self.CHUNK if native.library() is not None else self.REFERENCE_CHUNK
         pairs = (flat.numel + 1) // 2
         cuts = [2 * (pairs * k // self.STREAMS) for k in range(self.STREAMS)] + [flat.numel]
 
         def job(k: int) -> None:
             stream = secure_random.Keystream(self._work[k], key=key, block=start + cuts[k] // 2)
-            for lo, hi in _chunks(cuts[k], cuts[k + 1], self.CHUNK):
+            for lo, hi in _chunks(cuts[k], cuts[k + 1], chunk):
                 flat.add_(lo, secure_random.normals(stream, hi - lo, std), scale)
 
         _run_streams(job, [k for k in range(self.STREAMS) if cuts[k + 1] > cuts[k]])

@@ -188,10 +188,11 @@ def test_the_c_transform_agrees_with_the_fp64_oracle(seed):
     assert float(((reference - oracle).abs() / scale).max()) < 2.0**-18
 
 
-def test_without_a_compiler_the_torch_reference_draws_the_same_law(monkeypatch):
-    drawn = _draw(GaussianNoise(seed=9), [(50_000,)])
+def test_without_a_compiler_the_torch_reference_draws_the_same_noise(monkeypatch):
+    monkeypatch.setattr(GaussianNoise, "REFERENCE_CHUNK", GaussianNoise.CHUNK)  # the same pairs
+    drawn = _draw(GaussianNoise(seed=9), [(150_000,)])
     monkeypatch.setattr(native, "library", lambda: None)
-    fallback = _draw(GaussianNoise(seed=9), [(50_000,)])
+    fallback = _draw(GaussianNoise(seed=9), [(150_000,)])
     torch.testing.assert_close(fallback, drawn, rtol=0, atol=3e-6)  # the same keystream, torch's log, cos, sin
 
 
