@@ -157,8 +157,8 @@ def test_the_noise_is_the_transform_of_the_keyed_keystream(monkeypatch):
         count = cuts[k + 1] - cuts[k]
         words = secure_random.Keystream(key=key, block=block + cuts[k] // 2)._words(4 * ((count + 1) // 2),
                                                                                    torch.int32)
-        expected = box_muller_fp64(words, count) * 3.0
-        torch.testing.assert_close(drawn[cuts[k]: cuts[k + 1]].double(), expected, rtol=0, atol=3e-6)
+        expected = box_muller_fp64(words, count)
+        torch.testing.assert_close(drawn[cuts[k]: cuts[k + 1]].double() / 3.0, expected, rtol=2.0**-18, atol=2.0**-18)
     assert source._blocks["cpu"] == block + pairs
 
 
@@ -196,6 +196,7 @@ def test_without_a_compiler_the_torch_reference_draws_the_same_noise(monkeypatch
     torch.testing.assert_close(fallback, drawn, rtol=0, atol=3e-6)  # the same keystream, torch's log, cos, sin
 
 
+@pytest.mark.skipif(os.environ.get("DPTRAIN_NATIVE") == "0", reason="the C transform is switched off")
 def test_a_missing_compiler_is_warned_about_once(monkeypatch):
     native.library.cache_clear()
     try:
@@ -240,7 +241,8 @@ def test_noise_threads_start_no_openmp_team_of_their_own():
     out = subprocess.run([sys.executable, "-c", _THREAD_PROBE], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.split()
     os_threads, python_threads = int(out[0]), int(out[1])
-    assert python_threads >= 1 and os_threads == python_threads
+    assert os_threads == python_threads
+    assert python_threads >= 1 or native.library() is None, "the streams ran on the pool"
 
 
 def test_accelerator_path_draws_in_bounded_chunks_covering_every_position(monkeypatch):
