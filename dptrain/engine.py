@@ -5,9 +5,9 @@ their MEAN over a fixed batch with ``"mean"``), ``loss.backward()`` then ``optim
 ``(sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected`` with g_i the gradient of sample i's own loss and
 ``B_expected = sample_rate * len(dataset)`` (Poisson) or the loader's batch size.
 
-Secrets: the noise and the Poisson sampler draw from OS entropy; their generator states (in ``state_dict()``)
-are secret. ``secure_mode=True`` draws both from an AES-256-CTR keystream under a fresh OS-entropy key at every
-draw instead (``dptrain.secure_random``) and saves no state of them.
+Secrets: the noise and the Poisson sampler read AES-256-CTR keystreams (``dptrain.secure_random``) under keys from
+OS entropy; their keys and positions (in ``state_dict()``) are secret. ``secure_mode=True`` takes a fresh key at
+every draw instead and saves no state of them.
 ``insecure_noise_seed``/``insecure_sampler_seed`` fix them for tests and debugging: such a run is NOT private.
 Ledger: every logical step composes the event of the mechanism its noise was drawn from (``dptrain.mechanism``);
 fixed batches (``poisson_sampling=False``) get no amplification: one full Gaussian step per epoch, replace-one.
@@ -144,12 +144,10 @@ class PrivacyEngine:
                            secure_mode=self.secure_mode, insecure_noise_seed=args.insecure_noise_seed)
 
     def _prepare_loader(self, args: MakePrivateArgs, rank: int, world: int) -> DPDataLoader:
-        generator = None
-        if args.insecure_sampler_seed is not None:  # ranks sample their shards independently
-            generator = torch.Generator().manual_seed(args.insecure_sampler_seed + 1_000_003 * rank)
-        loader = DPDataLoader(
+        seed = args.insecure_sampler_seed
+        loader = DPDataLoader(  # ranks sample their shards independently
             args.data_loader, poisson_sampling=args.poisson_sampling, sample_rate=self.sample_rate,
-            generator=generator, max_physical_batch_size=args.max_physical_batch_size, shard=(rank, world),
+            insecure_seed=None if seed is None else seed + 1_000_003 * rank, max_physical_batch_size=args.max_physical_batch_size, shard=(rank, world),
             secure=self.secure_mode, steps=self.steps_per_epoch if args.poisson_sampling else None,
             same_pieces_on_every_rank=isinstance(self.tracker.model, FSDPView),
         )
@@ -199,7 +197,7 @@ class PrivacyEngine:
             "noise_seed_given": "insecure_noise_seed" in self.insecure_seeds,
             "sampler_seed_given": "insecure_sampler_seed" in self.insecure_seeds,
             "entropy": "AES-256-CTR under a fresh OS-entropy key per draw, no state saved" if self.secure_mode else
-                       ("fixed insecure seed" if self.insecure_seeds else "OS entropy; generator states are secret"),
+                       ("fixed insecure seed" if self.insecure_seeds else "OS entropy; keys are secret"),
             "sampling": "poisson" if self.poisson_sampling else "fixed batches (no amplification)",
             "adjacency": "replace one record" if sampling == "fixed" else "add or remove one record",
             "error_feedback": self.error_feedback is not None,

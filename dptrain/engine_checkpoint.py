@@ -1,6 +1,6 @@
 """``PrivacyEngine``'s checkpoint: what a resumed run needs to continue the same ledger with the same randomness.
 
-The model and optimizer states are the user's to save. The sampler and noise generator states are SECRET unless
+The model and optimizer states are the user's to save. The sampler and noise keys and positions are SECRET unless
 ``secure_mode`` (then none is saved).
 """
 
@@ -13,7 +13,7 @@ def engine_state(engine) -> dict:
     """Accountant ledger, sampler RNG, noise RNG, clipping thresholds and the plugins' states."""
     if engine.optimizer is None:
         raise ValueError("state_dict() before make_private(): nothing to save")
-    return {  # SECRET unless secure_mode: the sampler and noise generator states
+    return {  # SECRET unless secure_mode: the sampler and noise keys and positions
         "accountant_name": engine.accountant_name,
         "secure_mode": engine.secure_mode,
         "epoch_charge": engine._epoch_charge,

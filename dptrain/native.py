@@ -36,24 +36,32 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _compile(compiler: str) -> Path:
+def _compile(compiler: str, flags: list) -> Path:
     """The shared library for this source, flags, compiler and machine: built once, then reused."""
     source = _SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    tag = hashlib.sha256(source + " ".join(_FLAGS + [version, platform.machine()]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source + " ".join(flags + [version, platform.machine()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"keystream_normal-{tag}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)  # then renamed: processes may race here
         os.close(fd)
         try:
-            subprocess.run([compiler, *_FLAGS, "-o", partial, str(_SOURCE), "-lm"], capture_output=True, text=True,
+            subprocess.run([compiler, *flags, "-o", partial, str(_SOURCE), "-lm"], capture_output=True, text=True,
                            check=True)
             os.replace(partial, target)
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
     return target
+
+
+def _build(compiler: str) -> Path:
+    """With per-CPU clones of the loops (x86-64 and GCC-style compilers), else without (other compilers, no ifunc)."""
+    try:
+        return _compile(compiler, _FLAGS)
+    except subprocess.CalledProcessError:
+        return _compile(compiler, _FLAGS + ["-DDPTRAIN_PLAIN"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,12 +73,16 @@ def library() -> Optional[ctypes.CDLL]:
     try:
         if compiler is None:
             raise FileNotFoundError("no C compiler (cc, gcc or $CC) on the PATH")
-        lib = ctypes.CDLL(str(_compile(compiler)))
+        return _load(_build(compiler))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"dptrain's C noise transform is unavailable ({str(detail).strip()[:300]}); the noise is drawn "
                       f"with torch ops, several times slower", RuntimeWarning, stacklevel=2)
         return None
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     return lib

@@ -2,9 +2,9 @@
 
 CPU noise is AES-256 in counter mode under a secret key (``secure_random.Keystream``), turned into Gaussians by a
 vectorised C transform (``dptrain/csrc``; torch ops where no C compiler is found). The tensors of one device are one
-flat vector; its pairs of values (i, i + 1) own the keystream block P + i / 2 of the draw (P where the last draw
-stopped), cut into ``STREAMS`` fixed slices drawn on a thread pool, ``CHUNK`` values at a time, each added while
-still in cache. The numbers depend only on the key, the position, the std and the total size, never on the thread
+flat vector of n values, which reads the n / 2 keystream blocks after the last draw's (16 bytes: two Box-Muller
+draws for a pair of values), cut into ``STREAMS`` fixed slices drawn on a thread pool, ``CHUNK`` values at a time,
+each added while still in cache. The numbers depend only on the key, the position, the std and the total size, never on the thread
 count; the keystream never repeats, so the noise is i.i.d. N(0, std^2) per coordinate as DP-SGD requires.
 
 Two draws per value: a Box-Muller transform of 24-bit uniforms (torch's CPU sampler; CUDA's uses 32 bits) is not a
@@ -34,7 +34,7 @@ import torch
 
 from dptrain import native, secure_random
 
-__all__ = ["GaussianNoise", "secret_generator", "reseed_from_entropy"]
+__all__ = ["GaussianNoise", "secret_generator"]
 
 _SQRT_HALF = 0.5**0.5
 _POOL: Optional[ThreadPoolExecutor] = None
@@ -47,34 +47,18 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-_MT_WORDS = 624  # mt19937's state: 624 32-bit words
-_MT_STATE_OFFSET = 24  # CPU generator state bytes: seed u64, left i32, seeded i32, next u64, then state[624] u64
+def secret_generator(device) -> torch.Generator:
+    """A new generator on the accelerator ``device`` (Philox: its seed is its whole 64-bit key) keyed from OS
+    entropy. CPU randomness is a keystream instead: a CPU generator (mt19937) is refused."""
+    return _keyed_generator(device, os.urandom(8))
 
 
-def reseed_from_entropy(gen: torch.Generator) -> torch.Generator:
-    """Sets the whole state of ``gen`` from OS entropy: the 624 words of a CPU mt19937 (``initial_seed()`` then
-    reads 0 and tells nothing), the 64-bit seed of a CUDA Philox generator (offset 0). Returns ``gen``."""
-    return _set_whole_state(gen, os.urandom)
-
-
-def _set_whole_state(gen: torch.Generator, random_bytes) -> torch.Generator:
-    """``gen``'s whole state from ``random_bytes(n)`` (OS entropy, or an insecure seed's hash: ``manual_seed``
-    would keep 32 bits of it, so two derived CPU seeds could collide)."""
-    if gen.device.type != "cpu":
-        gen.manual_seed(int.from_bytes(random_bytes(8), "little"))  # Philox: the seed is the whole key
-        return gen
-    state = torch.zeros_like(gen.get_state())  # (5056,) uint8; the cached normal samples after the words: invalid
-    words = torch.frombuffer(bytearray(random_bytes(4 * _MT_WORDS)), dtype=torch.int32).to(torch.int64)
-    words = words & 0xFFFFFFFF  # (624,) uint32 values, each stored in a u64 slot
-    state[_MT_STATE_OFFSET: _MT_STATE_OFFSET + 8 * _MT_WORDS] = words.view(torch.uint8)
-    state[8:16] = torch.tensor([1, 1], dtype=torch.int32).view(torch.uint8)  # left = 1 (twist first), seeded
-    gen.set_state(state)
-    return gen
-
-
-def secret_generator(device="cpu") -> torch.Generator:
-    """A new generator on ``device`` whose whole state comes from OS entropy (``reseed_from_entropy``)."""
-    return reseed_from_entropy(torch.Generator(device=device))
+def _keyed_generator(device, key: bytes) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if gen.device.type == "cpu":
+        raise ValueError("dptrain draws no CPU randomness from torch's mt19937 (624 outputs give its state); CPU noise "
+                         "and batches read an AES-256-CTR keystream (secure_random.Keystream)")
+    return gen.manual_seed(int.from_bytes(key, "little"))
 
 
 def _draws(n: int) -> int:
@@ -115,7 +99,7 @@ class GaussianNoise:
             for name in ("cpu", "release"):
                 self._keys[name] = os.urandom(32) if seed is None else _derived_key(seed, rank, name)
                 self._blocks[name] = 0
-        self._streams: Dict[str, List[torch.Generator]] = {}  # an accelerator's generator, by device
+        self._generators: Dict[str, torch.Generator] = {}  # an accelerator's generator, by device
         self._buffers: Dict[str, torch.Tensor] = {}
         self._work = [dict() for _ in range(self.STREAMS)]  # each stream thread's keystream buffers, reused
 
@@ -125,11 +109,10 @@ class GaussianNoise:
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
-        if key not in self._streams:
-            gen = secret_generator(device) if self.seed is None else _derived_generator(self.seed, self.rank, key, 0,
-                                                                                        device)
-            self._streams[key] = [gen]
-        return self._streams[key][0]
+        if key not in self._generators:
+            self._generators[key] = (secret_generator(device) if self.seed is None else
+                                     _derived_generator(self.seed, self.rank, device))
+        return self._generators[key]
 
     def sample(self, n: int, std: float) -> torch.Tensor:
         """n values of N(0, std^2) in float64 on the CPU from a keystream of their own (released statistics)."""
@@ -214,7 +197,7 @@ class GaussianNoise:
             return {}
         state = {name: {"key": torch.frombuffer(bytearray(key), dtype=torch.uint8), "block": self._blocks[name]}
                  for name, key in self._keys.items()}
-        state.update({device: [g.get_state() for g in gens] for device, gens in self._streams.items()})
+        state.update({device: gen.get_state() for device, gen in self._generators.items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -227,8 +210,7 @@ class GaussianNoise:
                                      f"of dptrain before its keystream noise), expected a key and a block")
                 self._keys[name], self._blocks[name] = bytes(saved["key"].tolist()), int(saved["block"])
             else:
-                (gen,), (s,) = [self._generator(torch.device(name))], saved
-                gen.set_state(s)
+                self._generator(torch.device(name)).set_state(saved)
 
 
 def _derived_key(seed: int, rank: int, name: str) -> bytes:
@@ -236,10 +218,9 @@ def _derived_key(seed: int, rank: int, name: str) -> bytes:
     return hashlib.shake_256(f"{seed}/{rank}/{name}".encode()).digest(32)
 
 
-def _derived_generator(seed: int, rank: int, key: str, stream: int, device) -> torch.Generator:
-    """An insecure seed's generator for (rank, device, stream): its whole state from SHAKE-256 of them."""
-    name = f"{seed}/{rank}/{key}/{stream}".encode()
-    return _set_whole_state(torch.Generator(device=device), lambda n: hashlib.shake_256(name).digest(n))
+def _derived_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """An insecure seed's accelerator generator for (rank, device): its key from SHAKE-256 of them."""
+    return _keyed_generator(device, hashlib.shake_256(f"{seed}/{rank}/{device}".encode()).digest(8))
 
 
 def _run_streams(job, streams: List[int]) -> None:

@@ -187,7 +187,7 @@ class DPOptimizer(torch.optim.Optimizer):
         return self.tracker.model if isinstance(self.tracker.model, FSDPView) else None
 
     def noise_state_dict(self) -> dict:
-        """SECRET: the generator states regenerate every later noise draw (empty in secure mode)."""
+        """SECRET: the keys and positions regenerate every later noise draw (empty in secure mode)."""
         return {"generators": self._noise.state_dict(), "steps_taken": self.steps_taken,
                 "noise_multiplier": self.noise_multiplier}
 

@@ -8,7 +8,9 @@ what the subsampled-Gaussian accounting assumes; batches are therefore uneven an
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 import torch
@@ -16,7 +18,6 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from dptrain import distributed, secure_random
-from dptrain.noise import secret_generator
 from dptrain.sampling_rate import realizable_rate
 from dptrain.validation import check_fraction, check_positive_int
 
@@ -30,23 +31,27 @@ def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
 
 
 class PoissonBatchSampler(Sampler[List[int]]):
-    """Yields index lists; each index is in a batch independently with probability ``sample_rate``."""
+    """Yields index lists; each index is in a batch independently with probability ``sample_rate``: the comparison of
+    53-bit keystream words with q 2^53 (``secure_random.bernoulli_mask``), exact for q on that grid."""
 
-    def __init__(self, num_samples: int, sample_rate: float, *, steps: Optional[int] = None, generator=None,
-                 indices: Optional[List[int]] = None, secure: bool = False):
-        """``indices``: sample only from these dataset indices (this rank's shard); default all. ``generator``:
-        the SECRET source of the batches (default: seeded from OS entropy); ``secure=True`` draws every batch from
-        a keystream under a fresh OS-entropy key instead (``secure_random``) and saves no state."""
+    def __init__(self, num_samples: int, sample_rate: float, *, steps: Optional[int] = None,
+                 insecure_seed: Optional[int] = None, indices: Optional[List[int]] = None, secure: bool = False):
+        """``indices``: sample only from these dataset indices (this rank's shard); default all. The batches come
+        from AES-256-CTR under a SECRET key from OS entropy, resumable from its position; ``insecure_seed`` makes
+        the key its hash (NOT private: tests and debugging); ``secure=True`` takes a fresh key for every batch and
+        saves no state."""
         self.indices = torch.as_tensor(indices if indices is not None else range(num_samples), dtype=torch.long)
         num_samples = len(self.indices)
         if num_samples <= 0:
             raise ValueError(f"the dataset must not be empty, found {num_samples} samples")
         check_fraction("sample_rate", sample_rate, closed_right=True)
-        if secure and generator is not None:
-            raise ValueError("a secure sampler draws fresh OS entropy for every batch: do not pass a generator")
+        if secure and insecure_seed is not None:
+            raise ValueError(f"a secure sampler draws fresh OS entropy for every batch; found a seed {insecure_seed!r}")
         self.num_samples, self.sample_rate, self.secure = num_samples, realizable_rate(sample_rate), bool(secure)
         self.steps = steps if steps is not None else math.ceil(1 / sample_rate - 1e-9)  # ceil(N / B) for q = B / N
-        self.generator = None if secure else generator if generator is not None else secret_generator()
+        self._key = None if secure else os.urandom(32) if insecure_seed is None else \
+            hashlib.shake_256(f"sampler/{insecure_seed}".encode()).digest(32)
+        self._block = 0  # the keystream's next unused 16-byte block
         self.drawn = 0  # batches drawn in the current epoch
         self._resuming = False  # load_state_dict: the next iteration continues the saved epoch
 
@@ -60,23 +65,25 @@ class PoissonBatchSampler(Sampler[List[int]]):
             self.drawn = 0
         self._resuming = False
         while self.drawn < self.steps:
-            if self.secure:
-                mask = secure_random.bernoulli_mask(secure_random.Keystream(), self.num_samples, self.sample_rate)
-            else:
-                mask = torch.rand(self.num_samples, generator=self.generator, dtype=torch.float64) < self.sample_rate
+            stream = secure_random.Keystream(key=self._key, block=self._block)  # a fresh key if secure
+            mask = secure_random.bernoulli_mask(stream, self.num_samples, self.sample_rate)  # (N,) bool
+            self._block += -(-self.num_samples // 2)  # 8 bytes a sample
             self.drawn += 1
-            yield self.indices[mask].tolist()  # mask: (N,) bool
+            yield self.indices[mask].tolist()
 
     def state_dict(self) -> dict:
-        """The generator state is SECRET (it determines every batch); none is saved in secure mode."""
-        return {"drawn": self.drawn} if self.secure else {"generator": self.generator.get_state(), "drawn": self.drawn}
+        """The key and position are SECRET (they determine every batch); none is saved in secure mode."""
+        if self.secure:
+            return {"drawn": self.drawn}
+        return {"key": torch.frombuffer(bytearray(self._key), dtype=torch.uint8), "block": self._block,
+                "drawn": self.drawn}
 
     def load_state_dict(self, state: dict) -> None:
         if not self.secure:
-            if "generator" not in state:
-                raise ValueError("the checkpoint holds no sampler state (written in secure mode): resume it with "
-                                 "secure_mode=True")
-            self.generator.set_state(state["generator"])
+            if "key" not in state:
+                raise ValueError("the checkpoint holds no sampler key (written in secure mode, or by dptrain before "
+                                 "its keystream sampler): resume it with secure_mode=True")
+            self._key, self._block = bytes(state["key"].tolist()), int(state["block"])
         self.drawn = int(state["drawn"])
         self._resuming = self.drawn < self.steps  # a finished epoch: the next iteration starts a new one
 
@@ -131,14 +138,15 @@ class DPDataLoader:
         *,
         poisson_sampling: bool,
         sample_rate: float,
-        generator: Optional[torch.Generator] = None,
+        insecure_seed: Optional[int] = None,
         max_physical_batch_size: Optional[int] = None,
         shard: Optional[tuple] = None,
         secure: bool = False,
         steps: Optional[int] = None,
         same_pieces_on_every_rank: bool = False,
     ):
-        """``shard=(rank, world)``: Poisson-sample only this rank's indices rank, rank + world, ...; ``steps``:
+        """``shard=(rank, world)``: Poisson-sample only this rank's indices rank, rank + world, ...; ``insecure_seed``:
+        the sampler's (NOT private); ``steps``:
         logical batches per epoch (default ceil(1 / sample_rate)); ``same_pieces_on_every_rank``: split every
         logical batch into as many physical batches as the rank that needs the most (FSDP2, whose collectives in
         every forward and backward need all ranks in step), agreed by one collective per logical batch."""
@@ -149,7 +157,8 @@ class DPDataLoader:
         if poisson_sampling:
             rank, world = shard or (0, 1)
             self.sampler = PoissonBatchSampler(
-                len(self.dataset), sample_rate, generator=generator, indices=list(range(rank, len(self.dataset), world)),
+                len(self.dataset), sample_rate, insecure_seed=insecure_seed,
+                indices=list(range(rank, len(self.dataset), world)),
                 secure=secure, steps=steps,
             )
             collate = data_loader.collate_fn or default_collate

@@ -6,7 +6,7 @@
 #include <string.h>
 #include <math.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(DPTRAIN_PLAIN)  /* native.py retries with PLAIN */
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define VECTOR_CLONES

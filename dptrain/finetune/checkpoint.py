@@ -3,7 +3,7 @@
 File layout: a magic line, the SHA-256 of the payload, then the ``torch.save`` payload. A truncated or
 altered file fails the hash check and is refused instead of being loaded with silently wrong values.
 Writes go to a temporary file first and are renamed into place, so a crash never leaves half a checkpoint.
-A checkpoint is SECRET (noise and sampler generator states): the file is written with mode 0600.
+A checkpoint is SECRET (the noise and sampler keys and positions): the file is written with mode 0600.
 """
 
 from __future__ import annotations

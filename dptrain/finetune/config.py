@@ -58,7 +58,7 @@ class FinetuneConfig:
     # NOT PRIVATE (tests/debugging only): fixes the noise (seed N) and the Poisson batches (N + 1), so anyone who
     # reads report.json can regenerate the noise; None: both come from OS entropy (secret)
     insecure_seed: Optional[int] = None
-    secure_mode: bool = False  # fresh OS entropy at every noise/sampling draw; the checkpoint holds no generator state
+    secure_mode: bool = False  # fresh OS entropy at every noise/sampling draw; the checkpoint holds no key
     output_dir: Optional[str] = None
     overwrite: bool = False
     resume: bool = False

@@ -1,6 +1,6 @@
 """The SECRET files of a run, kept apart from what is released: ``<output_dir>/private/`` (mode 0700).
 
-- ``private/checkpoint.pt``: the resume state. It holds the noise and sampler generator states (anyone who has
+- ``private/checkpoint.pt``: the resume state. It holds the noise and sampler keys and keystream positions (anyone who has
   them can regenerate the noise and subtract it from the released weights) and, with ``--error-feedback``, the
   error-feedback buffer (unclipped gradient residues).
 - ``private/audit_secret.json``: the one-run audit's canaries and inclusion mask, drawn from secret entropy
@@ -40,7 +40,7 @@ MAX_MEMBERS_WRITTEN = 10_000
 LEGACY_CHECKPOINT = "checkpoint.pt"  # where older versions wrote it: inside the released folder
 
 SECRET_FILES_NOTE = ("SECRET, never publish or share: files under private/ (owner-only, mode 0600). checkpoint.pt "
-                     "holds the noise and sampler generator states (they regenerate the noise) and error-feedback "
+                     "holds the noise and sampler keys (they regenerate the noise and the batches) and error-feedback "
                      "buffers (open it with dptrain.finetune.load_checkpoint); audit_secret.json holds the audit "
                      "canaries and which were trained on; members.jsonl / nonmembers.jsonl hold records trained on "
                      "and held out (for 'dptrain attack mia --model').")

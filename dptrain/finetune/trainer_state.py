@@ -1,8 +1,8 @@
 """A ``PrivateLMTrainer`` checkpoint: what it holds, the fingerprint a resume must match, and the restore.
 
-The payload is SECRET (sampler and noise generator states unless secure_mode, error-feedback buffers) and is
+The payload is SECRET (sampler and noise keys and positions unless secure_mode, error-feedback buffers) and is
 written under ``private/`` by ``dptrain finetune``, apart from the release. Under torchrun every rank's own
-generator states are gathered to rank 0, so a resume on the same world size continues exactly.
+states are gathered to rank 0, so a resume on the same world size continues exactly.
 """
 
 from __future__ import annotations

@@ -98,9 +98,9 @@ def test_resume_depends_on_every_ranks_saved_generators(runs):
     assert not (root / "resumed" / "checkpoint.pt").exists()  # nothing secret in the released folder
     state = load_checkpoint(root / "resumed" / CHECKPOINT_FILE)
     assert state["world_size"] == WORLD and len(state["ranks"]) == WORLD
-    s0, s1 = (r["engine"]["sampler"]["generator"] for r in state["ranks"])
-    assert not torch.equal(s0, s1)  # ranks sample their shards with their own generators
-    n0, n1 = (r["engine"]["noise"]["generators"]["cpu"][0] for r in state["ranks"])
+    s0, s1 = (r["engine"]["sampler"]["key"] for r in state["ranks"])
+    assert not torch.equal(s0, s1)  # ranks sample their shards under their own keys
+    n0, n1 = (r["engine"]["noise"]["generators"]["cpu"]["key"] for r in state["ranks"])
     assert not torch.equal(n0, n1)  # and draw independent noise shares
 
 

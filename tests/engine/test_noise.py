@@ -188,6 +188,19 @@ def test_the_c_transform_agrees_with_the_fp64_oracle(seed):
     assert float(((reference - oracle).abs() / scale).max()) < 2.0**-18
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_the_build_without_per_cpu_clones_agrees_with_the_oracle(tmp_path, monkeypatch):
+    """The fallback build for compilers or C libraries without ifunc clones (-DDPTRAIN_PLAIN: baseline x86-64 here)."""
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path)
+    plain = native._load(native._compile("cc", native._FLAGS + ["-DDPTRAIN_PLAIN"]))
+    monkeypatch.setattr(native, "library", lambda: plain)
+    key, n = bytes(range(32)), 100_001
+    words = secure_random.Keystream(key=key)._words(4 * ((n + 1) // 2), torch.int32).clone()
+    values = secure_random.normals(secure_random.Keystream(key=key), n, 1.0).double()
+    oracle = box_muller_fp64(words, n)
+    assert float(((values - oracle).abs() / oracle.abs().clamp_min(1.0)).max()) < 2.0**-20
+
+
 def test_without_a_compiler_the_torch_reference_draws_the_same_noise(monkeypatch):
     monkeypatch.setattr(GaussianNoise, "REFERENCE_CHUNK", GaussianNoise.CHUNK)  # the same pairs
     drawn = _draw(GaussianNoise(seed=9), [(150_000,)])
@@ -259,6 +272,22 @@ def test_accelerator_path_draws_in_bounded_chunks_covering_every_position(monkey
     assert stats.kstest(draw.numpy(), "norm").pvalue > 1e-3
     corr = torch.corrcoef(draw[:2000].view(2, 1000))[0, 1]
     assert abs(float(corr)) < 5 / 1000**0.5, "two chunks drew the same values"
+    assert source._buffers["dev"].numel() == 1000
+
+
+def test_secure_accelerator_path_draws_a_fresh_keystream_in_bounded_chunks(monkeypatch):
+    """Secure mode on an accelerator (run here on CPU tensors): the CPU keystream in chunks of DEVICE_CHUNK / 2
+    values across tensor boundaries, every position noised with the right law, a fresh key per draw."""
+    monkeypatch.setattr(GaussianNoise, "DEVICE_CHUNK", 2000)
+    source = GaussianNoise(secure=True)
+    draws = []
+    for _ in range(2):
+        tensors = [torch.full((700,), 3.0), torch.full((40, 37), 3.0), torch.full((33,), 3.0)]  # 2213 values
+        source._draw_and_add_secure_on_device(noise_module._FlatView(tensors), 2.0, 0.5, "dev", torch.device("cpu"))
+        draws.append((torch.cat([t.flatten() for t in tensors]) - 1.5) / 2.0)
+    assert all(bool((d != 0).all()) for d in draws), "a position was left without noise"
+    assert stats.kstest(torch.cat(draws).numpy(), "norm").pvalue > 1e-3
+    assert abs(float(torch.corrcoef(torch.stack(draws))[0, 1])) < 5 / 2213**0.5, "two draws shared a key"
     assert source._buffers["dev"].numel() == 1000
 
 
