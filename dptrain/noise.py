@@ -4,15 +4,18 @@ CPU noise is AES-256 in counter mode under a secret key (``secure_random.Keystre
 vectorised C transform (``dptrain/csrc``; torch ops where no C compiler is found). The tensors of one device are one
 flat vector of n values, which reads the n / 2 keystream blocks after the last draw's (16 bytes: two Box-Muller
 draws for a pair of values), cut into ``STREAMS`` fixed slices drawn on a thread pool, ``CHUNK`` values at a time,
-each added while still in cache. The numbers depend only on the key, the position, the std and the total size, never on the thread
-count; the keystream never repeats, so the noise is i.i.d. N(0, std^2) per coordinate as DP-SGD requires.
+each added while still in cache. The numbers depend only on the key, the position, the std and the total size (up to the last
+bits of the transform's arithmetic: C or torch), never on the thread count; no keystream block is read twice, so the
+coordinates are independent, each the sum of two Box-Muller draws: N(0, std^2) as DP-SGD requires, except in the
+tail beyond ~7 std (below).
 
 Two draws per value: a Box-Muller transform of 24-bit uniforms (torch's CPU sampler; CUDA's uses 32 bits) is not a
 Gaussian: its values lie on a lattice sparser than the fp32 grid (an attacker who knows the sum tells which of two
 neighbouring sums a released pair of coordinates came from) and its tail stops at 5.77 std (a coordinate moved by
 |v| leaves the support with probability ~1e-8 sqrt(|v| / std), ~1e-3 a step summed over 5M coordinates). Every value
 is therefore the sum of two independent draws of std / sqrt(2), as Opacus's secure mode does with four: the pairs
-then fill the grid and the support reaches 8.16 std (docs/architecture.md, "The noise's own floating point").
+then fill the grid and the support reaches 8.16 std, the density falling below the Gaussian's from ~7 std (a
+probability ~1e-12 per coordinate; docs/architecture.md, "The noise's own floating point").
 
 Entropy: the key comes from ``os.urandom`` (32 bytes); released noise tells nothing of it, where 624 outputs of a
 Mersenne Twister give its whole state. An insecure seed (tests and debugging only: whoever knows it can subtract the
@@ -86,7 +89,7 @@ class GaussianNoise:
 
     STREAMS = 4  # slices of a CPU draw, each on its own thread when more than one thread may run
     CHUNK = 1 << 16  # values per transform call (even: a pair never straddles two); keystream and noise in cache
-    REFERENCE_CHUNK = 1 << 20  # ... by torch's ops (no C compiler): per-op overheads want long calls (34 ms vs 82)
+    REFERENCE_CHUNK = 1 << 20  # values a call of torch's ops (no C compiler): per-op costs want long calls (34 ms vs 82)
     DEVICE_CHUNK = 1 << 24  # draws per chunk on an accelerator (64 MiB: two calls of half as many values)
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0, *, secure: bool = False):
@@ -141,17 +144,20 @@ class GaussianNoise:
                 self._draw_and_add_on_device(self._generator(device), flat, std, scale, key, device)
 
     def _draw_and_add(self, flat: "_FlatView", std: float, scale: float) -> None:
-        """The CPU path: stream k adds values [cuts[k], cuts[k + 1]) from the keystream block P + cuts[k] / 2 on,
-        a chunk at a time (its values i and i + chunk / 2 share a Box-Muller pair)."""
+        """The CPU path: stream k adds values [cuts[k], cuts[k + 1]) from the keystream block P + cuts[k] / 2 on, in
+        blocks of CHUNK values (value j and j + CHUNK / 2 of a block share a Box-Muller pair), one block a call of
+        the C transform, ``REFERENCE_CHUNK`` values a call of the torch reference: the same layout either way."""
+        if self.CHUNK % 2:
+            raise ValueError(f"CHUNK {self.CHUNK} would split a Box-Muller pair and read blocks twice; expected even")
         key, start = self._keystream_at("cpu")
-        chunk = self.CHUNK if native.library() is not None else self.REFERENCE_CHUNK
+        step = self.CHUNK if native.library() is not None else self.CHUNK * max(1, self.REFERENCE_CHUNK // self.CHUNK)
         pairs = (flat.numel + 1) // 2
         cuts = [2 * (pairs * k // self.STREAMS) for k in range(self.STREAMS)] + [flat.numel]
 
         def job(k: int) -> None:
             stream = secure_random.Keystream(self._work[k], key=key, block=start + cuts[k] // 2)
-            for lo, hi in _chunks(cuts[k], cuts[k + 1], chunk):
-                flat.add_(lo, secure_random.normals(stream, hi - lo, std), scale)
+            for lo, hi in _chunks(cuts[k], cuts[k + 1], step):
+                flat.add_(lo, secure_random.normals(stream, hi - lo, std, self.CHUNK), scale)
 
         _run_streams(job, [k for k in range(self.STREAMS) if cuts[k + 1] > cuts[k]])
         if not self.secure:

@@ -52,6 +52,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         self._key = None if secure else os.urandom(32) if insecure_seed is None else \
             hashlib.shake_256(f"sampler/{insecure_seed}".encode()).digest(32)
         self._block = 0  # the keystream's next unused 16-byte block
+        self._work: dict = {}  # the keystream's buffers, reused from batch to batch
         self.drawn = 0  # batches drawn in the current epoch
         self._resuming = False  # load_state_dict: the next iteration continues the saved epoch
 
@@ -65,7 +66,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
             self.drawn = 0
         self._resuming = False
         while self.drawn < self.steps:
-            stream = secure_random.Keystream(key=self._key, block=self._block)  # a fresh key if secure
+            stream = secure_random.Keystream(self._work, key=self._key, block=self._block)  # a fresh key if secure
             mask = secure_random.bernoulli_mask(stream, self.num_samples, self.sample_rate)  # (N,) bool
             self._block += -(-self.num_samples // 2)  # 8 bytes a sample
             self.drawn += 1

@@ -82,40 +82,63 @@ def normal_bytes(n: int, dtype: torch.dtype) -> int:
     return 4 * ((n + 1) // 2) * _WORDS[dtype].itemsize
 
 
+MASK_PIECE = 1 << 20  # samples per keystream read of a mask (8 MiB): its buffers stay that size for any dataset
+
+
 def bernoulli_mask(stream: Keystream, n: int, rate: float) -> torch.Tensor:
-    """(n,) bool, each True with probability exactly ``rate`` (a multiple of 2^-53: ``realizable_rate``)."""
+    """(n,) bool, each True with probability exactly ``rate`` (a multiple of 2^-53: ``realizable_rate``): 53-bit
+    keystream words, 8 bytes a sample, compared with rate 2^53."""
     threshold = rate * 2.0**53
     if not threshold.is_integer():
         raise ValueError(f"rate {rate!r} is not a multiple of 2^-53; round it with realizable_rate first")
-    return (stream._words(n, torch.int64) & ((1 << 53) - 1)) < int(threshold)
+    mask = torch.empty(n, dtype=torch.bool)
+    for lo in range(0, n, MASK_PIECE):
+        words = stream._words(min(n, lo + MASK_PIECE) - lo, torch.int64)
+        torch.lt(words.bitwise_and_((1 << 53) - 1), int(threshold), out=mask[lo: lo + words.numel()])
+    return mask
 
 
-def normals(stream: Keystream, n: int, std: float) -> torch.Tensor:
-    """(n,) fp32 CPU values of N(0, std^2) as ``normal_`` draws them, by the C transform where it is built: a VIEW of
-    a buffer that the next call overwrites. Reads ``normal_bytes(n, torch.float32)`` of the keystream."""
+def normals(stream: Keystream, n: int, std: float, block: int) -> torch.Tensor:
+    """(n,) fp32 CPU values of N(0, std^2) as ``normal_`` draws them in blocks of ``block``, by the C transform where
+    it is built: a VIEW of a buffer that the next call overwrites. Reads ``normal_bytes`` of each block."""
     lib = native.library()
+    noise = stream._buffer("normals", n + 1, torch.float32, "cpu")  # + 1: an odd block's unused sine half
     if lib is None:
-        return normal_(stream._buffer("normals", n, torch.float32, "cpu"), stream, std)
-    pairs = (n + 1) // 2
-    words = stream._words(4 * pairs, torch.int32)  # (4 * pairs,) as planes: radius, angle of draw 1, then of 2
-    noise = stream._buffer("normals", 2 * pairs, torch.float32, "cpu")
-    lib.keystream_normals(words.data_ptr(), pairs, std * _SQRT_HALF, noise.data_ptr())
+        return normal_(noise[:n], stream, std, block)
+    for lo in range(0, n, block):
+        pairs = (min(block, n - lo) + 1) // 2
+        words = stream._words(4 * pairs, torch.int32)  # (4 * pairs,) as planes: radius, angle of draw 1, then of 2
+        lib.keystream_normals(words.data_ptr(), pairs, std * _SQRT_HALF, noise[lo:].data_ptr())
     return noise[:n]
 
 
-def normal_(out: torch.Tensor, stream: Keystream, std: float) -> torch.Tensor:
+def normal_(out: torch.Tensor, stream: Keystream, std: float, block: Optional[int] = None) -> torch.Tensor:
     """``out`` (n,) <- N(0, std^2) values, each the sum of two Box-Muller draws of std / sqrt(2) from the keystream's
     uniforms (why two: the noise module's docstring), in torch ops on any device and dtype (the reference of the C
-    transform). Value i and i + (n + 1) // 2 share their pairs (the cosine and sine halves). Returns ``out``."""
+    transform). In each block of ``block`` values (default: all n; even, the last one may be shorter), value j and
+    j + (m + 1) // 2 of a block of m share their pairs (the cosine and sine halves). Returns ``out``."""
     n = out.numel()
-    pairs = (n + 1) // 2  # Box-Muller pairs per draw
-    u = stream.uniforms(4 * pairs, out.dtype, out.device).view(2, 2, pairs)  # (draw, u1 | u2, pair), in (0, 1]
-    radius = u[:, 0].log_().mul_(-2.0).sqrt_()  # (2, pairs)
-    theta = u[:, 1].mul_(2.0 * math.pi)  # (2, pairs)
-    cos = torch.cos(theta, out=stream._buffer("cos", 2 * pairs, out.dtype, out.device).view(2, pairs))
+    block = n if block is None or block >= n else block
+    if block % 2 and block < n:
+        raise ValueError(f"blocks of {block} values would split a Box-Muller pair; expected an even block")
+    full = n // block * block
+    if full:
+        _normal_blocks_(out[:full].view(-1, block), stream, std)
+    if full < n:
+        _normal_blocks_(out[full:].view(1, -1), stream, std)
+    return out
+
+
+def _normal_blocks_(out: torch.Tensor, stream: Keystream, std: float) -> None:
+    """``out`` (G, m) <- G blocks of ``normal_``'s layout, their keystream read block after block."""
+    blocks, m = out.shape
+    pairs = (m + 1) // 2  # Box-Muller pairs per draw and block
+    u = stream.uniforms(blocks * 4 * pairs, out.dtype, out.device).view(blocks, 2, 2, pairs)  # (G, draw, u1 | u2, pair)
+    radius = u[:, :, 0].log_().mul_(-2.0).sqrt_()  # (G, 2, pairs)
+    theta = u[:, :, 1].mul_(2.0 * math.pi)  # (G, 2, pairs)
+    cos = torch.cos(theta, out=stream._buffer("cos", blocks * 2 * pairs, out.dtype, out.device).view(blocks, 2, pairs))
     sin = theta.sin_()
-    halves = (out[:pairs], cos), (out[pairs:], sin)
-    for part, trig in halves:  # r_0 trig_0 + r_1 trig_1 over the part's pairs
-        m = part.numel()
-        torch.mul(radius[0, :m], trig[0, :m], out=part).addcmul_(radius[1, :m], trig[1, :m])
-    return out.mul_(std * _SQRT_HALF)
+    for part, trig in (out[:, :pairs], cos), (out[:, pairs:], sin):  # r_0 trig_0 + r_1 trig_1 over the part's pairs
+        k = part.shape[1]
+        torch.mul(radius[:, 0, :k], trig[:, 0, :k], out=part).addcmul_(radius[:, 1, :k], trig[:, 1, :k])
+    out.mul_(std * _SQRT_HALF)

@@ -88,6 +88,14 @@ def test_noise_depends_on_the_total_size_only_not_on_how_it_is_split(monkeypatch
     assert not torch.equal(whole[:7], whole[7:14])
 
 
+def test_an_odd_chunk_is_refused(monkeypatch):
+    """An odd chunk reads ceil(m / 2) blocks from an odd position: stream k would run into stream k + 1's blocks
+    (the same noise on two coordinates, whose difference then carries none)."""
+    monkeypatch.setattr(GaussianNoise, "CHUNK", 7)
+    with pytest.raises(ValueError, match="CHUNK 7 would split a Box-Muller pair"):
+        GaussianNoise(seed=0).add_([torch.zeros(100)], 1.0)
+
+
 def test_strided_sums_are_refused():
     with pytest.raises(TypeError, match="contiguous"):
         GaussianNoise(seed=0).add_([torch.zeros(4, 3).T], 1.0)
@@ -180,7 +188,7 @@ def test_the_c_transform_agrees_with_the_fp64_oracle(seed):
     key = bytes([seed]) * 32
     words = secure_random.Keystream(key=key)._words(1 << 20, torch.int32).clone()
     n = words.numel() // 2 - 1  # odd: the last pair's sine half is dropped
-    native_values = secure_random.normals(secure_random.Keystream(key=key), n, 1.0).double()
+    native_values = secure_random.normals(secure_random.Keystream(key=key), n, 1.0, n + 1).double()
     reference = secure_random.normal_(torch.empty(n), secure_random.Keystream(key=key), 1.0).double()
     oracle = box_muller_fp64(words, n)
     scale = oracle.abs().clamp_min(1.0)
@@ -196,16 +204,19 @@ def test_the_build_without_per_cpu_clones_agrees_with_the_oracle(tmp_path, monke
     monkeypatch.setattr(native, "library", lambda: plain)
     key, n = bytes(range(32)), 100_001
     words = secure_random.Keystream(key=key)._words(4 * ((n + 1) // 2), torch.int32).clone()
-    values = secure_random.normals(secure_random.Keystream(key=key), n, 1.0).double()
+    values = secure_random.normals(secure_random.Keystream(key=key), n, 1.0, n + 1).double()
     oracle = box_muller_fp64(words, n)
     assert float(((values - oracle).abs() / oracle.abs().clamp_min(1.0)).max()) < 2.0**-20
 
 
 def test_without_a_compiler_the_torch_reference_draws_the_same_noise(monkeypatch):
-    monkeypatch.setattr(GaussianNoise, "REFERENCE_CHUNK", GaussianNoise.CHUNK)  # the same pairs
-    drawn = _draw(GaussianNoise(seed=9), [(150_000,)])
+    """The same layout in longer calls: a resume on a machine without a compiler must not recombine the keystream
+    blocks of a draw into other values (two releases from the same bits)."""
+    monkeypatch.setattr(GaussianNoise, "CHUNK", 1 << 12)
+    monkeypatch.setattr(GaussianNoise, "REFERENCE_CHUNK", 5 << 12)
+    drawn = _draw(GaussianNoise(seed=9), [(150_001,)])
     monkeypatch.setattr(native, "library", lambda: None)
-    fallback = _draw(GaussianNoise(seed=9), [(150_000,)])
+    fallback = _draw(GaussianNoise(seed=9), [(150_001,)])
     torch.testing.assert_close(fallback, drawn, rtol=0, atol=3e-6)  # the same keystream, torch's log, cos, sin
 
 

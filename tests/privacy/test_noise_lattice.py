@@ -11,7 +11,6 @@ value loses to this; dptrain's noise (two draws per value) must look like the wr
 import pytest
 import torch
 
-from dptrain import native
 from dptrain import noise as noise_module
 from dptrain.noise import GaussianNoise
 
@@ -53,9 +52,8 @@ def test_dptrain_noise_hides_the_lattice_under_the_true_sum(secure):
     released = torch.zeros(N)
     source = GaussianNoise(secure=True) if secure else GaussianNoise(seed=0)
     source.add_([released], 1.0)  # the true sum 0 plus the noise a step adds
-    # the partners: j and j + chunk / 2 of each chunk, a stream's slice (N / 4) at most
-    chunk = GaussianNoise.CHUNK if native.library() is not None else GaussianNoise.REFERENCE_CHUNK
-    residual, pairs = lattice_residual(released, 24, min(chunk, N // GaussianNoise.STREAMS))
+    # the partners: j and j + CHUNK / 2 of each block of CHUNK values (stream slices, N / 4, are whole blocks here)
+    residual, pairs = lattice_residual(released, 24, GaussianNoise.CHUNK)
     se = UNIFORM_SE_PER_PAIR / pairs**0.5
     assert pairs > 200
     assert abs(residual - UNIFORM_RESIDUAL) < 5 * se, f"mean residual {residual:.4f} over {pairs} pairs"
