@@ -147,7 +147,8 @@ class PrivacyEngine:
         seed = args.insecure_sampler_seed
         loader = DPDataLoader(  # ranks sample their shards independently
             args.data_loader, poisson_sampling=args.poisson_sampling, sample_rate=self.sample_rate,
-            insecure_seed=None if seed is None else seed + 1_000_003 * rank, max_physical_batch_size=args.max_physical_batch_size, shard=(rank, world),
+            insecure_seed=None if seed is None else seed + 1_000_003 * rank,
+            max_physical_batch_size=args.max_physical_batch_size, shard=(rank, world),
             secure=self.secure_mode, steps=self.steps_per_epoch if args.poisson_sampling else None,
             same_pieces_on_every_rank=isinstance(self.tracker.model, FSDPView),
         )

@@ -6,6 +6,8 @@ The model and optimizer states are the user's to save. The sampler and noise key
 
 from __future__ import annotations
 
+from dptrain import distributed
+
 __all__ = ["engine_state", "restore_engine_state"]
 
 
@@ -16,6 +18,7 @@ def engine_state(engine) -> dict:
     return {  # SECRET unless secure_mode: the sampler and noise keys and positions
         "accountant_name": engine.accountant_name,
         "secure_mode": engine.secure_mode,
+        "rank_and_world": list(distributed.rank_and_world()),  # a rank's keys are its own: never load them elsewhere
         "epoch_charge": engine._epoch_charge,
         "accountant": engine.accountant.state_dict(),
         "sampler": engine.data_loader.state_dict(),
@@ -54,6 +57,10 @@ def _check_same_run(engine, state: dict) -> None:
         raise ValueError(
             f"checkpoint has {len(state['max_grad_norms'])} clipping groups, this model {len(engine.tracker.groups)}"
         )
+    here = list(distributed.rank_and_world())
+    if state.get("rank_and_world") != here:
+        raise ValueError(f"checkpoint was written by rank and world size {state.get('rank_and_world')}, this process "
+                         f"is {here}: two ranks with one rank's keys would draw the same noise and batches")
     if bool(state.get("secure_mode")) != engine.secure_mode:
         raise ValueError(f"checkpoint was written with secure_mode={bool(state.get('secure_mode'))}, this engine "
                          f"has secure_mode={engine.secure_mode}: resume with the same setting")

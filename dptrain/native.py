@@ -13,7 +13,9 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -36,18 +38,29 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _compile(compiler: str, flags: list) -> Path:
+def _private_cache_dir() -> Path:
+    """The cache folder, created owner-only; refused unless this user owns it and nobody else may write to it (a
+    library planted there would draw the noise)."""
+    folder = _cache_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{folder} is not this user's alone (owner uid {info.st_uid}, mode "
+                              f"{stat.S_IMODE(info.st_mode):o}); set DPTRAIN_CACHE to a private folder")
+    return folder
+
+
+def _compile(compiler: list, flags: list) -> Path:
     """The shared library for this source, flags, compiler and machine: built once, then reused."""
     source = _SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
     tag = hashlib.sha256(source + " ".join(flags + [version, platform.machine()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"keystream_normal-{tag}.so"
+    target = _private_cache_dir() / f"keystream_normal-{tag}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)  # then renamed: processes may race here
         os.close(fd)
         try:
-            subprocess.run([compiler, *flags, "-o", partial, str(_SOURCE), "-lm"], capture_output=True, text=True,
+            subprocess.run([*compiler, *flags, "-o", partial, str(_SOURCE), "-lm"], capture_output=True, text=True,
                            check=True)
             os.replace(partial, target)
         finally:
@@ -56,7 +69,7 @@ def _compile(compiler: str, flags: list) -> Path:
     return target
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: list) -> Path:
     """With per-CPU clones of the loops (x86-64 and GCC-style compilers), else without (other compilers, no ifunc)."""
     try:
         return _compile(compiler, _FLAGS)
@@ -73,7 +86,18 @@ def library() -> Optional[ctypes.CDLL]:
     try:
         if compiler is None:
             raise FileNotFoundError("no C compiler (cc, gcc or $CC) on the PATH")
-        return _load(_build(compiler))
+        path = _build(shlex.split(compiler))
+        try:
+            return _load(path)
+        except OSError:  # a damaged or wrong file in the cache: built once more, loaded under a name of its own
+            path.unlink()  # (the dynamic loader would hand back the library it loaded under the old name)
+            path = _build(shlex.split(compiler))
+            fresh = path.with_name(f"{path.stem}-{os.getpid()}.so")
+            os.link(path, fresh)
+            try:
+                return _load(fresh)
+            finally:
+                fresh.unlink()
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"dptrain's C noise transform is unavailable ({str(detail).strip()[:300]}); the noise is drawn "
@@ -82,7 +106,30 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def _load(path: Path) -> ctypes.CDLL:
+    """The library at ``path``, after a known-answer test against the torch reference (OSError if it fails)."""
     lib = ctypes.CDLL(str(path))
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+    _check_known_answers(lib, path)
     return lib
+
+
+def _check_known_answers(lib: ctypes.CDLL, path: Path) -> None:
+    """Every quadrant and radius on 4096 fixed words (and the largest, smallest and wrapping ones): the transform's
+    values within 2^-18 of torch's formula, and scale_add exact."""
+    import torch
+
+    pairs = 1024
+    index = torch.arange(4 * pairs, dtype=torch.int64)
+    words = (index * 2654435761 + 12345) % (1 << 32)  # (4 * pairs,) spread over all 32-bit words
+    words[:4] = torch.tensor([0, (1 << 24) - 1, (1 << 32) - 1, 1 << 24])
+    words = words.to(torch.int32)
+    values = torch.empty(2 * pairs)
+    lib.keystream_normals(words.data_ptr(), pairs, 0.5**0.5, values.data_ptr())
+    low = (words.to(torch.int64) & 0xFFFFFF).add_(1).double().mul_(2.0**-24).view(2, 2, pairs)
+    radius, angle = (-2 * low[:, 0].log()).sqrt(), 2 * torch.pi * low[:, 1]  # (2 draws, pairs)
+    expected = torch.cat([(radius * angle.cos()).sum(0), (radius * angle.sin()).sum(0)]) * 0.5**0.5
+    out, add = torch.arange(8.0), torch.full((8,), 0.25)
+    lib.scale_add(out.data_ptr(), add.data_ptr(), 8, 0.5)
+    if not (values.double() - expected).abs().max() < 2.0**-18 or not torch.equal(out, torch.arange(8.0) / 2 + 0.25):
+        raise OSError(f"{path} fails its known-answer test")

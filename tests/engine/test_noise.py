@@ -4,6 +4,7 @@ import collections
 import math
 import os
 import shutil
+import subprocess
 import tempfile
 import warnings
 from pathlib import Path
@@ -200,13 +201,58 @@ def test_the_c_transform_agrees_with_the_fp64_oracle(seed):
 def test_the_build_without_per_cpu_clones_agrees_with_the_oracle(tmp_path, monkeypatch):
     """The fallback build for compilers or C libraries without ifunc clones (-DDPTRAIN_PLAIN: baseline x86-64 here)."""
     monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path)
-    plain = native._load(native._compile("cc", native._FLAGS + ["-DDPTRAIN_PLAIN"]))
+    plain = native._load(native._compile(["cc"], native._FLAGS + ["-DDPTRAIN_PLAIN"]))
     monkeypatch.setattr(native, "library", lambda: plain)
     key, n = bytes(range(32)), 100_001
     words = secure_random.Keystream(key=key)._words(4 * ((n + 1) // 2), torch.int32).clone()
     values = secure_random.normals(secure_random.Keystream(key=key), n, 1.0, n + 1).double()
     oracle = box_muller_fp64(words, n)
     assert float(((values - oracle).abs() / oracle.abs().clamp_min(1.0)).max()) < 2.0**-20
+
+
+_ZERO_NOISE = """
+#include <stddef.h>
+#include <stdint.h>
+void keystream_normals(const uint32_t *w, size_t pairs, float scale, float *noise) {
+    for (size_t i = 0; i < 2 * pairs; i++) noise[i] = 0.0f;
+}
+void scale_add(float *out, const float *values, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) out[i] = scale * out[i] + values[i];
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or os.environ.get("DPTRAIN_NATIVE") == "0",
+                    reason="needs a C compiler and the C transform")
+def test_a_library_planted_in_the_cache_is_refused_and_rebuilt(tmp_path, monkeypatch):
+    """The attacker writes a library that adds no noise under the cached name: its known-answer test fails, the
+    file is rebuilt from dptrain's source, and the noise is noise."""
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path)
+    cached = native._build(["cc"])
+    planted = tmp_path / "planted.c"
+    planted.write_text(_ZERO_NOISE)
+    subprocess.run(["cc", *native._FLAGS, "-o", str(cached), str(planted)], check=True)
+    planted_bytes = cached.read_bytes()
+    with pytest.raises(OSError, match="fails its known-answer test"):
+        native._load(cached)
+    library = native.library
+    library.cache_clear()
+    try:
+        lib = library()
+        assert lib is not None and cached.read_bytes() != planted_bytes  # rebuilt in place
+        monkeypatch.setattr(native, "library", lambda: lib)
+        assert 0.9 < float(_draw(GaussianNoise(seed=1), [(20_000,)]).std()) < 1.1
+    finally:
+        library.cache_clear()
+
+
+def test_a_cache_folder_others_may_write_to_is_refused(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setattr(native, "_cache_dir", lambda: shared)
+    with pytest.raises(PermissionError, match="is not this user's alone .* mode 777"):
+        native._private_cache_dir()
 
 
 def test_without_a_compiler_the_torch_reference_draws_the_same_noise(monkeypatch):

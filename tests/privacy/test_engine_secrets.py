@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dptrain
 from dptrain.noise import GaussianNoise
+from dptrain.sampling import PoissonBatchSampler
 
 N, D, SIGMA, C, LR = 8, 40, 1.0, 1.0, 1.0
 
@@ -138,20 +139,20 @@ def test_secure_mode_saves_nothing_that_replays_noise_or_batches():
 
 
 def test_secure_sampler_batches_cannot_be_recomputed_from_its_state():
-    sampler = dptrain.sampling.PoissonBatchSampler(200, 0.3, secure=True)
+    sampler = PoissonBatchSampler(200, 0.3, secure=True)
     first = list(sampler)
     assert set(sampler.state_dict()) == {"drawn"}
     replays = []
     for _ in range(2):
-        replay = dptrain.sampling.PoissonBatchSampler(200, 0.3, secure=True)
+        replay = PoissonBatchSampler(200, 0.3, secure=True)
         replay.load_state_dict({"drawn": 0})
         replays.append(list(replay))
     assert replays[0] != replays[1] and replays[0] != first
     # a default sampler IS replayed by its state (so that state must stay secret)
-    plain = dptrain.sampling.PoissonBatchSampler(200, 0.3)
+    plain = PoissonBatchSampler(200, 0.3)
     saved = plain.state_dict()
     batches = list(plain)
-    again = dptrain.sampling.PoissonBatchSampler(200, 0.3)
+    again = PoissonBatchSampler(200, 0.3)
     again.load_state_dict(saved)
     assert list(again) == batches
 
@@ -161,3 +162,15 @@ def test_insecure_seeds_are_refused_in_secure_mode_and_must_be_integers():
         _run(secure=True, insecure_noise_seed=1)
     with pytest.raises(TypeError, match="insecure_sampler_seed must be an integer or None, found '1'"):
         _run(insecure_sampler_seed="1")
+
+
+def test_a_ranks_keys_are_never_loaded_into_another_rank():
+    """One rank's saved keys in two ranks would give both the same noise (under FSDP: two shards whose difference
+    carries none) and the same batches: a checkpoint names the rank and world size that wrote it."""
+    engine, _, _ = _run()
+    state = engine.state_dict()
+    assert state["rank_and_world"] == [0, 1]
+    _run(state=state)  # the same rank resumes
+    state["rank_and_world"] = [1, 2]
+    with pytest.raises(ValueError, match=r"written by rank and world size \[1, 2\], this process is \[0, 1\]"):
+        _run(state=state)
