@@ -79,7 +79,8 @@ def main(argv=None) -> None:
         q1, _, q3 = statistics.quantiles(ms, n=4)
         rows.append(f"| {condition} | {name} | {statistics.median(ms):.1f} | {q1:.1f}-{q3:.1f} |")
     body = (f"N(0, 1) added to {VALUES:,} fp32 values, 2 threads, {args.reps} repetitions in rotating order. "
-            "Every dptrain row: two Box-Muller draws per value from an AES-256-CTR keystream (the module docstring).\n\n" + "\n".join(rows))
+            "Every dptrain row: two Box-Muller draws per value from an AES-256-CTR keystream (the module "
+            "docstring).\n\n" + "\n".join(rows))
     print(body)
     write_section("noise_speed", body)
 

@@ -4,10 +4,10 @@ CPU noise is AES-256 in counter mode under a secret key (``secure_random.Keystre
 vectorised C transform (``dptrain/csrc``; torch ops where no C compiler is found). The tensors of one device are one
 flat vector of n values, which reads the n / 2 keystream blocks after the last draw's (16 bytes: two Box-Muller
 draws for a pair of values), cut into ``STREAMS`` fixed slices drawn on a thread pool, ``CHUNK`` values at a time,
-each added while still in cache. The numbers depend only on the key, the position, the std and the total size (up to the last
-bits of the transform's arithmetic: C or torch), never on the thread count; no keystream block is read twice, so the
-coordinates are independent, each the sum of two Box-Muller draws: N(0, std^2) as DP-SGD requires, except in the
-tail beyond ~7 std (below).
+each added while still in cache. The numbers depend only on the key, the position, the std and the total size (up
+to the last bits of the transform's arithmetic: C or torch), never on the thread count; no keystream block is read
+twice, so the coordinates are independent, each the sum of two Box-Muller draws: N(0, std^2) as DP-SGD requires,
+except in the tail beyond ~7 std (below).
 
 Two draws per value: a Box-Muller transform of 24-bit uniforms (torch's CPU sampler; CUDA's uses 32 bits) is not a
 Gaussian: its values lie on a lattice sparser than the fp32 grid (an attacker who knows the sum tells which of two
@@ -89,7 +89,7 @@ class GaussianNoise:
 
     STREAMS = 4  # slices of a CPU draw, each on its own thread when more than one thread may run
     CHUNK = 1 << 16  # values per transform call (even: a pair never straddles two); keystream and noise in cache
-    REFERENCE_CHUNK = 1 << 20  # values a call of torch's ops (no C compiler): per-op costs want long calls (34 ms vs 82)
+    REFERENCE_CHUNK = 1 << 20  # values a call of torch's ops (no C compiler): long calls (29 ms for 5.4M, not 83)
     DEVICE_CHUNK = 1 << 24  # draws per chunk on an accelerator (64 MiB: two calls of half as many values)
 
     def __init__(self, seed: Optional[int] = None, rank: int = 0, *, secure: bool = False):

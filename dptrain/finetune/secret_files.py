@@ -1,7 +1,7 @@
 """The SECRET files of a run, kept apart from what is released: ``<output_dir>/private/`` (mode 0700).
 
-- ``private/checkpoint.pt``: the resume state. It holds the noise and sampler keys and keystream positions (anyone who has
-  them can regenerate the noise and subtract it from the released weights) and, with ``--error-feedback``, the
+- ``private/checkpoint.pt``: the resume state. It holds the noise and sampler keys and keystream positions (anyone
+  who has them can regenerate the noise and subtract it from the released weights) and, with ``--error-feedback``, the
   error-feedback buffer (unclipped gradient residues).
 - ``private/audit_secret.json``: the one-run audit's canaries and inclusion mask, drawn from secret entropy
   (never from the run's public seed); ``dptrain audit --model`` reads it, a resumed run rebuilds its data from it.

@@ -1,4 +1,5 @@
-"""The parallel in-place noise source: right distribution, independent streams, reproducible, resumable, and\nregenerable from its key alone."""
+"""The parallel in-place noise source: right distribution, independent streams, reproducible, resumable, and
+regenerable from its key alone."""
 
 import collections
 import math

@@ -71,9 +71,10 @@ def test_released_statistics_hide_the_fp64_lattice():
 
 @pytest.mark.parametrize("n", [1, 8])
 def test_no_value_adds_up_one_box_muller_pair(n):
-    """The accelerators' path (torch's generators): two draws in one call of 2 n would pair each value with its own partner, r (cos + sin), whose tail still
-    stops at one draw's edge: at n = 8 the call is one block of 16 (partners j, j + 8), at n = 1 torch's small-size
-    path returns a pair's second value from its cache. Oracle: the call of 2 n torch makes from the same state."""
+    """The accelerators' path (torch's generators): two draws in one call of 2 n would pair each value with its own
+    partner, r (cos + sin), whose tail still stops at one draw's edge: at n = 8 the call is one block of 16 (partners
+    j, j + 8), at n = 1 torch's small-size path returns a pair's second value from its cache. Oracle: the call of 2 n
+    torch makes from the same state."""
     one_call = torch.empty(2 * n).normal_(0.0, 0.5**0.5, generator=torch.Generator().manual_seed(3))
     partner_sums = one_call[:n] + one_call[n:]
     values = noise_module._normal_(torch.empty(noise_module._draws(n)), n, 1.0, torch.Generator().manual_seed(3))
