@@ -101,6 +101,8 @@ def bernoulli_mask(stream: Keystream, n: int, rate: float) -> torch.Tensor:
 def normals(stream: Keystream, n: int, std: float, block: int) -> torch.Tensor:
     """(n,) fp32 CPU values of N(0, std^2) as ``normal_`` draws them in blocks of ``block``, by the C transform where
     it is built: a VIEW of a buffer that the next call overwrites. Reads ``normal_bytes`` of each block."""
+    if block % 2 and block < n:
+        raise ValueError(f"blocks of {block} values would split a Box-Muller pair; expected an even block")
     lib = native.library()
     noise = stream._buffer("normals", n + 1, torch.float32, "cpu")  # + 1: an odd block's unused sine half
     if lib is None:
