@@ -57,10 +57,10 @@ def _check_same_run(engine, state: dict) -> None:
         raise ValueError(
             f"checkpoint has {len(state['max_grad_norms'])} clipping groups, this model {len(engine.tracker.groups)}"
         )
-    here = list(distributed.rank_and_world())
-    if state.get("rank_and_world") != here:
-        raise ValueError(f"checkpoint was written by rank and world size {state.get('rank_and_world')}, this process "
-                         f"is {here}: two ranks with one rank's keys would draw the same noise and batches")
+    here, saved = list(distributed.rank_and_world()), state.get("rank_and_world")
+    if saved is None or list(saved) != here:
+        raise ValueError(f"checkpoint was written by rank and world size {saved}, this process is {here}: two ranks "
+                         f"with one rank's keys would draw the same noise and batches")
     if bool(state.get("secure_mode")) != engine.secure_mode:
         raise ValueError(f"checkpoint was written with secure_mode={bool(state.get('secure_mode'))}, this engine "
                          f"has secure_mode={engine.secure_mode}: resume with the same setting")

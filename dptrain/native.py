@@ -106,7 +106,12 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def _load(path: Path) -> ctypes.CDLL:
-    """The library at ``path``, after a known-answer test against the torch reference (OSError if it fails)."""
+    """The library at ``path``, after a known-answer test against the torch reference (OSError if it fails). It must
+    be a regular file of this user's that nobody else may write to."""
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(f"{path} is not a file of this user's alone (owner uid {info.st_uid}, mode "
+                      f"{stat.S_IMODE(info.st_mode):o})")
     lib = ctypes.CDLL(str(path))
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
@@ -115,21 +120,24 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 def _check_known_answers(lib: ctypes.CDLL, path: Path) -> None:
-    """Every quadrant and radius on 4096 fixed words (and the largest, smallest and wrapping ones): the transform's
-    values within 2^-18 of torch's formula, and scale_add exact."""
+    """Every quadrant and radius on fixed words (and the largest, smallest and wrapping ones), with a pair count that
+    leaves a vector loop a tail and two scales: the values within 2^-18 of torch's formula in fp64, nothing written
+    past them, and scale_add exact. It guards against damage; a library crafted to pass it is the cache check's job."""
     import torch
 
-    pairs = 1024
-    index = torch.arange(4 * pairs, dtype=torch.int64)
-    words = (index * 2654435761 + 12345) % (1 << 32)  # (4 * pairs,) spread over all 32-bit words
-    words[:4] = torch.tensor([0, (1 << 24) - 1, (1 << 32) - 1, 1 << 24])
-    words = words.to(torch.int32)
-    values = torch.empty(2 * pairs)
-    lib.keystream_normals(words.data_ptr(), pairs, 0.5**0.5, values.data_ptr())
-    low = (words.to(torch.int64) & 0xFFFFFF).add_(1).double().mul_(2.0**-24).view(2, 2, pairs)
-    radius, angle = (-2 * low[:, 0].log()).sqrt(), 2 * torch.pi * low[:, 1]  # (2 draws, pairs)
-    expected = torch.cat([(radius * angle.cos()).sum(0), (radius * angle.sin()).sum(0)]) * 0.5**0.5
-    out, add = torch.arange(8.0), torch.full((8,), 0.25)
-    lib.scale_add(out.data_ptr(), add.data_ptr(), 8, 0.5)
-    if not (values.double() - expected).abs().max() < 2.0**-18 or not torch.equal(out, torch.arange(8.0) / 2 + 0.25):
+    for pairs, scale in ((1031, 0.5**0.5), (17, 3.7), (1, 0.25)):
+        index = torch.arange(4 * pairs, dtype=torch.int64)
+        words = (index * 2654435761 + 12345) % (1 << 32)  # (4 * pairs,) spread over all 32-bit words
+        words[: min(4, 4 * pairs)] = torch.tensor([0, (1 << 24) - 1, (1 << 32) - 1, 1 << 24])[: 4 * pairs]
+        words = words.to(torch.int32)
+        values = torch.full((2 * pairs + 1,), 7.0)  # the last one must stay untouched
+        lib.keystream_normals(words.data_ptr(), pairs, scale, values.data_ptr())
+        low = (words.to(torch.int64) & 0xFFFFFF).add_(1).double().mul_(2.0**-24).view(2, 2, pairs)
+        radius, angle = (-2 * low[:, 0].log()).sqrt(), 2 * torch.pi * low[:, 1]  # (2 draws, pairs)
+        expected = torch.cat([(radius * angle.cos()).sum(0), (radius * angle.sin()).sum(0)]) * scale
+        if not (values[:-1].double() - expected).abs().max() < 2.0**-18 * max(1.0, scale) or values[-1] != 7.0:
+            raise OSError(f"{path} fails its known-answer test")
+    out, add = torch.arange(9.0), torch.full((9,), 0.25)
+    lib.scale_add(out.data_ptr(), add.data_ptr(), 9, 0.5)
+    if not torch.equal(out, torch.arange(9.0) / 2 + 0.25):
         raise OSError(f"{path} fails its known-answer test")

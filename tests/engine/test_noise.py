@@ -211,16 +211,42 @@ def test_the_build_without_per_cpu_clones_agrees_with_the_oracle(tmp_path, monke
     assert float(((values - oracle).abs() / oracle.abs().clamp_min(1.0)).max()) < 2.0**-20
 
 
-_ZERO_NOISE = """
-#include <stddef.h>
-#include <stdint.h>
-void keystream_normals(const uint32_t *w, size_t pairs, float scale, float *noise) {
-    for (size_t i = 0; i < 2 * pairs; i++) noise[i] = 0.0f;
-}
+_PLANTED_SCALE_ADD = """
 void scale_add(float *out, const float *values, size_t n, float scale) {
     for (size_t i = 0; i < n; i++) out[i] = scale * out[i] + values[i];
 }
 """
+_PLANTED = {  # libraries an attacker (or a bad build) could leave under the cached name
+    "zeros": "for (size_t i = 0; i < 2 * pairs; i++) noise[i] = 0.0f;",
+    "wrong values": "for (size_t i = 0; i < 2 * pairs; i++) noise[i] = 0.7071f * (float)(w[i] & 1u);",
+    "no tail": "for (size_t i = 0; i < 2 * (pairs - pairs % 16); i++) noise[i] = 0.0f;",
+}
+
+
+def _planted_source(body: str) -> str:
+    return ("#include <stddef.h>\n#include <stdint.h>\n"
+            "void keystream_normals(const uint32_t *w, size_t pairs, float scale, float *noise) {" + body + "}"
+            + _PLANTED_SCALE_ADD)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+@pytest.mark.parametrize("kind", sorted(_PLANTED))
+def test_the_known_answer_test_refuses_wrong_transforms(kind, tmp_path):
+    source = tmp_path / "planted.c"
+    source.write_text(_planted_source(_PLANTED[kind]))
+    library = tmp_path / "planted.so"
+    subprocess.run(["cc", *native._FLAGS, "-o", str(library), str(source)], check=True)
+    with pytest.raises(OSError, match="fails its known-answer test"):
+        native._load(library)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_a_library_others_may_write_to_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path)
+    cached = native._build(["cc"])
+    cached.chmod(0o666)
+    with pytest.raises(OSError, match="is not a file of this user's alone .* mode 666"):
+        native._load(cached)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None or os.environ.get("DPTRAIN_NATIVE") == "0",
@@ -231,7 +257,7 @@ def test_a_library_planted_in_the_cache_is_refused_and_rebuilt(tmp_path, monkeyp
     monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path)
     cached = native._build(["cc"])
     planted = tmp_path / "planted.c"
-    planted.write_text(_ZERO_NOISE)
+    planted.write_text(_planted_source(_PLANTED["zeros"]))
     subprocess.run(["cc", *native._FLAGS, "-o", str(cached), str(planted)], check=True)
     planted_bytes = cached.read_bytes()
     with pytest.raises(OSError, match="fails its known-answer test"):
