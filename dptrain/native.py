@@ -62,6 +62,7 @@ def _compile(compiler: list, flags: list) -> Path:
         try:
             subprocess.run([*compiler, *flags, "-o", partial, str(_SOURCE), "-lm"], capture_output=True, text=True,
                            check=True)
+            os.chmod(partial, 0o700)  # whatever the umask: _load refuses a library others may write to
             os.replace(partial, target)
         finally:
             if os.path.exists(partial):
