@@ -74,8 +74,8 @@ def _routes(d_in: int, d_out: int):
 
 
 def _other_costs(model):
-    """Two more costs every exact DP step pays here: the noise for all trainable parameters (drawn synchronously,
-    as without the prefetch) and the per-sample gradients of the 9 LayerNorms."""
+    """Two more costs every exact DP step pays here: the noise for all trainable parameters and the per-sample
+    gradients of the 9 LayerNorms."""
     from torch import nn
 
     from dptrain.grad_sample.norms import LayerNormRule

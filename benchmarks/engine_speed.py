@@ -7,8 +7,8 @@
 Each (model, method) runs in its own subprocess so peak memory (VmHWM, reset after set-up) is its own; the
 processes of one model are alive together and take turns, so that the slow and quick phases of a shared machine
 hit every method alike (ratios are taken turn by turn). In its turn a method runs one untimed step and then
-``TIMED_PER_TURN`` timed steps back to back, as a training loop runs them: no pause in which dptrain's idle-class
-noise prefetch could draw the next step's noise for free.
+``TIMED_PER_TURN`` timed steps back to back, as a training loop runs them: no pause in which work could be done
+ahead for free.
 Models: a 4-layer GPT-2 (d=256, vocab 8192, batch 8, length 128) with tied embeddings (stock HF) and the
 same model untied with explicit per-sample position ids (the variant Opacus can run), and a 4-layer
 Llama-style model with LoRA adapters (r=8 on q_proj/v_proj); on request (``--models``) the real SmolLM2-135M

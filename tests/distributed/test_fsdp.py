@@ -116,7 +116,7 @@ def _train_fsdp(rank, scenario, make_model=_model):
         optimizer.load_noise_state_dict(state)
         return {"same": first == _noise_steps(model, optimizer, 1)}
     if scenario == "memory":
-        # 1.6M parameters: half of them (3.2 MB) a rank's share, the noise source's chunk buffers (~3.4 MiB) apart
+        # 1.6M parameters: half of them (3.2 MB) a rank's share, the noise source's chunk buffers (~3 MiB) apart
         _, model, optimizer = _private(_shard(_even_model(MEMORY_WIDTH)), sigma=1.0)
         x, y = data.tensors[0][rank::WORLD][:PER_RANK], data.tensors[1][rank::WORLD][:PER_RANK].repeat(1, MEMORY_WIDTH)
         for _ in range(2):
