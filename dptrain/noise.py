@@ -28,7 +28,6 @@ reproduce the noise.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
@@ -100,7 +99,7 @@ class GaussianNoise:
         self._blocks: Dict[str, int] = {}  # ... and the next unused block of each
         if not secure:  # keyed now, so that a state saved before the first draw resumes it exactly
             for name in ("cpu", "release"):
-                self._keys[name] = os.urandom(32) if seed is None else _derived_key(seed, rank, name)
+                self._keys[name] = secure_random.new_key(None if seed is None else f"{seed}/{rank}/{name}")
                 self._blocks[name] = 0
         self._generators: Dict[str, torch.Generator] = {}  # an accelerator's generator, by device
         self._buffers: Dict[str, torch.Tensor] = {}
@@ -108,7 +107,7 @@ class GaussianNoise:
 
     def _keystream_at(self, name: str) -> "tuple[bytes, int]":
         """The key and first free block of the CPU keystream ``name``: a fresh key for every secure draw."""
-        return (os.urandom(32), 0) if self.secure else (self._keys[name], self._blocks[name])
+        return (secure_random.new_key(), 0) if self.secure else (self._keys[name], self._blocks[name])
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -219,14 +218,9 @@ class GaussianNoise:
                 self._generator(torch.device(name)).set_state(saved)
 
 
-def _derived_key(seed: int, rank: int, name: str) -> bytes:
-    """An insecure seed's AES key for (rank, keystream name): SHAKE-256 of them."""
-    return hashlib.shake_256(f"{seed}/{rank}/{name}".encode()).digest(32)
-
-
 def _derived_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
     """An insecure seed's accelerator generator for (rank, device): its key from SHAKE-256 of them."""
-    return _keyed_generator(device, hashlib.shake_256(f"{seed}/{rank}/{device}".encode()).digest(8))
+    return _keyed_generator(device, secure_random.new_key(f"{seed}/{rank}/{device}", 8))
 
 
 def _run_streams(job, streams: List[int]) -> None:

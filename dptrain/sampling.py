@@ -8,9 +8,7 @@ what the subsampled-Gaussian accounting assumes; batches are therefore uneven an
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 import torch
@@ -49,8 +47,8 @@ class PoissonBatchSampler(Sampler[List[int]]):
             raise ValueError(f"a secure sampler draws fresh OS entropy for every batch; found a seed {insecure_seed!r}")
         self.num_samples, self.sample_rate, self.secure = num_samples, realizable_rate(sample_rate), bool(secure)
         self.steps = steps if steps is not None else math.ceil(1 / sample_rate - 1e-9)  # ceil(N / B) for q = B / N
-        self._key = None if secure else os.urandom(32) if insecure_seed is None else \
-            hashlib.shake_256(f"sampler/{insecure_seed}".encode()).digest(32)
+        self._key = None if secure else secure_random.new_key(None if insecure_seed is None else
+                                                              f"sampler/{insecure_seed}")
         self._block = 0  # the keystream's next unused 16-byte block
         self._work: dict = {}  # the keystream's buffers, reused from batch to batch
         self.drawn = 0  # batches drawn in the current epoch

@@ -9,6 +9,7 @@ predicts nothing of itself, and a fresh key per draw keeps one draw from telling
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Optional
@@ -17,7 +18,7 @@ import torch
 
 from dptrain import native
 
-__all__ = ["Keystream", "bernoulli_mask", "normal_", "normal_bytes", "normals"]
+__all__ = ["Keystream", "bernoulli_mask", "new_key", "normal_", "normal_bytes", "normals"]
 
 _SQRT_HALF = 0.5**0.5
 _MANTISSA = {torch.float32: 24, torch.float64: 53}  # the bits of a uniform (as torch's own samplers use)
@@ -25,6 +26,13 @@ _WORDS = {torch.float32: torch.int32, torch.float64: torch.int64}  # the keystre
 
 
 _ZEROS = b""
+
+
+def new_key(insecure_label: Optional[str] = None, nbytes: int = 32) -> bytes:
+    """A key: ``nbytes`` of OS entropy, or SHAKE-256 of an insecure seed's label (tests and debugging: NOT private)."""
+    if insecure_label is None:
+        return os.urandom(nbytes)
+    return hashlib.shake_256(insecure_label.encode()).digest(nbytes)
 
 
 class Keystream:
@@ -40,7 +48,7 @@ class Keystream:
             raise ValueError(f"an AES-256 key has 32 bytes, found {len(key)}")
         if not 0 <= block < 1 << 128:
             raise ValueError(f"keystream block {block} is outside [0, 2^128)")
-        key = os.urandom(32) if key is None else key
+        key = new_key() if key is None else key
         self._encryptor = Cipher(algorithms.AES(key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
         self._work = {} if workspace is None else workspace  # reused tensors and byte buffers
 
