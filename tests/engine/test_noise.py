@@ -370,7 +370,8 @@ def test_secure_accelerator_path_draws_a_fresh_keystream_in_bounded_chunks(monke
         source._draw_and_add_secure_on_device(noise_module._FlatView(tensors), 2.0, 0.5, "dev", torch.device("cpu"))
         draws.append((torch.cat([t.flatten() for t in tensors]) - 1.5) / 2.0)
     assert all(bool((d != 0).all()) for d in draws), "a position was left without noise"
-    assert stats.kstest(torch.cat(draws).numpy(), "norm").pvalue > 1e-6  # fresh entropy each run: a sound sampler fails once in 10^6 runs
+    # fresh entropy each run: a sound sampler fails this once in 10^6 runs
+    assert stats.kstest(torch.cat(draws).numpy(), "norm").pvalue > 1e-6
     assert abs(float(torch.corrcoef(torch.stack(draws))[0, 1])) < 5 / 2213**0.5, "two draws shared a key"
     assert source._buffers["dev"].numel() == 1000
 
