@@ -193,10 +193,11 @@ def weighted_sum(uses: Sequence[Contribution], scale: torch.Tensor, shape: torch
 # many multiply-adds per element each on a CPU, against the GEMM FLOPs of the factored norm they replace.
 DENSE_PASS_COST = 8
 # Extra cost per element where one batch chunk of a parameter's per-sample gradients outgrows the cache
-# (``DENSE_CACHE_BYTES``, 3/4 of a 32 MiB last-level cache): the batched product then streams its output to main
-# memory and both passes read it back from there (see benchmarks/RESULTS.md, engine_speed analysis).
+# (``DENSE_CACHE_BYTES``, half of a 32 MiB last-level cache, the rest for the layer's inputs): the batched product
+# then streams its output to main memory and both passes read it back from there (see benchmarks/RESULTS.md,
+# engine_speed analysis). The planner keeps chunks within it where one sample fits.
 DENSE_SPILL_COST = 88
-DENSE_CACHE_BYTES = 24 * 2**20
+DENSE_CACHE_BYTES = 16 * 2**20
 
 
 def densify_gain(uses: Sequence[Contribution], numel: int, pass_cost: float = DENSE_PASS_COST) -> float:
@@ -211,10 +212,10 @@ def densify_gain(uses: Sequence[Contribution], numel: int, pass_cost: float = DE
     return saved - pass_cost * numel if saved else 0.0
 
 
-def dense_pass_cost(chunk_numel: int, base: float = DENSE_PASS_COST) -> float:
+def dense_pass_cost(chunk_numel: int, base: float = DENSE_PASS_COST, cache_bytes: int = DENSE_CACHE_BYTES) -> float:
     """``densify_gain``'s cost per element of a parameter with ``chunk_numel`` values of per-sample gradients in one
-    batch chunk: ``base`` while they fit in cache, ``base + DENSE_SPILL_COST`` beyond."""
-    return base + (DENSE_SPILL_COST if 4 * chunk_numel > DENSE_CACHE_BYTES else 0.0)
+    batch chunk: ``base`` while they fit in ``cache_bytes``, ``base + DENSE_SPILL_COST`` beyond."""
+    return base + (DENSE_SPILL_COST if 4 * chunk_numel > cache_bytes else 0.0)
 
 
 def densify(uses: Sequence[Contribution], out: torch.Tensor) -> Instantiated:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dptrain.grad_sample.contributions import (
+    DENSE_CACHE_BYTES,
     DENSE_PASS_COST,
     Contribution,
     Factored,
@@ -50,12 +51,14 @@ class RoutePlanner:
     """Plans the routes within a byte budget for dense per-sample gradients and owns their arena.
 
     ``dense_budget_bytes=0`` turns the dense route off; a very negative ``dense_pass_cost`` densifies every
-    linear-like use that fits; ``fuse=False`` turns the fused route off."""
+    linear-like use that fits; a chunk of one parameter's per-sample gradients stays within ``cache_bytes`` where a
+    sample fits; ``fuse=False`` turns the fused route off."""
 
     def __init__(self, dense_budget_bytes: int = DENSE_BUDGET_BYTES, dense_pass_cost: float = DENSE_PASS_COST,
-                 fuse: bool = True):
+                 fuse: bool = True, cache_bytes: int = DENSE_CACHE_BYTES):
         self.dense_budget_bytes = dense_budget_bytes
         self.dense_pass_cost = dense_pass_cost
+        self.cache_bytes = cache_bytes
         self.fuse = fuse
         self._arena: Optional[torch.Tensor] = None
 
@@ -72,16 +75,19 @@ class RoutePlanner:
         """Parameters worth densifying (CPU only, most work saved per byte first) and the samples per chunk."""
         if batch == 0 or device_of(next(iter(pending.values()))[0]).type != "cpu":
             return {}, 0
-        # samples per chunk if every pending parameter were dense (at least that many): does each one's chunk fit
+        # samples per chunk if every pending parameter were dense (at least that many), and per parameter the most
+        # whose per-sample gradients stay in cache: a smaller chunk costs nothing, a spilled one two memory passes
         chunk = min(batch, max(1, self.dense_budget_bytes // max(1, 4 * sum(p.numel() for p in pending))))
-        gains = {p: densify_gain(u, p.numel(), dense_pass_cost(chunk * p.numel(), self.dense_pass_cost))
+        cached = {p: max(1, self.cache_bytes // max(1, 4 * p.numel())) for p in pending}
+        gains = {p: densify_gain(u, p.numel(), dense_pass_cost(min(chunk, cached[p]) * p.numel(),
+                                                               self.dense_pass_cost, self.cache_bytes))
                  for p, u in pending.items()}
         chosen, per_sample = {}, 0  # an ordered set: `in` on a list would compare tensors
         for p in sorted((p for p in gains if gains[p] > 0), key=lambda p: -gains[p] / p.numel()):
             if 4 * (per_sample + p.numel()) <= self.dense_budget_bytes:
                 chosen[p] = None
                 per_sample += p.numel()
-        return chosen, min(batch, self.dense_budget_bytes // max(1, 4 * per_sample))
+        return chosen, min([batch, self.dense_budget_bytes // max(1, 4 * per_sample)] + [cached[p] for p in chosen])
 
     def densify(self, routes: Routes, pending: Pending, sl: slice) -> Dict[nn.Parameter, Instantiated]:
         """Explicit per-sample gradients {p: Instantiated (b, *p.shape)} of the samples ``sl`` of the dense

@@ -81,16 +81,22 @@ def _linear_use(batch, length, rows, cols):
     return torch.nn.Parameter(torch.zeros(shape)), [Factored(left, right, rows, shape)]
 
 
-def test_planner_keeps_a_weight_whose_chunk_outgrows_the_cache_factored_at_short_sequences():
+def test_planner_keeps_chunks_in_cache_and_short_sequences_factored():
     planner = RoutePlanner()
-    short_head, short_uses = _linear_use(8, 16, 8192, 256)  # GPT-2-sized LM head: 6 samples per chunk = 48 MiB
-    assert not planner.plan({short_head: short_uses}, 8, per_layer=True).dense  # ghost costs less than the spill
-    mlp, mlp_uses = _linear_use(8, 128, 1024, 256)  # 8 MiB for the whole batch
-    assert mlp in planner.plan({mlp: mlp_uses}, 8, per_layer=True).dense
-    head, head_uses = _linear_use(8, 128, 8192, 256)  # T = 128: the (fp32-block) ghost norm still beats the spill
-    assert not planner.plan({head: head_uses}, 8, per_layer=True).dense
-    long_head, long_uses = _linear_use(8, 512, 8192, 256)  # the factored norm grows with T (T^2 for the ghost)
-    assert long_head in planner.plan({long_head: long_uses}, 8, per_layer=True).dense
+    short_head, short_uses = _linear_use(8, 16, 8192, 256)  # GPT-2-sized LM head, 8 MiB a sample
+    assert not planner.plan({short_head: short_uses}, 8, per_layer=True).dense  # ghost costs less than 2 passes
+    mlp, mlp_uses = _linear_use(8, 128, 1024, 256)  # 8 MiB for the whole batch: one chunk
+    routes = planner.plan({mlp: mlp_uses}, 8, per_layer=True)
+    assert mlp in routes.dense and routes.chunk == 8
+    head, head_uses = _linear_use(8, 128, 8192, 256)  # T = 128: 2 samples a chunk stay in cache, beating the ghost
+    routes = planner.plan({head: head_uses}, 8, per_layer=True)
+    assert head in routes.dense and routes.chunk == 2
+    # one sample beyond the cache: the spill costs more than the ghost at T = 128, not at T = 1024 (T^2 for the ghost)
+    wide, wide_uses = _linear_use(8, 128, 8192, 1024)  # 32 MiB a sample
+    assert not RoutePlanner(dense_budget_bytes=64 * 2**20).plan({wide: wide_uses}, 8, per_layer=True).dense
+    long_wide, long_uses = _linear_use(8, 1024, 8192, 1024)
+    routes = RoutePlanner(dense_budget_bytes=64 * 2**20).plan({long_wide: long_uses}, 8, per_layer=True)
+    assert long_wide in routes.dense and routes.chunk == 1
     # sharing the arena with the rest of a model (flat clipping), 2 samples per chunk stay in cache: densified
     others = dict(_linear_use(8, 128, 1024, 256) for _ in range(12))
     routes = planner.plan({head: head_uses, **others}, 8, per_layer=False)
