@@ -90,15 +90,9 @@ def library() -> Optional[ctypes.CDLL]:
         path = _build(shlex.split(compiler))
         try:
             return _load(path)
-        except OSError:  # a damaged or wrong file in the cache: built once more, loaded under a name of its own
-            path.unlink()  # (the dynamic loader would hand back the library it loaded under the old name)
-            path = _build(shlex.split(compiler))
-            fresh = path.with_name(f"{path.stem}-{os.getpid()}.so")
-            os.link(path, fresh)
-            try:
-                return _load(fresh)
-            finally:
-                fresh.unlink()
+        except OSError:  # a damaged or wrong file in the cache: built once more
+            path.unlink()
+            return _load(_build(shlex.split(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"dptrain's C noise transform is unavailable ({str(detail).strip()[:300]}); the noise is drawn "
@@ -106,14 +100,25 @@ def library() -> Optional[ctypes.CDLL]:
         return None
 
 
+_LOADED_FDS: list = []  # open for the process's life: a closed number reused would name another file to the loader
+
+
 def _load(path: Path) -> ctypes.CDLL:
     """The library at ``path``, after a known-answer test against the torch reference (OSError if it fails). It must
-    be a regular file of this user's that nobody else may write to."""
-    info = os.lstat(path)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise OSError(f"{path} is not a file of this user's alone (owner uid {info.st_uid}, mode "
-                      f"{stat.S_IMODE(info.st_mode):o})")
-    lib = ctypes.CDLL(str(path))
+    be a regular file (not a link) of this user's that nobody else may write to; it is checked and loaded through one
+    open file, so nothing can swap it in between."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # a link: OSError
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise OSError(f"{path} is not a file of this user's alone (owner uid {info.st_uid}, mode "
+                          f"{stat.S_IMODE(info.st_mode):o})")
+        opened = f"/proc/self/fd/{fd}"  # Linux; elsewhere the path, checked just before
+        lib = ctypes.CDLL(opened if os.path.exists(opened) else str(path))
+    except OSError:
+        os.close(fd)
+        raise
+    _LOADED_FDS.append(fd)
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     _check_known_answers(lib, path)

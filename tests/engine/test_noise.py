@@ -273,6 +273,22 @@ def test_a_library_planted_in_the_cache_is_refused_and_rebuilt(tmp_path, monkeyp
         library.cache_clear()
 
 
+def test_the_library_is_checked_and_loaded_through_one_open_file(tmp_path, monkeypatch):
+    """Nothing can swap the file between the owner check and the load (a parent folder others may write to would
+    let them): a link is refused, and the loader gets the descriptor that was checked, not the name again."""
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path)
+    cached = native._build(["cc"])
+    link = tmp_path / "link.so"
+    link.symlink_to(cached)
+    with pytest.raises(OSError):
+        native._load(link)
+    opened = []
+    load = native.ctypes.CDLL
+    monkeypatch.setattr(native.ctypes, "CDLL", lambda name: opened.append(name) or load(name))
+    native._load(cached)
+    assert opened == [f"/proc/self/fd/{native._LOADED_FDS[-1]}"] and os.path.samefile(opened[0], cached)
+
+
 def test_a_cache_folder_others_may_write_to_is_refused(tmp_path, monkeypatch):
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
