@@ -70,7 +70,9 @@ def _routes(d_in: int, d_out: int):
     def ghost():
         return kernels.fused_clip_linear_grad(x, g, MAX_NORM, strategy="ghost", backend="torch")[0]
 
-    torch.testing.assert_close(instantiate(), ghost(), rtol=1e-4, atol=1e-6)  # the same clipped sum
+    # the same clipped sum, but for the ghost route's clip bound above the norm (its margin, ~1e-3 here)
+    dense_sum = instantiate()
+    assert float((dense_sum - ghost()).norm() / dense_sum.norm()) < 5e-3, "the routes' clipped sums differ"
     return {"non-DP": non_dp, "instantiate": instantiate, "ghost": ghost}
 
 
