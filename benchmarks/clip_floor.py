@@ -54,8 +54,8 @@ def _routes(d_in: int, d_out: int):
     shape = torch.Size((d_out, d_in))
     weight = torch.nn.Parameter(torch.empty(shape))
     pending = {weight: [Factored(g, x, d_out, shape)]}  # per-sample gradient g_i^T x_i
-    whole_batch = 4 * BATCH * d_in * d_out
-    planner = RoutePlanner(dense_budget_bytes=whole_batch, dense_pass_cost=-1e9, cache_bytes=whole_batch)  # dense, one chunk
+    whole_batch = 4 * BATCH * d_in * d_out  # the dense route, one chunk
+    planner = RoutePlanner(dense_budget_bytes=whole_batch, dense_pass_cost=-1e9, cache_bytes=whole_batch)
     routes = planner.plan(pending, BATCH, per_layer=True)
     assert weight in routes.dense and routes.chunk == BATCH, "one chunk of explicit per-sample gradients"
 
