@@ -61,6 +61,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args(argv)
+    if args.reps < 2:
+        parser.error(f"--reps must be at least 2 (quartiles need two timings), found {args.reps}")
     torch.set_num_threads(2)
     values = torch.zeros(VALUES)
     methods = _methods(values)
