@@ -1,14 +1,17 @@
 """What the step-time benchmarks share: a worker process per method that answers tagged JSON lines
 (``WorkerProcess`` / ``reply``), one prepared training step of a causal LM under each method (non-DP, dptrain,
-Opacus), steps timed back to back, the rotating order of a round, and the peak-memory counters of a process."""
+Opacus), steps timed back to back, the rotating order of a round, and the peak-memory counters of a process (RSS, and
+the bytes malloc has handed out)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -175,3 +178,46 @@ def reset_rss_peak() -> None:
 def rss_peak_mb() -> float:
     """This process's peak RSS since the last reset, MB."""
     return proc_status_bytes("VmHWM") / 2**20
+
+
+@functools.lru_cache(maxsize=None)
+def _mallinfo2():
+    """glibc's ``mallinfo2`` (2.33 and later), returning its struct."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    function = ctypes.CDLL("libc.so.6").mallinfo2
+    function.restype = MallInfo2
+    return function
+
+
+def heap_in_use_bytes() -> int:
+    """Bytes glibc's malloc has handed out and not got back (heap chunks in use plus mmapped chunks), the CPU
+    counterpart of ``torch.cuda.memory_allocated``: unlike RSS, not what the allocator keeps after a free."""
+    info = _mallinfo2()()
+    return info.uordblks + info.hblkhd
+
+
+def heap_peak_mb(run, interval_s: float = 2e-4) -> float:
+    """The largest ``heap_in_use_bytes`` (MB) seen while ``run()`` runs, sampled by a thread every ``interval_s``
+    (torch ops release the GIL, so it samples inside them): peaks shorter than the interval can be missed, and the
+    sampling steals time, so ``run`` must not be a timed step."""
+    peak, done = [heap_in_use_bytes()], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], heap_in_use_bytes())
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], heap_in_use_bytes()) / 2**20

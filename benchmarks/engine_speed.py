@@ -24,6 +24,7 @@ import sys
 
 from benchmarks._harness import (
     WorkerProcess,
+    heap_peak_mb,
     prepared_lm_step,
     reply,
     reset_rss_peak,
@@ -73,7 +74,8 @@ def _smollm2(lora: bool):
 
 def worker(model_name: str, method: str, batch: int = BATCH, length: int = LENGTH) -> None:
     """Worker side of ``WorkerProcess``: set up ``method`` on ``model_name``, then one turn per "step" line (an
-    untimed step, then ``TIMED_PER_TURN`` timed ones back to back; replies their median), the peak RSS at "end"."""
+    untimed step, then ``TIMED_PER_TURN`` timed ones back to back; replies their median); at "end" the peak RSS of
+    the turns and the peak of malloc's bytes in use over ``HEAP_STEPS`` more steps (sampled: never in a timed one)."""
     import torch
 
     torch.set_num_threads(2)
@@ -90,16 +92,18 @@ def worker(model_name: str, method: str, batch: int = BATCH, length: int = LENGT
             break
         step()  # untimed: the timed steps follow a step of their own model, as in training
         reply({"step_s": statistics.median(time_steps(step, TIMED_PER_TURN))})
-    reply({"peak_mb": rss_peak_mb()})
+    peak_rss = rss_peak_mb()
+    reply({"peak_mb": peak_rss, "heap_peak_mb": heap_peak_mb(lambda: [step() for _ in range(HEAP_STEPS)])})
 
 
 TIMED_PER_TURN = 3  # timed steps per turn, back to back; the turn's median is its time
+HEAP_STEPS = 2  # steps after the turns whose heap peak is sampled
 
 
 def _run_interleaved(model_name: str, methods: list, turns: int, batch: int, length: int) -> dict:
     """All methods of one model alive at once; each turn every method, in rotating order, runs an untimed step and
     ``TIMED_PER_TURN`` timed ones back to back, so that a slow phase of a shared machine hits every method alike.
-    Returns per method the turns' step times (or the error) and the peak RSS."""
+    Returns per method the turns' step times (or the error), the peak RSS and the heap peak."""
     args = ["--batch", str(batch), "--length", str(length)]
     workers = {m: WorkerProcess("engine_speed", "--worker", model_name, m, *args, env={"OMP_NUM_THREADS": "2"})
                for m in methods}
@@ -115,7 +119,7 @@ def _run_interleaved(model_name: str, methods: list, turns: int, batch: int, len
     for m, w in workers.items():
         answer = w.ask("end")
         w.close()
-        out[m] = {"error": answer["error"]} if "error" in answer else {"times": times[m], "peak_mb": answer["peak_mb"]}
+        out[m] = answer if "error" in answer else {"times": times[m], **answer}
     return out
 
 
@@ -131,14 +135,15 @@ DEFAULT_MODELS = ["gpt2-tied", "gpt2-untied", "llama-lora"]
 
 def _combine(runs: list, base_runs: list) -> dict:
     """One row from several sets of processes: the median step time (and the range of the per-set medians), the
-    median over all turns of the ratio to the same turn's non-DP step, and the largest peak."""
+    median over all turns of the ratio to the same turn's non-DP step, and the largest peaks."""
     failed = [r for r in runs if "error" in r]
     if failed:
         return failed[0]
     medians = [statistics.median(r["times"]) for r in runs]
     ratios = [t / b for r, base in zip(runs, base_runs) for t, b in zip(r["times"], base["times"])]
     return {"step_s": statistics.median(t for r in runs for t in r["times"]), "spread": (min(medians), max(medians)),
-            "ratio": statistics.median(ratios), "peak_mb": max(r["peak_mb"] for r in runs)}
+            "ratio": statistics.median(ratios), "peak_mb": max(r["peak_mb"] for r in runs),
+            "heap_peak_mb": max(r["heap_peak_mb"] for r in runs)}
 
 
 def _model_rows(model_name: str, steps: int, rounds: int, batch: int, length: int, methods=None) -> list:
@@ -150,16 +155,18 @@ def _model_rows(model_name: str, steps: int, rounds: int, batch: int, length: in
     if any("error" in b for b in base_runs):
         raise RuntimeError(f"the non-DP baseline of {model_name} failed: {base_runs}")
     base_peak = max(b["peak_mb"] for b in base_runs)
+    base_heap = max(b["heap_peak_mb"] for b in base_runs)
     rows = []
     for method in methods:
         r = _combine([s[method] for s in sets], base_runs)
         if "error" in r:
-            rows.append(f"| {model_name} | {method} | failed: {r['error']} | | | | |")
+            rows.append(f"| {model_name} | {method} | failed: {r['error']} | | | | | | |")
         else:
             low, high = r["spread"]
             rows.append(
                 f"| {model_name} | {method} | {r['step_s'] * 1000:.0f} | {low * 1000:.0f}-{high * 1000:.0f} "
-                f"| {r['ratio']:.2f}x | {r['peak_mb']:.0f} | {r['peak_mb'] / base_peak:.2f}x |"
+                f"| {r['ratio']:.2f}x | {r['peak_mb']:.0f} | {r['peak_mb'] / base_peak:.2f}x "
+                f"| {r['heap_peak_mb']:.0f} | {r['heap_peak_mb'] / base_heap:.2f}x |"
             )
         print(rows[-1], flush=True)
     return rows
@@ -173,9 +180,13 @@ def _body(rows: list, steps: int, rounds: int, batch: int, length: int) -> str:
         f"{TIMED_PER_TURN} timed steps back to back (no pause: a training loop's rhythm), the turn's time being their "
         f"median; the others wait blocked. {rounds} set(s) of fresh processes x {steps} turns. "
         "Columns: the median timed step (and the range of the per-set medians), the median over turns of the ratio "
-        "to the same turn's non-DP step (a slow phase of the shared machine hits both), and the largest peak RSS "
-        "(VmHWM during the timed turns).\n\n"
-        "| model | method | step ms | range ms | vs non-DP | peak RSS MB | vs non-DP |\n|---|---|---|---|---|---|---|\n"
+        "to the same turn's non-DP step (a slow phase of the shared machine hits both), the largest peak RSS "
+        "(VmHWM during the timed turns: what the process held, including what glibc keeps after frees) and the largest "
+        f"peak of malloc's bytes in use (mallinfo2, sampled every 0.2 ms over {HEAP_STEPS} untimed steps after the "
+        "turns: the CPU counterpart of torch.cuda.max_memory_allocated; everything the interpreter and libraries "
+        "allocate counts, not their code).\n\n"
+        "| model | method | step ms | range ms | vs non-DP | peak RSS MB | vs non-DP | peak heap MB | vs non-DP |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
     )
 

@@ -112,16 +112,23 @@ class Clipper:
     def _clip_dense(self, routes: Routes, pending: Pending, sq, scale, parts, entry) -> torch.Tensor:
         """Densified parameters chunk by chunk (each chunk's norms include the factored parts); (B,) weights."""
         batch = sq.shape[0]
-        chunk_weights, whole = [], routes.chunk >= batch  # one chunk: no slicing
-        for sl in (slice(i, min(batch, i + routes.chunk)) for i in range(0, batch, routes.chunk)):
-            grads = self.planner.densify(routes, pending, sl)  # {p: (b, *p.shape)}
-            chunk_parts = {p: per_sample_sq_norms([d]) for p, d in grads.items()}
-            chunk_sq = _total(chunk_parts.values(), sq if whole else sq[sl])
-            chunk_parts.update((p, part if whole else part[sl]) for p, part in parts.items())
-            chunk_weights.append(self._weights(entry(chunk_sq.sqrt_().mul_(scale), chunk_parts, None), scale))
-            for p, d in grads.items():
-                self._accumulate(p, [d], chunk_weights[-1])
-        return torch.cat(chunk_weights) if len(chunk_weights) > 1 else chunk_weights[0]
+        whole = routes.chunk >= batch  # one chunk: no slicing
+        weights = [self._clip_dense_chunk(routes, pending, sl, sq if whole else sq[sl],
+                                          parts if whole else {p: part[sl] for p, part in parts.items()}, scale, entry)
+                   for sl in (slice(i, min(batch, i + routes.chunk)) for i in range(0, batch, routes.chunk))]
+        return torch.cat(weights) if len(weights) > 1 else weights[0]
+
+    def _clip_dense_chunk(self, routes: Routes, pending: Pending, sl: slice, sq, parts, scale, entry) -> torch.Tensor:
+        """The samples ``sl``: their per-sample gradients (freed on return, before the next chunk's), norms, weights
+        (returned) and clipped sums."""
+        grads = self.planner.densify(routes, pending, sl)  # {p: (b, *p.shape)}
+        chunk_parts = {p: per_sample_sq_norms([d]) for p, d in grads.items()}
+        chunk_sq = _total(chunk_parts.values(), sq)
+        chunk_parts.update(parts)
+        weights = self._weights(entry(chunk_sq.sqrt_().mul_(scale), chunk_parts, None), scale)
+        for p, d in grads.items():
+            self._accumulate(p, [d], weights)
+        return weights
 
     def _weights(self, entry: NormEntry, scale: float) -> torch.Tensor:
         """Per-sample weights of the gradients, (b,): the clip factor (or automatic normalisation) times the loss

@@ -1,6 +1,6 @@
 """Which route each parameter's per-sample gradients take through clipping.
 
-- dense: explicit per-sample gradients, built in batch chunks inside one reused fp32 arena (CPU only, where
+- dense: explicit per-sample gradients, built in batch chunks of fp32 buffers (CPU only, where
   for sequences they beat ghost norms; ``densify_gain`` says when);
 - fused: the kernel API's norm-clip-sum of one single-use linear weight in one pass (per-layer clipping;
   the GPU path, whose kernels never write per-sample gradients);
@@ -30,7 +30,7 @@ from dptrain.grad_sample.contributions import (
 
 __all__ = ["RoutePlanner", "Routes", "DENSE_BUDGET_BYTES"]
 
-# Bytes of explicit per-sample gradients alive at once (one batch chunk): the size of the reused arena.
+# Bytes of explicit per-sample gradients alive at once (one batch chunk).
 DENSE_BUDGET_BYTES = 48 * 2**20
 
 Pending = Dict[nn.Parameter, List[Contribution]]
@@ -48,7 +48,7 @@ class Routes:
 
 
 class RoutePlanner:
-    """Plans the routes within a byte budget for dense per-sample gradients and owns their arena.
+    """Plans the routes within a byte budget for dense per-sample gradients and builds them.
 
     ``dense_budget_bytes=0`` turns the dense route off; a very negative ``dense_pass_cost`` densifies every
     linear-like use that fits; a chunk of one parameter's per-sample gradients stays within ``cache_bytes`` where a
@@ -60,7 +60,6 @@ class RoutePlanner:
         self.dense_pass_cost = dense_pass_cost
         self.cache_bytes = cache_bytes
         self.fuse = fuse
-        self._arena: Optional[torch.Tensor] = None
 
     def plan(self, pending: Pending, batch: int, per_layer: bool) -> Routes:
         dense, chunk = self._plan_dense(pending, batch)
@@ -91,19 +90,7 @@ class RoutePlanner:
 
     def densify(self, routes: Routes, pending: Pending, sl: slice) -> Dict[nn.Parameter, Instantiated]:
         """Explicit per-sample gradients {p: Instantiated (b, *p.shape)} of the samples ``sl`` of the dense
-        parameters, in the reused arena (a fresh multi-MB buffer every step costs page faults)."""
+        parameters, each in a buffer of its own: freed with the chunk, so nothing is held through the next forward
+        and backward pass (where memory peaks), and reused from malloc's free memory (no fresh pages) by the next."""
         b = sl.stop - sl.start
-        arena = self._workspace(b * sum(p.numel() for p in routes.dense))
-        grads, start = {}, 0
-        for p in routes.dense:
-            out = arena[start : start + b * p.numel()].view(b, *p.shape)
-            grads[p] = densify([select_samples(c, sl) for c in pending[p]], out)
-            start += b * p.numel()
-        return grads
-
-    def _workspace(self, numel: int) -> torch.Tensor:
-        """The reused CPU fp32 buffer, at least ``numel`` elements."""
-        if self._arena is None or self._arena.numel() < numel:
-            self._arena = None  # free the old one first
-            self._arena = torch.empty(numel, dtype=torch.float32)
-        return self._arena[:numel]
+        return {p: densify([select_samples(c, sl) for c in pending[p]], torch.empty(b, *p.shape)) for p in routes.dense}

@@ -97,9 +97,41 @@ def test_planner_keeps_chunks_in_cache_and_short_sequences_factored():
     long_wide, long_uses = _linear_use(8, 1024, 8192, 1024)
     routes = RoutePlanner(dense_budget_bytes=64 * 2**20).plan({long_wide: long_uses}, 8, per_layer=True)
     assert long_wide in routes.dense and routes.chunk == 1
-    # sharing the arena with the rest of a model (flat clipping), 2 samples per chunk stay in cache: densified
+    # sharing the budget with the rest of a model (flat clipping), 2 samples per chunk stay in cache: densified
     others = dict(_linear_use(8, 128, 1024, 256) for _ in range(12))
     routes = planner.plan({head: head_uses, **others}, 8, per_layer=False)
     assert head in routes.dense and routes.chunk == 2
     empty, empty_uses = _linear_use(8, 128, 0, 256)  # a zero-size weight: nothing to densify, no error
     assert not planner.plan({empty: empty_uses}, 8, per_layer=True).dense
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_dense_buffers_live_one_chunk_at_a_time_and_none_after_the_flush(clipping, monkeypatch):
+    """Per-sample gradients held past their chunk would sit on top of the next forward and backward pass, where
+    memory peaks (engine_speed's heap column)."""
+    import gc
+    import weakref
+
+    from dptrain.grad_sample.tracker import GradSampleTracker
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+    planner = RoutePlanner(dense_budget_bytes=4 * (16 * 32 + 32 + 32 * 8 + 8), dense_pass_cost=-1e9)  # one sample
+    tracker = GradSampleTracker(model, clipping=clipping, max_grad_norm=1.0, planner=planner)
+    buffers, calls = [], []
+    densify_chunk = planner.densify
+
+    def recorded(routes, pending, sl):
+        gc.collect()
+        calls.append(sum(ref() is not None for ref in buffers))  # buffers alive when a chunk starts
+        grads = densify_chunk(routes, pending, sl)
+        buffers.extend(weakref.ref(d.grad) for d in grads.values())
+        return grads
+
+    monkeypatch.setattr(planner, "densify", recorded)
+    model(torch.randn(4, 6, 16)).square().sum().backward()
+    tracker.flush()
+    gc.collect()
+    assert len(calls) >= 4 and buffers  # chunks of 1 sample (of 2 or 3 for the smaller layer alone)
+    assert calls == [0] * len(calls)
+    assert all(ref() is None for ref in buffers)
+    assert tracker.clipped_sum  # the sums stay, the per-sample gradients went
