@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-__all__ = ["main", "CLIError", "emit"]
+__all__ = ["main", "CLIError", "emit", "is_rank0"]
 
 # sub-command name -> module under dptrain.cli that defines add_parser(subparsers)
 _COMMANDS = {
@@ -80,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def is_rank0() -> bool:
+    """Whether this process is rank 0 of its launcher (torchrun's RANK), or alone: it prints for all of them."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
+
+
 def _error_line(line: str) -> None:
     """Print ``line`` on stderr once: under torchrun only rank 0 prints, and every rank hands it to the launcher
     (TORCHELASTIC_ERROR_FILE), whose failure summary then shows it instead of a link to enable tracebacks."""
@@ -90,5 +95,5 @@ def _error_line(line: str) -> None:
                 json.dump({"message": line, "timestamp": int(time.time())}, f)
         except OSError:
             pass
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0":
+    if is_rank0():
         print(line, file=sys.stderr)

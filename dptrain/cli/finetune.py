@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from dptrain.cli import CLIError, emit
+from dptrain.cli import CLIError, emit, is_rank0
 
 __all__ = ["add_parser", "run"]
 
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     from dptrain import distributed
 
-    if args.insecure_seed is not None and os.environ.get("RANK", "0") == "0":
+    if args.insecure_seed is not None and is_rank0():
         print(f"dptrain finetune: WARNING: --insecure-seed {args.insecure_seed} fixes the noise and the batches: the "
               "model is NOT PRIVATE (tests and debugging only)", file=sys.stderr)
     try:
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
                                     "step; the same command plus --resume continues from it") from None
         raise KeyboardInterrupt("interrupted before DP training started: nothing to resume; run the command again "
                                 "(with --overwrite if the output folder was created)") from None
-    if distributed.rank_and_world()[0] == 0:  # under torchrun, one summary
+    if is_rank0():  # under torchrun, one summary
         summary, human = _summary(args, config, result)
         emit(summary, human, args.json)
     return 0

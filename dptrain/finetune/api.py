@@ -60,18 +60,20 @@ def resolve_controller(name: str, seed: Optional[int] = None):
     return cls(**kwargs)
 
 
-def _init_distributed() -> Optional[int]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU); this rank, else None."""
+def _join_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on CPU, nccl on GPU); True if this call did, so
+    that ``finetune`` leaves it again (a gloo group left alive at exit can abort a rank: "terminate called without an
+    active exception")."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
+        return False
     import datetime
 
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=5))
-    return dist.get_rank()
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(minutes=5))
+    return True
 
 
 def _prepare_output_dir(cfg: FinetuneConfig) -> Optional[Path]:
@@ -155,7 +157,20 @@ def finetune(config: Optional[FinetuneConfig] = None, *, model=None, tokenizer=N
     cfg = (config or FinetuneConfig()).validate()
     if model is None:
         resolve_model(cfg.model)  # a missing package or file fails now, before anything is written
-    rank = _init_distributed()  # with cfg.insecure_seed the engine warns that the run is NOT PRIVATE
+    joined = _join_distributed()
+    try:
+        result = _finetune(cfg, started, model, tokenizer, train_texts, eval_texts, controller)
+        if joined:
+            torch.distributed.barrier()  # every rank returns once rank 0 has written the files
+        return result
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _finetune(cfg: FinetuneConfig, started: float, model, tokenizer, train_texts, eval_texts,
+              controller) -> FinetuneResult:
+    rank = distributed.rank_and_world()[0]  # with cfg.insecure_seed the engine warns that the run is NOT PRIVATE
 
     def prepare():  # rank 0 only; under torchrun its result (or error) reaches every rank
         folder = _prepare_output_dir(cfg)

@@ -16,11 +16,14 @@ def test_finetune_under_torchrun_two_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = ["torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "dptrain.cli", "finetune", "--model", "tiny",
+    # --tee 2: each rank's stderr reaches ours (a rank's own error, not only the launcher's summary, on failure)
+    cmd = ["torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "--log-dir", str(tmp_path / "logs"), "--tee", "2", "-m", "dptrain.cli", "finetune", "--model", "tiny",
            "--max-steps", "3", "--pretrain-steps", "2", "--output-dir", str(out), "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks_said = [line for line in proc.stderr.splitlines() if line.startswith("[default")]  # --tee's prefix
+    assert proc.returncode == 0, "\n".join(ranks_said[-20:] + [proc.stderr[-1000:]])
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, "only rank 0 reports"
     report = json.loads((out / "report.json").read_text())
