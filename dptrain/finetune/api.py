@@ -62,8 +62,7 @@ def resolve_controller(name: str, seed: Optional[int] = None):
 
 def _join_distributed() -> bool:
     """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on CPU, nccl on GPU); True if this call did, so
-    that ``finetune`` leaves it again (a gloo group left alive at exit can abort a rank: "terminate called without an
-    active exception")."""
+    that ``finetune`` leaves it again when done (torch asks every process to destroy the group it made)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     import datetime

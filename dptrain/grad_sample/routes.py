@@ -91,6 +91,6 @@ class RoutePlanner:
     def densify(self, routes: Routes, pending: Pending, sl: slice) -> Dict[nn.Parameter, Instantiated]:
         """Explicit per-sample gradients {p: Instantiated (b, *p.shape)} of the samples ``sl`` of the dense
         parameters, each in a buffer of its own: freed with the chunk, so nothing is held through the next forward
-        and backward pass (where memory peaks), and reused from malloc's free memory (no fresh pages) by the next."""
+        and backward pass (where memory peaks); malloc serves the next chunk's from the freed chunks."""
         b = sl.stop - sl.start
         return {p: densify([select_samples(c, sl) for c in pending[p]], torch.empty(b, *p.shape)) for p in routes.dense}
