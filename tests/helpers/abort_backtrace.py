@@ -20,7 +20,8 @@ def preload_env(env: Dict[str, str], build_dir: Path) -> Dict[str, str]:
     if not sys.platform.startswith("linux") or compiler is None:
         return env
     library = build_dir / "abort_backtrace.so"
-    built = subprocess.run([*shlex.split(compiler), "-O1", "-shared", "-fPIC", "-o", str(library), str(SOURCE)], capture_output=True)
+    command = [*shlex.split(compiler), "-O1", "-shared", "-fPIC", "-o", str(library), str(SOURCE)]
+    built = subprocess.run(command, capture_output=True)
     if built.returncode != 0:
         return env
     return {**env, "LD_PRELOAD": " ".join(filter(None, [str(library), env.get("LD_PRELOAD")]))}
