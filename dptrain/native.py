@@ -78,21 +78,27 @@ def _build(compiler: list) -> Path:
         return _compile(compiler, _FLAGS + ["-DDPTRAIN_PLAIN"])
 
 
+def c_compiler() -> Optional[list]:
+    """The C compiler's command ($CC, which may carry arguments, else cc or gcc on the PATH), or None."""
+    found = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return None if found is None else shlex.split(found)
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """The loaded C helpers, or None (``DPTRAIN_NATIVE=0``, no C compiler, or a failed build: warned once)."""
     if os.environ.get("DPTRAIN_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     try:
         if compiler is None:
             raise FileNotFoundError("no C compiler (cc, gcc or $CC) on the PATH")
-        path = _build(shlex.split(compiler))
+        path = _build(compiler)
         try:
             return _load(path)
         except OSError:  # a damaged or wrong file in the cache: built once more
             path.unlink()
-            return _load(_build(shlex.split(compiler)))
+            return _load(_build(compiler))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"dptrain's C noise transform is unavailable ({str(detail).strip()[:300]}); the noise is drawn "

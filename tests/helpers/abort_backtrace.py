@@ -3,24 +3,23 @@ code ended leaves its native backtrace and thread names in its stderr (see abort
 
 from __future__ import annotations
 
-import os
-import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict
+
+from dptrain.native import c_compiler
 
 SOURCE = Path(__file__).with_name("abort_backtrace.c")
 
 
 def preload_env(env: Dict[str, str], build_dir: Path) -> Dict[str, str]:
     """``env`` with the handler added to LD_PRELOAD, or unchanged where it cannot be built (not Linux, no compiler)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if not sys.platform.startswith("linux") or compiler is None:
         return env
     library = build_dir / "abort_backtrace.so"
-    command = [*shlex.split(compiler), "-O1", "-shared", "-fPIC", "-o", str(library), str(SOURCE)]
+    command = [*compiler, "-O1", "-shared", "-fPIC", "-o", str(library), str(SOURCE)]
     built = subprocess.run(command, capture_output=True)
     if built.returncode != 0:
         return env
